@@ -1,4 +1,4 @@
-"""Image importers: one module per format, each exposing `probe(head: bytes) -> bool` and
+"""Image importers: one module per format, each exposing `probe(head, tail) -> bool` and
 `open(path, policy) -> Image`, the way QEMU has one block driver per format.
 
 An Image describes its content as extents (see thinstack.extents) from the format's own
@@ -17,8 +17,9 @@ from typing import Iterator, Protocol
 
 from thinstack.extents import Extent
 
-# Order matters for detection: raw matches anything, so it is last.
-FORMATS = ("vhd", "qcow2", "gow", "qemu", "raw")
+# Order matters for detection: formats with a header magic first, then VHD (recognised by its
+# footer, which any file could end with), raw last because it matches anything.
+FORMATS = ("qcow2", "gow", "qemu", "vhd", "raw")
 
 
 class ImageError(Exception):
@@ -58,7 +59,7 @@ class Image(Protocol):
         """Extents covering [0, virtual_size) in order, from the allocation map."""
 
     def read(self, offset: int, length: int) -> bytes:
-        """Bytes of a DATA extent (or part of one)."""
+        """Bytes of any range in [0, virtual_size); holes read as zeros."""
 
     def close(self) -> None: ...
 

@@ -1,0 +1,60 @@
+"""Write raw images: the disk's bytes at their offsets in a sparse file. Zeros are never written,
+so holes and zero ranges stay holes of the file system."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from . import ExportError
+from .atomic import AtomicFile
+
+# Zero runs at least this long become holes; a file system allocates in blocks of 4 KiB at most.
+ZERO_CHUNK = 64 << 10
+_ZEROS = bytes(ZERO_CHUNK)
+
+
+def create(path: str | os.PathLike, virtual_size: int, **_) -> RawWriter:
+    if virtual_size < 0:
+        raise ExportError(f"negative virtual size {virtual_size}")
+    return RawWriter(Path(path), virtual_size)
+
+
+class RawWriter:
+    def __init__(self, path: Path, size: int):
+        self.size = size
+        self.file = AtomicFile(path)
+
+    def write(self, offset: int, data: bytes) -> None:
+        self._check(offset, len(data))
+        view = memoryview(data).cast("B")
+        # Write the stretches between all-zero chunks; the chunks stay holes.
+        start = pos = 0
+        while pos < len(view):
+            # Compared as bytes: comparing memoryviews goes element by element, 50 times slower.
+            chunk = view[pos:pos + ZERO_CHUNK].tobytes()
+            if chunk == _ZEROS[:len(chunk)]:
+                if pos > start:
+                    self.file.pwrite(view[start:pos], offset + start)
+                start = pos + len(chunk)
+            pos += len(chunk)
+        if pos > start:
+            self.file.pwrite(view[start:pos], offset + start)
+
+    def mark_zero(self, offset: int, length: int) -> None:
+        self._check(offset, length)  # the file is new: what is never written is a hole
+
+    def close(self) -> None:
+        try:
+            self.file.truncate(self.size)
+            self.file.commit()
+        except BaseException:
+            self.file.discard()
+            raise
+
+    def abort(self) -> None:
+        self.file.discard()
+
+    def _check(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ExportError(f"range {offset}+{length} lies outside the disk ({self.size} bytes)")
