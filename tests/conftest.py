@@ -66,7 +66,7 @@ def _run_in_lab(item) -> tuple[str, object, float]:
     with tempfile.TemporaryDirectory(prefix="lab-result-") as d:
         junit = os.path.join(d, "result.xml")
         spec = lab.LabSpec(
-            command=[sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+            command=[sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--color=no",
                      f"--junitxml={junit}", f"--rootdir={ROOT}", item.nodeid],
             disks=opts.get("disks", 0),
             disk_size=parse_size(opts.get("disk_size", "1G")),

@@ -1,18 +1,20 @@
 """The `thinstack` command line. Each subcommand parses its arguments, calls one function of the
-library, and turns the library's errors into one line on stderr and a documented exit status."""
+library, prints the result (a table, or one JSON document with --json), and turns errors into one
+line on stderr and a documented exit status:
+
+  0 ok · 1 failed (rolled back) · 2 usage · 3 not found · 4 exists · 5 refused (dependants, open,
+  protected) · 6 no space · 7 monitor alert · 123/124/125 lab: no kernel / timeout / boot failed
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import signal
 import sys
 from pathlib import Path
 
-from thinstack.sizes import parse_size
-
-# Documented exit statuses (README "Exit statuses").
-EXIT_OK = 0
-EXIT_ERROR = 1  # the operation failed; nothing was left half-made
-EXIT_USAGE = 2
+from thinstack.sizes import format_size, parse_size
 
 
 def _size(text: str) -> int:
@@ -22,10 +24,94 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="thinstack", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+def _ref(text: str):
+    from thinstack.lvm import BadName, VolumeRef
 
+    try:
+        return VolumeRef.parse(text)
+    except BadName as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _pct(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 100:
+        raise argparse.ArgumentTypeError(f"{text}: a percentage between 0 and 100")
+    return value
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # One line, as every other thinstack failure: scripts log stderr, people read it.
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="thinstack", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    # pools
+    pool = sub.add_parser("pool", help="thin pools: create, attach, status, list, check, extend")
+    ps = pool.add_subparsers(dest="pool_command", required=True, metavar="SUBCOMMAND")
+    c = ps.add_parser("create", help="make a VG on devices (or a file) and a thin pool in it")
+    c.add_argument("vg")
+    c.add_argument("devices", nargs="*", metavar="DEVICE")
+    c.add_argument("--file", type=Path, help="back the VG with a sparse file on a loop device")
+    c.add_argument("--raid1", action="store_true", help="mirror two devices with md raid1 first")
+    c.add_argument("--size", type=_size, help="initial pool data size (default: most of the VG)")
+    c.add_argument("--chunk", type=_size, default=64 << 10, help="pool chunk size (default 64K)")
+    c.add_argument("--grow-threshold", type=_pct, default=70.0, metavar="PCT")
+    c.add_argument("--grow-step", type=_size, default=256 << 20, metavar="SIZE")
+    a = ps.add_parser("attach", help="re-attach file-backed pools and activate (boot time)")
+    a.add_argument("vg", nargs="?")
+    s = ps.add_parser("status", help="usage, mode and growth settings of pools")
+    s.add_argument("vg", nargs="?")
+    s.add_argument("--json", action="store_true")
+    lst = ps.add_parser("list", help="the thin pools thinstack knows")
+    lst.add_argument("--json", action="store_true")
+    ck = ps.add_parser("check", help="thin_check the pool's metadata (on a metadata snapshot)")
+    ck.add_argument("vg")
+    ex = ps.add_parser("extend", help="grow the pool's data by SIZE")
+    ex.add_argument("vg")
+    ex.add_argument("size", type=_size)
+
+    # volumes
+    c = sub.add_parser("create", help="a new thin volume")
+    c.add_argument("ref", type=_ref, metavar="VG/NAME")
+    c.add_argument("--size", type=_size, required=True)
+    s = sub.add_parser("snapshot", help="a thin snapshot, active and writable unless --readonly")
+    s.add_argument("ref", type=_ref, metavar="VG/NAME")
+    s.add_argument("snapname", metavar="SNAPNAME")
+    s.add_argument("--readonly", action="store_true")
+    g = sub.add_parser("gold", help="make a volume a read-only gold master, protected while cloned")
+    g.add_argument("ref", type=_ref, metavar="VG/NAME")
+    c = sub.add_parser("clone", help="a writable clone of a gold master or read-only LV, O(1)")
+    c.add_argument("origin", type=_ref, metavar="ORIGIN")
+    c.add_argument("ref", type=_ref, metavar="VG/NAME")
+    r = sub.add_parser("resize", help="grow online; shrinking needs --yes")
+    r.add_argument("ref", type=_ref, metavar="VG/NAME")
+    r.add_argument("size", type=_size)
+    r.add_argument("--yes", action="store_true", help="allow shrinking (discards the tail)")
+    d = sub.add_parser("delete", help="remove a volume (refused while others depend on it)")
+    d.add_argument("ref", type=_ref, metavar="VG/NAME")
+    lst = sub.add_parser("list", help="volumes with size, kind, usage and dependants")
+    lst.add_argument("vg", nargs="?")
+    lst.add_argument("--json", action="store_true")
+    i = sub.add_parser("info", help="one volume in detail")
+    i.add_argument("ref", type=_ref, metavar="VG/NAME")
+    i.add_argument("--json", action="store_true")
+    c = sub.add_parser("cow", help="an old-style dm-snapshot volume over a read-only origin")
+    c.add_argument("origin", type=_ref, metavar="ORIGIN")
+    c.add_argument("ref", type=_ref, metavar="VG/NAME")
+    c.add_argument("--store", type=_size, required=True, help="initial COW store size")
+    m = sub.add_parser("monitor", help="grow pools and CoW stores before they fill")
+    m.add_argument("--once", action="store_true", help="one pass; exit 7 if a pool is in alert")
+    m.add_argument("--interval", type=float, default=5.0, metavar="S")
+    rc = sub.add_parser("recover", help="complete or roll back interrupted operations")
+    rc.add_argument("vg", nargs="?")
+
+    # the lab
     lab = sub.add_parser("lab", help="a real kernel (User-Mode Linux) with device-mapper, on demand")
     labsub = lab.add_subparsers(dest="lab_command", required=True)
     labsub.add_parser("setup", help="fetch and prepare the lab kernel (idempotent)")
@@ -41,30 +127,184 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True))
+
+
+def _table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def _bytes(n: int | None) -> str:
+    return "-" if n is None else format_size(n)
+
+
+def _percent(value: float | None, spec: str) -> str:
+    """None: an inactive pool's usage, or a pool without thinstack's growth tags."""
+    return "-" if value is None else f"{value:{spec}}%"
+
+
+def cmd_volume(args) -> int:
+    from thinstack import volumes
+
+    if args.command == "create":
+        lv = volumes.create(args.ref, args.size)
+    elif args.command == "snapshot":
+        lv = volumes.snapshot(args.ref, args.snapname, readonly=args.readonly)
+    elif args.command == "gold":
+        lv = volumes.gold(args.ref)
+    elif args.command == "clone":
+        lv = volumes.clone(args.origin, args.ref)
+    elif args.command == "cow":
+        lv = volumes.cow(args.origin, args.ref, args.store)
+    elif args.command == "resize":
+        lv = volumes.resize(args.ref, args.size, shrink_ok=args.yes)
+    else:
+        volumes.delete(args.ref)
+        print(f"deleted {args.ref}", file=sys.stderr)
+        return 0
+    print(lv.path)
+    return 0
+
+
+def cmd_list(args) -> int:
+    from thinstack import lvm, pools, volumes
+
+    vgs = [args.vg] if args.vg else [v.name for v in lvm.vgs()]
+    infos = []
+    for vg in vgs:
+        infos += volumes.volume_infos(vg, pools.thin_usage(vg))
+    if args.json:
+        _print_json([i.to_json() for i in infos])
+        return 0
+    _table([[f"{i.vg}/{i.name}", _bytes(i.size), i.kind, "ro" if i.readonly else "rw",
+             i.origin or "-", _bytes(i.mapped_bytes), _bytes(i.exclusive_bytes),
+             ",".join(i.dependants) or "-"] for i in infos],
+           ["VOLUME", "SIZE", "KIND", "MODE", "ORIGIN", "MAPPED", "EXCLUSIVE", "DEPENDANTS"])
+    return 0
+
+
+def cmd_info(args) -> int:
+    from thinstack import pools, volumes
+    from thinstack.errors import NotFound
+
+    match = [i for i in volumes.volume_infos(args.ref.vg, pools.thin_usage(args.ref.vg))
+             if i.name == args.ref.name]
+    if not match:
+        raise NotFound(f"{args.ref}: no such volume")
+    info = match[0]
+    if args.json:
+        _print_json(info.to_json())
+    else:
+        for key, value in info.to_json().items():
+            print(f"{key:16} {value if value is not None else '-'}")
+    return 0
+
+
+def cmd_recover(args) -> int:
+    from thinstack import lvm, recovery
+    from thinstack.lock import vg_lock
+
+    for vg in [args.vg] if args.vg else [v.name for v in lvm.vgs()]:
+        with vg_lock(vg):
+            for action in recovery.recover_vg(vg):
+                print(f"{vg}: {action.kind} {action.target} {action.arg}".rstrip(), file=sys.stderr)
+    return 0
+
+
+def cmd_pool(args) -> int:
+    from thinstack import pools
+
+    c = args.pool_command
+    if c == "create":
+        status = pools.create(args.vg, devices=args.devices, file=args.file, raid1=args.raid1,
+                              size=args.size, chunk=args.chunk, grow_threshold=args.grow_threshold,
+                              grow_step=args.grow_step)
+        print(status.path)
+    elif c == "attach":
+        pools.attach(args.vg)
+    elif c in ("status", "list"):
+        found = pools.status(getattr(args, "vg", None))
+        if args.json:
+            _print_json([p.to_json() for p in found])
+        else:
+            _table([[p.vg, p.name, _bytes(p.data_size), _percent(p.data_percent, ".1f"),
+                     _percent(p.metadata_percent, ".1f"), p.mode, _percent(p.grow_threshold, "g"),
+                     _bytes(p.grow_step), _bytes(p.vg_free)] for p in found],
+                   ["VG", "POOL", "DATA", "DATA%", "META%", "MODE", "GROW@", "STEP", "VG FREE"])
+    elif c == "check":
+        print(pools.check(args.vg))
+    elif c == "extend":
+        print(pools.extend(args.vg, args.size).path)
+    return 0
+
+
+def cmd_monitor(args) -> int:
+    from thinstack import monitor
+
+    return monitor.run(once=args.once, interval=args.interval)
+
+
 def cmd_lab(args) -> int:
     from thinstack import lab
 
     if args.lab_command == "setup":
         lab.setup(log=lambda m: print(m, file=sys.stderr))
-        return EXIT_OK
+        return 0
     argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     spec = lab.LabSpec(command=argv, disks=args.disks, disk_size=args.disk_size, mem=args.mem,
                        state=args.state, timeout=args.timeout, writable=args.rw)
     return lab.run_lab(spec)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from thinstack.lab import LabError
+COMMANDS = {
+    "pool": cmd_pool, "create": cmd_volume, "snapshot": cmd_volume, "gold": cmd_volume,
+    "clone": cmd_volume, "cow": cmd_volume, "resize": cmd_volume, "delete": cmd_volume,
+    "list": cmd_list, "info": cmd_info, "recover": cmd_recover, "monitor": cmd_monitor,
+    "lab": cmd_lab,
+}
 
+
+def _terminate(signum, frame):
+    # SIGTERM unwinds like Ctrl-C, so an operation in progress rolls back before exiting.
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
     try:
-        return {"lab": cmd_lab}[args.command](args)
-    except LabError as e:
-        print(f"thinstack: {e}", file=sys.stderr)
-        return e.exit_status
+        return COMMANDS[args.command](args)
     except KeyboardInterrupt:
-        print("thinstack: interrupted", file=sys.stderr)
+        print("thinstack: interrupted; the operation was rolled back", file=sys.stderr)
         return 130
+    except Exception as e:
+        status = _exit_status(e)
+        if status is None:
+            raise
+        print(f"thinstack: {e}", file=sys.stderr)
+        return status
+
+
+def _exit_status(e: Exception) -> int | None:
+    from thinstack.errors import ThinstackError
+    from thinstack.lab import LabError
+    from thinstack.lock import LockTimeout
+    from thinstack.lvm import BadName
+
+    if isinstance(e, (ThinstackError, LabError)):
+        return e.exit_status
+    if isinstance(e, BadName):
+        return 2
+    if isinstance(e, LockTimeout):
+        return 5
+    from thinstack.dm.command import CommandError
+
+    if isinstance(e, CommandError):
+        return 1
+    return None
 
 
 if __name__ == "__main__":

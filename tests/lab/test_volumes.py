@@ -1,0 +1,257 @@
+"""VM disks against the real kernel: thin volumes, snapshots, gold masters, clones, CoW volumes,
+and what is left after a kill at every fault point."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.patterns import BLOCK, blocks_match, digest, is_zero, write_blocks
+from thinstack import faults
+
+MiB = 1 << 20
+
+
+def sh(*argv: str) -> str:
+    return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+
+
+def ts(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "thinstack.cli", *args], capture_output=True,
+                          text=True, env={**os.environ, **(env or {})}, timeout=120)
+    if check and done.returncode != 0:
+        raise AssertionError(f"thinstack {' '.join(args)} exited {done.returncode}: {done.stderr}")
+    return done
+
+
+@pytest.fixture
+def vg(lab_disks, tmp_path, monkeypatch):
+    """vg0 on the first disk with a 512 MiB thin pool tagged as thinstack's."""
+    monkeypatch.setenv("THINSTACK_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("THINSTACK_RUN_DIR", str(tmp_path / "run"))
+    sh("pvcreate", "-q", lab_disks[0])
+    sh("vgcreate", "-q", "vg0", lab_disks[0])
+    sh("lvcreate", "-q", "--type", "thin-pool", "-L", "512M", "-Zy", "-n", "pool",
+       "--addtag", "ts_pool", "vg0")
+    return "vg0"
+
+
+def lvs(vg: str) -> dict[str, dict]:
+    out = json.loads(sh("lvs", "--reportformat", "json", "-a", "-o",
+                        "lv_name,lv_attr,origin,lv_tags,thin_id,lv_skip_activation", vg))
+    return {r["lv_name"]: r for r in out["report"][0]["lv"]}
+
+
+def assert_pool_consistent(vg: str) -> None:
+    """thin_check is clean, and the pool's thin devices are exactly those LVM knows."""
+    tpool = f"{vg}-pool-tpool"
+    sh("dmsetup", "message", tpool, "0", "reserve_metadata_snap")
+    try:
+        sh("thin_check", "-m", f"/dev/mapper/{vg}-pool_tmeta")
+        devs = {int(line.split()[0]) for line in
+                sh("thin_ls", "-m", "--no-headers", "-o", "DEV",
+                   f"/dev/mapper/{vg}-pool_tmeta").splitlines() if line.strip()}
+    finally:
+        sh("dmsetup", "message", tpool, "0", "release_metadata_snap")
+    known = {int(r["thin_id"]) for r in lvs(vg).values() if r["thin_id"]}
+    assert devs == known, f"pool has thin ids {devs}, LVM knows {known}"
+    leftovers = [n for n, r in lvs(vg).items() if "ts_op_" in r["lv_tags"]]
+    assert not leftovers, f"unfinished volumes left: {leftovers}"
+
+
+OFFSETS = [0, 5 * BLOCK, 100 * BLOCK, 1000 * BLOCK]
+
+
+@pytest.mark.lab(disks=1, disk_size="1G")
+def test_gold_master_and_three_clones_diverge_without_touching_it(vg):
+    ts("create", "vg0/base", "--size", "256M")
+    write_blocks("/dev/vg0/base", "gold", OFFSETS)
+    before = digest("/dev/vg0/base", 256 * MiB)
+    ts("gold", "vg0/base")
+    info = json.loads(ts("info", "vg0/base", "--json").stdout)
+    assert info["gold"] and info["readonly"] and info["kind"] == "gold"
+    with pytest.raises(PermissionError):
+        write_blocks("/dev/vg0/base", "x", [0])
+
+    for i in range(3):
+        path = ts("clone", "vg0/base", f"vg0/c{i}").stdout.strip()
+        assert path == f"/dev/vg0/c{i}"
+        assert blocks_match(path, "gold", OFFSETS)  # a clone starts as the gold's content
+    for i in range(3):
+        write_blocks(f"/dev/vg0/c{i}", f"clone{i}", [OFFSETS[i], (2000 + i) * BLOCK])
+    for i in range(3):
+        assert blocks_match(f"/dev/vg0/c{i}", f"clone{i}", [OFFSETS[i], (2000 + i) * BLOCK])
+        assert blocks_match(f"/dev/vg0/c{i}", "gold", [o for j, o in enumerate(OFFSETS) if j != i])
+    assert digest("/dev/vg0/base", 256 * MiB) == before
+
+    table = {r["lv_name"]: r for r in lvs("vg0").values()}
+    assert all(table[f"c{i}"]["origin"] == "base" for i in range(3))
+    assert all(table[f"c{i}"]["lv_skip_activation"] == "" for i in range(3))  # no trap
+    listing = json.loads(ts("list", "vg0", "--json").stdout)
+    gold = next(v for v in listing if v["name"] == "base")
+    assert sorted(gold["dependants"]) == ["c0", "c1", "c2"]
+    # O(1): a clone shares everything until written.
+    c0 = next(v for v in listing if v["name"] == "c0")
+    assert c0["exclusive_bytes"] == 2 * BLOCK
+
+    refused = ts("delete", "vg0/base", check=False)
+    assert refused.returncode == 5 and "dependants" in refused.stderr
+    for i in range(3):
+        ts("delete", f"vg0/c{i}")
+    ts("delete", "vg0/base")
+    assert_pool_consistent("vg0")
+
+
+@pytest.mark.lab(disks=1, disk_size="1G")
+def test_external_origin_clone_of_a_read_only_lv_outside_the_pool(vg):
+    sh("lvcreate", "-q", "-y", "-L", "64M", "-n", "image", "vg0")
+    write_blocks("/dev/vg0/image", "image", [0, 7 * BLOCK, 1000 * BLOCK])
+    before = digest("/dev/vg0/image", 64 * MiB)
+
+    ts("clone", "vg0/image", "vg0/vm1")
+    assert blocks_match("/dev/vg0/vm1", "image", [0, 7 * BLOCK, 1000 * BLOCK])
+    write_blocks("/dev/vg0/vm1", "vm1", [7 * BLOCK])
+    assert blocks_match("/dev/vg0/vm1", "vm1", [7 * BLOCK])
+    assert blocks_match("/dev/vg0/vm1", "image", [0, 1000 * BLOCK])
+    assert digest("/dev/vg0/image", 64 * MiB) == before
+    table = lvs("vg0")
+    assert table["image"]["lv_attr"][1] == "r"  # kept read-only
+    assert table["vm1"]["origin"] == "image"
+    refused = ts("delete", "vg0/image", check=False)
+    assert refused.returncode == 5 and "vm1" in refused.stderr
+    assert_pool_consistent("vg0")
+
+
+@pytest.mark.lab(disks=1, disk_size="1G")
+def test_snapshots_are_isolated_both_ways_and_resize_is_online(vg):
+    ts("create", "vg0/vm", "--size", "128M")
+    write_blocks("/dev/vg0/vm", "v1", [0, BLOCK])
+    ts("snapshot", "vg0/vm", "snap")
+    ts("snapshot", "vg0/vm", "frozen", "--readonly")
+    write_blocks("/dev/vg0/vm", "v2", [0])
+    write_blocks("/dev/vg0/snap", "s", [BLOCK])
+    assert blocks_match("/dev/vg0/vm", "v2", [0]) and blocks_match("/dev/vg0/vm", "v1", [BLOCK])
+    assert blocks_match("/dev/vg0/snap", "v1", [0]) and blocks_match("/dev/vg0/snap", "s", [BLOCK])
+    assert blocks_match("/dev/vg0/frozen", "v1", [0, BLOCK])
+    with pytest.raises(PermissionError):
+        write_blocks("/dev/vg0/frozen", "x", [0])
+
+    # Grow while a writer holds the volume open; the data stays, the new space is usable.
+    fd = os.open("/dev/vg0/vm", os.O_RDWR)
+    try:
+        ts("resize", "vg0/vm", "256M")
+        assert int(sh("blockdev", "--getsize64", "/dev/vg0/vm")) == 256 * MiB
+        write_blocks("/dev/vg0/vm", "tail", [200 * MiB])
+    finally:
+        os.close(fd)
+    assert blocks_match("/dev/vg0/vm", "v2", [0]) and blocks_match("/dev/vg0/vm", "tail", [200 * MiB])
+    refused = ts("resize", "vg0/vm", "64M", check=False)
+    assert refused.returncode == 5 and "--yes" in refused.stderr
+    ts("resize", "vg0/vm", "64M", "--yes")
+    assert int(sh("blockdev", "--getsize64", "/dev/vg0/vm")) == 64 * MiB
+    assert_pool_consistent("vg0")
+
+
+@pytest.mark.lab(disks=1, disk_size="1G")
+def test_cow_volume_over_a_read_only_origin(vg):
+    sh("lvcreate", "-q", "-y", "-L", "64M", "-n", "golden", "vg0")
+    write_blocks("/dev/vg0/golden", "g", [0, 10 * BLOCK])
+    sh("lvchange", "-pr", "vg0/golden")
+    ts("cow", "vg0/golden", "vg0/scratch", "--store", "8M")
+    write_blocks("/dev/vg0/scratch", "w", [10 * BLOCK])
+    assert blocks_match("/dev/vg0/scratch", "g", [0]) and blocks_match("/dev/vg0/scratch", "w", [10 * BLOCK])
+    assert blocks_match("/dev/vg0/golden", "g", [0, 10 * BLOCK])
+    info = json.loads(ts("info", "vg0/scratch", "--json").stdout)
+    assert info["kind"] == "cow" and info["origin"] == "golden"
+
+
+@pytest.mark.lab(disks=1, disk_size="1G")
+def test_bad_requests_are_clear_and_change_nothing(vg):
+    ts("create", "vg0/a", "--size", "64M")
+    cases = [
+        (("create", "vg0/a", "--size", "64M"), 4, "already exists"),
+        (("create", "vg0/-bad", "--size", "64M"), 2, "invalid"),
+        (("create", "nosuchvg/x", "--size", "64M"), 3, "not found"),
+        (("snapshot", "vg0/missing", "s"), 3, "no such volume"),
+        (("clone", "vg0/a", "vg0/b"), 5, "not a gold master"),
+        (("delete", "vg0/pool"), 5, "thin pool"),
+    ]
+    before = lvs("vg0")
+    for args, status, text in cases:
+        done = ts(*args, check=False)
+        assert done.returncode == status, (args, done.stderr)
+        assert text in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert lvs("vg0").keys() == before.keys()
+
+
+# Every fault point of every volume operation: kill there, then `recover` must converge.
+SCENARIOS = {
+    "create": ["create", "vg0/new", "--size", "64M"],
+    "snapshot": ["snapshot", "vg0/vm", "new"],
+    "clone": ["clone", "vg0/gold", "vg0/new"],
+    "gold": ["gold", "vg0/vm"],
+    "resize": ["resize", "vg0/vm", "96M"],
+    "delete": ["delete", "vg0/spare"],
+    "cow": ["cow", "vg0/gold", "vg0/new", "--store", "8M"],
+}
+
+
+@pytest.mark.lab(disks=1, disk_size="1G", timeout=900)
+def test_kill_at_every_fault_point_then_recover_converges(vg):
+    for op, argv in SCENARIOS.items():
+        for point in faults.POINTS[op]:
+            ts("create", "vg0/vm", "--size", "64M")
+            ts("create", "vg0/spare", "--size", "64M")
+            ts("create", "vg0/gold", "--size", "64M")
+            write_blocks("/dev/vg0/gold", "gold", [0])
+            ts("gold", "vg0/gold")
+            killed = ts(*argv, env={"THINSTACK_FAULT": f"{op}:{point}"}, check=False)
+            assert killed.returncode == -9, f"{op}:{point} did not fire: {killed.stderr}"
+            ts("recover")
+            table = lvs("vg0")
+            # Either fully done or not at all; never a half-made volume that looks finished.
+            if "new" in table:
+                assert "ts_op_" not in table["new"]["lv_tags"]
+                assert table["new"]["lv_skip_activation"] == ""
+                assert blocks_match("/dev/vg0/new", "gold", [0]) or op != "clone"
+            if op == "gold":
+                ro, tagged = table["vm"]["lv_attr"][1] == "r", "ts_gold" in table["vm"]["lv_tags"]
+                assert ro == tagged, f"gold half-done at {point}: {table['vm']}"
+            assert blocks_match("/dev/vg0/gold", "gold", [0])
+            assert_pool_consistent("vg0")
+            # The next command works normally (no stale lock or journal in the way).
+            for name in ("new", "vm", "spare"):
+                if name in lvs("vg0"):
+                    ts("delete", f"vg0/{name}")
+            ts("delete", "vg0/gold")
+
+
+@pytest.mark.lab(disks=1, disk_size="1G", timeout=900)
+def test_twenty_concurrent_commands_stay_consistent(vg):
+    ts("create", "vg0/base", "--size", "64M")
+    cmds = []
+    for i in range(8):
+        cmds.append(["create", f"vg0/v{i}", "--size", "32M"])
+    for i in range(6):
+        cmds.append(["snapshot", "vg0/base", f"s{i}"])
+    cmds += [["create", "vg0/dup", "--size", "32M"]] * 2  # racing for one name
+    cmds += [["delete", f"vg0/v{i}"] for i in range(4)]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=20) as pool:
+        results = list(pool.map(lambda a: ts(*a, check=False), cmds))
+    dup = [r for a, r in zip(cmds, results) if a[1] == "vg0/dup"]
+    assert sorted(r.returncode for r in dup) == [0, 4]
+    assert any("already exists" in r.stderr for r in dup)
+    for args, r in zip(cmds, results):
+        if args[0] != "delete" and args[1] != "vg0/dup":
+            assert r.returncode == 0, (args, r.stderr)
+    table = lvs("vg0")
+    assert {f"s{i}" for i in range(6)} <= table.keys()
+    for i in range(4):  # a delete either found its volume or said so clearly
+        r = results[cmds.index(["delete", f"vg0/v{i}"])]
+        assert (r.returncode == 0 and f"v{i}" not in table) or (r.returncode == 3)
+    assert_pool_consistent("vg0")

@@ -1,0 +1,28 @@
+"""Named fault points: `THINSTACK_FAULT=clone:after-snapshot` kills the process (SIGKILL, no
+cleanup, as a power cut would) when the clone operation reaches that point. Several points may be
+given separated by commas. Every point is declared here, so tests can enumerate them all."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+POINTS: dict[str, tuple[str, ...]] = {
+    "create": ("after-intent", "after-lvcreate"),
+    "snapshot": ("after-intent", "after-lvcreate", "after-activate"),
+    "clone": ("after-intent", "after-snapshot", "after-activate"),
+    "gold": ("after-intent", "after-readonly"),
+    "resize": ("after-intent",),
+    "delete": ("after-intent",),
+    "cow": ("after-intent", "after-lvcreate"),
+    "pool-create": ("after-intent", "after-vg", "after-pool"),
+    "import": ("after-intent", "after-lvcreate", "mid-copy", "after-copy", "after-rename"),
+    "export": ("after-intent", "after-snapshot", "mid-copy", "after-write"),
+}
+
+
+def point(op: str, name: str) -> None:
+    assert name in POINTS.get(op, ()), f"undeclared fault point {op}:{name}"
+    wanted = os.environ.get("THINSTACK_FAULT", "")
+    if f"{op}:{name}" in wanted.split(","):
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,109 @@
+"""Deciding what an interrupted operation leaves to do, and doing it.
+
+Every operation rolls back unless it reached its commit point, and two facts make that simple.
+Every volume an operation creates carries the operation's tag (`ts_op_<id>`) until the
+operation commits by removing the tag, so a tagged volume is unfinished by definition, even if
+the journal itself was lost. And every other change an operation makes before committing is
+journalled as a step before it is made (`readonly:NAME`), so it can be undone.
+Operations that are a single LVM command (resize, delete) need no undo: LVM commits them
+atomically, and their journal entry only records the intent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+from thinstack import lvm
+from thinstack.journal import Entry, Journal
+from thinstack.lvm import LV
+
+from thinstack.tags import GOLD as TAG_GOLD
+from thinstack.tags import OP_PREFIX as OP_TAG_PREFIX
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: str  # remove | deltag | writable | activate
+    target: str  # VG/NAME
+    arg: str = ""
+
+
+def plan(entries: Iterable[Entry], lvs: list[LV]) -> list[Action]:
+    """What to run so that every interrupted operation is completed or rolled back."""
+    entries = list(entries)
+    committed = {e.tag for e in entries if e.done("committed")}
+    by_name = {lv.name: lv for lv in lvs}
+    actions: list[Action] = []
+
+    unfinished = [lv for lv in lvs if any(t.startswith(OP_TAG_PREFIX) and t not in committed
+                                          for t in lv.tags)]
+    actions += [Action("remove", str(lv.ref)) for lv in _children_first(unfinished)]
+    for lv in lvs:
+        for tag in sorted(t for t in lv.tags if t in committed):
+            actions.append(Action("deltag", str(lv.ref), tag))
+
+    removed = {lv.name for lv in unfinished}
+    for e in entries:
+        if e.done("committed"):
+            continue
+        for step in e.steps:
+            kind, _, name = step.partition(":")
+            lv = by_name.get(name)
+            # A gold master stays read-only whatever else happened: its tag is gold's commit.
+            if kind == "inactive" and lv is not None and not lv.active:
+                actions.append(Action("activate", str(lv.ref)))
+            if kind == "readonly" and lv is not None and lv.readonly and TAG_GOLD not in lv.tags \
+                    and not any(o.origin == name and o.name not in removed for o in lvs):
+                actions.append(Action("writable", str(lv.ref)))
+    return actions
+
+
+def _children_first(lvs: list[LV]) -> list[LV]:
+    """A snapshot must go before its origin when both are being removed."""
+    remaining = list(lvs)
+    ordered: list[LV] = []
+    while remaining:
+        leaves = [lv for lv in remaining if not any(o.origin == lv.name for o in remaining
+                                                    if o is not lv)]
+        if not leaves:  # cannot happen with LVM's acyclic origins; never loop forever
+            leaves = remaining
+        ordered += leaves
+        remaining = [lv for lv in remaining if lv not in leaves]
+    return ordered
+
+
+def apply(actions: list[Action]) -> None:
+    for a in actions:
+        _EXECUTORS[a.kind](a)
+
+
+def _remove(a: Action) -> None:
+    lvm.lvm("lvremove", "-y", "-f", a.target)
+
+
+_EXECUTORS: dict[str, Callable[[Action], object]] = {
+    "remove": _remove,
+    "deltag": lambda a: lvm.lvm("lvchange", "--deltag", a.arg, a.target),
+    "writable": lambda a: lvm.lvm("lvchange", "-prw", a.target),
+    "activate": lambda a: lvm.lvm("lvchange", "-ay", "-K", a.target),
+}
+
+# Operations outside this module (pool creation, import, export) register how to recover
+# their own entries; they run before the generic volume plan.
+HANDLERS: dict[str, Callable[[Entry], None]] = {}
+
+
+def recover_vg(vg: str, journal: Journal | None = None) -> list[Action]:
+    """Complete or roll back everything interrupted in this VG. Caller holds the VG lock."""
+    journal = journal or Journal()
+    entries = journal.pending(vg)
+    for e in entries:
+        if e.op in HANDLERS:
+            HANDLERS[e.op](e)
+    lvs = lvm.lvs(vg, all_=False) if lvm.vgs(vg) else []
+    actions = plan([e for e in entries if e.op not in HANDLERS], lvs)
+    apply(actions)
+    for e in entries:
+        journal.finish(e)
+    return actions

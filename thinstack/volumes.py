@@ -1,0 +1,304 @@
+"""VM disks: thin volumes, snapshots, gold masters, clones, CoW volumes.
+
+Each mutating operation runs inside `operation()`: the VG lock, recovery of anything an earlier
+run left, a journal entry before the first change, and rollback if anything fails. Volumes it
+creates carry the operation's tag until the last step commits them by dropping it.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from thinstack import faults, lvm, recovery
+from thinstack.errors import Exists, NotFound, Refused, ThinstackError
+from thinstack.journal import Entry, Journal
+from thinstack.lock import vg_lock
+from thinstack.lvm import LV, CommandError, VolumeRef
+from thinstack.tags import GOLD as TAG_GOLD
+from thinstack.tags import OP_PREFIX as OP_TAG_PREFIX
+from thinstack.tags import POOL as TAG_POOL
+
+
+@contextmanager
+def operation(op: str, vg: str, **args):
+    journal = Journal()
+    with vg_lock(vg):
+        if not lvm.vgs(vg):
+            raise NotFound(f"volume group {vg} not found")
+        recovery.recover_vg(vg, journal)
+        entry = journal.begin(op, vg, **args)
+        faults.point(op, "after-intent")
+        try:
+            yield entry
+        except BaseException:
+            # Roll back exactly as a later `thinstack recover` would, then report the cause.
+            recovery.recover_vg(vg, journal)
+            raise
+        journal.finish(entry)
+
+
+def commit(entry: Entry, *refs: VolumeRef) -> None:
+    """The point of no return: the new volumes lose the operation's tag and become real."""
+    lvm.lvm("lvchange", "--deltag", entry.tag, *map(str, refs))
+    Journal().step(entry, "committed")
+
+
+def lvm_error(e: CommandError) -> ThinstackError:
+    """An lvm failure as the operator should read it."""
+    text = e.stderr.strip().splitlines()[-1].strip() if e.stderr.strip() else str(e)
+    if "Insufficient free space" in text or "out of data space" in text:
+        from thinstack.errors import NoSpace
+        return NoSpace(text)
+    if "in use" in text or "open" in text.lower():
+        return Refused(text)
+    return ThinstackError(text)
+
+
+def pool_of(vg: str, lvs: list[LV]) -> LV:
+    pools = [lv for lv in lvs if lv.is_thin_pool]
+    ours = [p for p in pools if TAG_POOL in p.tags]
+    if len(ours or pools) != 1:
+        raise NotFound(f"volume group {vg} has {len(pools)} thin pools; "
+                       "create one with `thinstack pool create`" if not pools else
+                       f"volume group {vg} has several thin pools and none tagged {TAG_POOL}")
+    return (ours or pools)[0]
+
+
+def _visible(lvs: list[LV]) -> list[LV]:
+    return [lv for lv in lvs if not lv.internal and not any(t.startswith(OP_TAG_PREFIX)
+                                                            for t in lv.tags)]
+
+
+def _get(ref: VolumeRef, lvs: list[LV]) -> LV:
+    for lv in _visible(lvs):
+        if lv.name == ref.name:
+            return lv
+    raise NotFound(f"{ref}: no such volume")
+
+
+def _absent(ref: VolumeRef, lvs: list[LV]) -> None:
+    if any(lv.name == ref.name for lv in lvs):
+        raise Exists(f"{ref} already exists")
+
+
+def dependants(lv: LV, lvs: list[LV]) -> list[LV]:
+    """Volumes that read through this one: thin snapshots, external-origin clones, CoW volumes."""
+    return [o for o in lvs if o.origin == lv.name and o is not lv]
+
+
+def _run(*args: str) -> str:
+    try:
+        return lvm.lvm(*args)
+    except CommandError as e:
+        raise lvm_error(e) from None
+
+
+# --- operations --------------------------------------------------------------------------------
+
+def create(ref: VolumeRef, size: int) -> LV:
+    with operation("create", ref.vg, name=ref.name, size=size) as entry:
+        lvs = lvm.lvs(ref.vg)
+        _absent(ref, lvs)
+        pool = pool_of(ref.vg, lvs)
+        _run("lvcreate", "-q", "-y", "--type", "thin", "--thinpool", pool.name, "-V", f"{size}b",
+             "-n", ref.name, "--addtag", entry.tag, "--setactivationskip", "n", ref.vg)
+        faults.point("create", "after-lvcreate")
+        commit(entry, ref)
+    return lvm.lv(ref)
+
+
+def snapshot(origin: VolumeRef, name: str, *, readonly: bool = False) -> LV:
+    ref = VolumeRef(origin.vg, lvm.check_name(name, "snapshot name"))
+    with operation("snapshot", ref.vg, name=name, origin=origin.name) as entry:
+        lvs = lvm.lvs(ref.vg)
+        source = _get(origin, lvs)
+        _absent(ref, lvs)
+        if not source.is_thin:
+            raise Refused(f"{origin} is not a thin volume; use `thinstack cow` for other volumes")
+        _thin_snapshot(entry, source, ref, readonly)
+        faults.point("snapshot", "after-activate")
+        commit(entry, ref)
+    return lvm.lv(ref)
+
+
+def _thin_snapshot(entry: Entry, source: LV, ref: VolumeRef, readonly: bool) -> None:
+    # A thin snapshot gets LVM's activation-skip flag by default, so it would not come up on the
+    # next boot: -kn clears it, and -ay activates it now (what thinstack makes is usable).
+    _run("lvcreate", "-q", "-y", "-s", str(source.ref), "-n", ref.name, "--addtag", entry.tag,
+         "--setactivationskip", "n", "-p", "r" if readonly else "rw")
+    faults.point(entry.op, "after-lvcreate" if entry.op == "snapshot" else "after-snapshot")
+    _run("lvchange", "-q", "-ay", "-K", str(ref))
+
+
+def gold(ref: VolumeRef) -> LV:
+    with operation("gold", ref.vg, name=ref.name) as entry:
+        lv = _get(ref, lvm.lvs(ref.vg))
+        if not lv.is_thin:
+            raise Refused(f"{ref} is not a thin volume in the pool")
+        if _is_open(lv):
+            raise Refused(f"{ref} is open (a VM or a mount is using it); close it first")
+        _make_readonly(entry, lv)
+        faults.point("gold", "after-readonly")
+        _run("lvchange", "-q", "--addtag", TAG_GOLD, str(ref))  # the commit point
+        Journal().step(entry, "committed")
+    return lvm.lv(ref)
+
+
+def clone(origin: VolumeRef, ref: VolumeRef) -> LV:
+    """A writable clone at O(1) cost. A gold master in the pool gives a thin snapshot; a read-only
+    LV of the same VG outside the pool becomes the clone's external origin."""
+    if origin.vg != ref.vg:
+        raise Refused(f"clone must be in the origin's volume group ({origin.vg}); "
+                      f"import a device from elsewhere with `thinstack import` first")
+    with operation("clone", ref.vg, name=ref.name, origin=origin.name) as entry:
+        lvs = lvm.lvs(ref.vg)
+        source = _get(origin, lvs)
+        _absent(ref, lvs)
+        if source.is_thin:
+            if TAG_GOLD not in source.tags:
+                raise Refused(f"{origin} is not a gold master: run `thinstack gold {origin}` "
+                              "first, or take a `thinstack snapshot`")
+            _thin_snapshot(entry, source, ref, readonly=False)
+        elif source.is_thin_pool or source.is_cow_snapshot or source.internal:
+            raise Refused(f"{origin} cannot be a clone origin")
+        else:
+            if _is_open(source) and not source.readonly:
+                raise Refused(f"{origin} is open read-write; an external origin must not change")
+            _make_readonly(entry, source)
+            if source.active:
+                # LVM layers an external origin itself and refuses one that is already active.
+                Journal().step(entry, f"inactive:{source.name}")
+                _run("lvchange", "-q", "-an", str(origin))
+            pool = pool_of(ref.vg, lvs)
+            _run("lvcreate", "-q", "-y", "-s", "--thinpool", pool.name, str(origin), "-n", ref.name,
+                 "--addtag", entry.tag, "--setactivationskip", "n")
+            faults.point("clone", "after-snapshot")
+            _run("lvchange", "-q", "-ay", "-K", str(ref))
+            if source.active:  # readable again, now through LVM's read-only layer
+                _run("lvchange", "-q", "-ay", str(origin))
+        faults.point("clone", "after-activate")
+        commit(entry, ref)
+    return lvm.lv(ref)
+
+
+def cow(origin: VolumeRef, ref: VolumeRef, store: int) -> LV:
+    """An old-style dm-snapshot volume over a read-only origin, its COW store grown by the
+    monitor as it fills."""
+    if origin.vg != ref.vg:
+        raise Refused(f"a CoW volume must be in its origin's volume group ({origin.vg})")
+    with operation("cow", ref.vg, name=ref.name, origin=origin.name) as entry:
+        lvs = lvm.lvs(ref.vg)
+        source = _get(origin, lvs)
+        _absent(ref, lvs)
+        if not source.readonly:
+            raise Refused(f"{origin} is writable; a CoW volume needs a read-only origin "
+                          f"(e.g. `thinstack gold {origin}`)")
+        _run("lvcreate", "-q", "-y", "-s", "-L", f"{store}b", "-n", ref.name, "--addtag",
+             entry.tag, "-p", "rw", str(origin))
+        faults.point("cow", "after-lvcreate")
+        commit(entry, ref)
+    return lvm.lv(ref)
+
+
+def resize(ref: VolumeRef, size: int, *, shrink_ok: bool = False) -> LV:
+    with operation("resize", ref.vg, name=ref.name, size=size) as entry:
+        lv = _get(ref, lvm.lvs(ref.vg))
+        if TAG_GOLD in lv.tags:
+            raise Refused(f"{ref} is a gold master; its clones depend on its content")
+        if size < lv.size and not shrink_ok:
+            raise Refused(f"{ref} would shrink from {lv.size} to {size} bytes, discarding its "
+                          "tail: pass --yes to do that")
+        if size != lv.size:
+            _run("lvresize", "-q", "-f", "-L", f"{size}b", str(ref))
+        Journal().step(entry, "committed")
+    return lvm.lv(ref)
+
+
+def delete(ref: VolumeRef) -> None:
+    with operation("delete", ref.vg, name=ref.name) as entry:
+        lvs = lvm.lvs(ref.vg)
+        lv = _get(ref, lvs)
+        if lv.is_thin_pool:
+            raise Refused(f"{ref} is a thin pool; thinstack deletes volumes, not pools")
+        deps = dependants(lv, lvs)
+        if deps:
+            raise Refused(f"{ref} has dependants: {', '.join(d.name for d in deps)}; "
+                          "delete them first")
+        if _is_open(lv):
+            raise Refused(f"{ref} is open (a VM or a mount is using it)")
+        _run("lvremove", "-q", "-y", str(ref))
+        Journal().step(entry, "committed")
+
+
+def _make_readonly(entry: Entry, lv: LV) -> None:
+    """Journalled before it is done, so a rollback knows to make the volume writable again."""
+    if not lv.readonly:
+        Journal().step(entry, f"readonly:{lv.name}")
+        _run("lvchange", "-q", "-pr", str(lv.ref))
+
+
+def _is_open(lv: LV) -> bool:
+    try:
+        out = lvm.lvm("lvs", "--noheadings", "--binary", "-o", "lv_device_open", str(lv.ref))
+    except CommandError:
+        return False
+    return out.strip() == "1"
+
+
+# --- reading -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class VolumeInfo:
+    vg: str
+    name: str
+    size: int
+    path: str
+    dm_path: str
+    kind: str  # thin | snapshot | clone | gold | cow | volume
+    origin: str | None
+    readonly: bool
+    gold: bool
+    active: bool
+    dependants: list[str]
+    mapped_bytes: int | None
+    exclusive_bytes: int | None
+    shared_bytes: int | None
+    thin_id: int | None
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _kind(lv: LV, lvs: list[LV]) -> str:
+    if TAG_GOLD in lv.tags:
+        return "gold"
+    if lv.is_cow_snapshot:
+        return "cow"
+    if lv.is_thin and lv.origin:
+        origin = next((o for o in lvs if o.name == lv.origin), None)
+        if origin is not None and TAG_GOLD in origin.tags:
+            return "clone"
+        return "snapshot" if origin is not None and origin.is_thin else "clone"
+    return "thin" if lv.is_thin else "volume"
+
+
+def volume_infos(vg: str, usage: dict[int, tuple[int, int, int]] | None = None) -> list[VolumeInfo]:
+    """usage: thin device id -> (mapped, exclusive, shared) bytes, from thin_ls."""
+    lvs = lvm.lvs(vg)
+    out = []
+    for lv in _visible(lvs):
+        if lv.is_thin_pool:
+            continue
+        mapped = exclusive = shared = None
+        if usage is not None and lv.thin_id in usage:
+            mapped, exclusive, shared = usage[lv.thin_id]
+        elif lv.data_percent is not None and lv.is_thin:
+            mapped = int(lv.size * lv.data_percent / 100)
+        out.append(VolumeInfo(
+            vg=lv.vg, name=lv.name, size=lv.size, path=lv.path, dm_path=lv.dm_path,
+            kind=_kind(lv, lvs), origin=lv.origin or None, readonly=lv.readonly,
+            gold=TAG_GOLD in lv.tags, active=lv.active,
+            dependants=[d.name for d in dependants(lv, lvs)], mapped_bytes=mapped,
+            exclusive_bytes=exclusive, shared_bytes=shared, thin_id=lv.thin_id))
+    return out
