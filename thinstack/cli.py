@@ -3,7 +3,8 @@ library, prints the result (a table, or one JSON document with --json), and turn
 line on stderr and a documented exit status:
 
   0 ok · 1 failed (rolled back) · 2 usage · 3 not found · 4 exists · 5 refused (dependants, open,
-  protected) · 6 no space · 7 monitor alert · 123/124/125 lab: no kernel / timeout / boot failed
+  protected) · 6 no space · 7 monitor alert · 8 bad image (malformed, hostile, missing parent)
+  · 123/124/125 lab: no kernel / timeout / boot failed
 """
 
 from __future__ import annotations
@@ -111,6 +112,35 @@ def build_parser() -> argparse.ArgumentParser:
     rc = sub.add_parser("recover", help="complete or roll back interrupted operations")
     rc.add_argument("vg", nargs="?")
 
+    # images at the edges
+    im = sub.add_parser("import", help="bring a disk image (vhd, qcow2, gow, raw, ...) into a volume")
+    im.add_argument("source", type=Path, metavar="SOURCE")
+    im.add_argument("ref", type=_ref, metavar="VG/NAME")
+    im.add_argument("--format", default="auto",
+                    choices=["auto", "raw", "vhd", "qcow2", "gow", "qemu"])
+    im.add_argument("--size", type=_size, help="volume size, if larger than the image's")
+    im.add_argument("--allow-dir", type=Path, action="append", default=[], metavar="DIR",
+                    help="a folder parent/backing images may also come from")
+    im.add_argument("--resume", action="store_true", help="continue an interrupted import")
+    im.add_argument("--json", action="store_true", help="print one summary object")
+    im.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                    help="progress bar (default: on a terminal)")
+    ex = sub.add_parser("export", help="write a volume to an image file, consistently and sparsely")
+    ex.add_argument("ref", type=_ref, metavar="VG/NAME")
+    ex.add_argument("dest", type=Path, metavar="DEST")
+    ex.add_argument("--format", default="raw",
+                    choices=["raw", "vhd", "vhd-fixed", "qcow2", "gow1", "gow2", "gow3"])
+    ex.add_argument("--compress", action="store_true", help="compressed qcow2 clusters")
+    ex.add_argument("--round-to-mib", action="store_true", help="vhd-fixed: whole MiB (Azure)")
+    ex.add_argument("--incremental", action="store_true",
+                    help="only what changed since the last --incremental export (full if none)")
+    ex.add_argument("--since", metavar="SNAPNAME", help="only what changed since this snapshot")
+    ex.add_argument("--parent", type=Path, metavar="IMAGE",
+                    help="with --since: the image exported at SNAPNAME (parent of DEST)")
+    ex.add_argument("--json", action="store_true", help="print one summary line")
+    ex.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                    help="progress bar (default: on a terminal)")
+
     # the lab
     lab = sub.add_parser("lab", help="a real kernel (User-Mode Linux) with device-mapper, on demand")
     labsub = lab.add_subparsers(dest="lab_command", required=True)
@@ -209,7 +239,7 @@ def cmd_recover(args) -> int:
 
     for vg in [args.vg] if args.vg else [v.name for v in lvm.vgs()]:
         with vg_lock(vg):
-            for action in recovery.recover_vg(vg):
+            for action in recovery.recover_vg(vg, explicit=True):
                 print(f"{vg}: {action.kind} {action.target} {action.arg}".rstrip(), file=sys.stderr)
     return 0
 
@@ -241,6 +271,37 @@ def cmd_pool(args) -> int:
     return 0
 
 
+def cmd_import(args) -> int:
+    from thinstack import imports
+
+    summary = imports.import_image(args.source, args.ref, format=args.format, size=args.size,
+                                   allow_dirs=tuple(args.allow_dir), resume=args.resume,
+                                   progress=_progress(args))
+    if args.json:
+        print(json.dumps(summary.to_json(), sort_keys=True))
+    else:
+        print(summary.path)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from thinstack import exports
+
+    summary = exports.export_volume(args.ref, args.dest, format=args.format,
+                                    compress=args.compress, round_to_mib=args.round_to_mib,
+                                    incremental=args.incremental, since=args.since,
+                                    parent=args.parent, progress=_progress(args))
+    if args.json:
+        print(json.dumps(summary.to_json(), sort_keys=True))
+    else:
+        print(summary.path)
+    return 0
+
+
+def _progress(args) -> bool:
+    return sys.stderr.isatty() if args.progress is None else args.progress
+
+
 def cmd_monitor(args) -> int:
     from thinstack import monitor
 
@@ -263,6 +324,7 @@ COMMANDS = {
     "pool": cmd_pool, "create": cmd_volume, "snapshot": cmd_volume, "gold": cmd_volume,
     "clone": cmd_volume, "cow": cmd_volume, "resize": cmd_volume, "delete": cmd_volume,
     "list": cmd_list, "info": cmd_info, "recover": cmd_recover, "monitor": cmd_monitor,
+    "import": cmd_import, "export": cmd_export,
     "lab": cmd_lab,
 }
 
@@ -301,8 +363,12 @@ def _exit_status(e: Exception) -> int | None:
     if isinstance(e, LockTimeout):
         return 5
     from thinstack.dm.command import CommandError
+    from thinstack.exporters import ExportError
+    from thinstack.importers import ImageError
 
-    if isinstance(e, CommandError):
+    if isinstance(e, ImageError):
+        return 8
+    if isinstance(e, (CommandError, ExportError)):
         return 1
     return None
 

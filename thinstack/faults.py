@@ -9,8 +9,8 @@ import signal
 
 POINTS: dict[str, tuple[str, ...]] = {
     "create": ("after-intent", "after-lvcreate"),
-    "snapshot": ("after-intent", "after-lvcreate", "after-activate"),
-    "clone": ("after-intent", "after-snapshot", "after-activate"),
+    "snapshot": ("after-intent", "after-lvcreate"),
+    "clone": ("after-intent", "after-origin-readonly", "after-snapshot"),
     "gold": ("after-intent", "after-readonly"),
     "resize": ("after-intent",),
     "delete": ("after-intent",),

@@ -29,10 +29,12 @@ class Action:
     arg: str = ""
 
 
-def plan(entries: Iterable[Entry], lvs: list[LV]) -> list[Action]:
-    """What to run so that every interrupted operation is completed or rolled back."""
+def plan(entries: Iterable[Entry], lvs: list[LV], keep: frozenset[str] = frozenset()
+         ) -> list[Action]:
+    """What to run so that every interrupted operation is completed or rolled back. Volumes
+    tagged with a tag in `keep` belong to interrupted operations that may still resume."""
     entries = list(entries)
-    committed = {e.tag for e in entries if e.done("committed")}
+    committed = {e.tag for e in entries if e.done("committed")} | set(keep)
     by_name = {lv.name: lv for lv in lvs}
     actions: list[Action] = []
 
@@ -40,7 +42,7 @@ def plan(entries: Iterable[Entry], lvs: list[LV]) -> list[Action]:
                                           for t in lv.tags)]
     actions += [Action("remove", str(lv.ref)) for lv in _children_first(unfinished)]
     for lv in lvs:
-        for tag in sorted(t for t in lv.tags if t in committed):
+        for tag in sorted(t for t in lv.tags if t in committed and t not in keep):
             actions.append(Action("deltag", str(lv.ref), tag))
 
     removed = {lv.name for lv in unfinished}
@@ -93,16 +95,26 @@ _EXECUTORS: dict[str, Callable[[Action], object]] = {
 # their own entries; they run before the generic volume plan.
 HANDLERS: dict[str, Callable[[Entry], None]] = {}
 
+# Interrupted operations that `--resume` can continue: only an explicit `thinstack recover`
+# rolls them back; the recovery at the start of other commands leaves them be.
+RESUMABLE = {"import"}
 
-def recover_vg(vg: str, journal: Journal | None = None) -> list[Action]:
-    """Complete or roll back everything interrupted in this VG. Caller holds the VG lock."""
+
+def recover_vg(vg: str, journal: Journal | None = None, *, explicit: bool = False,
+               lvs: list[LV] | None = None) -> list[Action]:
+    """Complete or roll back everything interrupted in this VG. Caller holds the VG lock.
+    `lvs`, when the caller has just read them, saves reading them again."""
     journal = journal or Journal()
-    entries = journal.pending(vg)
+    pending = journal.pending(vg)
+    deferred = [e for e in pending if e.op in RESUMABLE and not explicit]
+    entries = [e for e in pending if e not in deferred]
     for e in entries:
         if e.op in HANDLERS:
             HANDLERS[e.op](e)
-    lvs = lvm.lvs(vg, all_=False) if lvm.vgs(vg) else []
-    actions = plan([e for e in entries if e.op not in HANDLERS], lvs)
+    if lvs is None or any(e.op in HANDLERS for e in entries):
+        lvs = lvm.lvs(vg) if lvm.vgs(vg) else []
+    actions = plan([e for e in entries if e.op not in HANDLERS], lvs,
+                   keep=frozenset(e.tag for e in deferred))
     apply(actions)
     for e in entries:
         journal.finish(e)

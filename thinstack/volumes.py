@@ -1,8 +1,10 @@
 """VM disks: thin volumes, snapshots, gold masters, clones, CoW volumes.
 
 Each mutating operation runs inside `operation()`: the VG lock, recovery of anything an earlier
-run left, a journal entry before the first change, and rollback if anything fails. Volumes it
-creates carry the operation's tag until the last step commits them by dropping it.
+run left, a journal entry before the first change, and rollback if anything fails. Operations
+that are one LVM command (create, snapshot, gold clone, cow, resize, delete) are atomic through
+LVM itself; those of several steps tag the volumes they create until the last step commits
+them by dropping the tag.
 """
 
 from __future__ import annotations
@@ -10,27 +12,33 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from thinstack import faults, lvm, recovery
-from thinstack.errors import Exists, NotFound, Refused, ThinstackError
+from thinstack import faults, lvm, recovery, tags
+from thinstack.errors import Exists, NoSpace, NotFound, Refused, ThinstackError
 from thinstack.journal import Entry, Journal
 from thinstack.lock import vg_lock
 from thinstack.lvm import LV, CommandError, VolumeRef
-from thinstack.tags import GOLD as TAG_GOLD
-from thinstack.tags import OP_PREFIX as OP_TAG_PREFIX
-from thinstack.tags import POOL as TAG_POOL
+
+
+@dataclass
+class Op:
+    entry: Entry
+    lvs: list[LV]  # the VG's volumes as the operation found them, after recovery
+
+    def step(self, name: str) -> None:
+        Journal().step(self.entry, name)
 
 
 @contextmanager
 def operation(op: str, vg: str, **args):
     journal = Journal()
     with vg_lock(vg):
-        if not lvm.vgs(vg):
-            raise NotFound(f"volume group {vg} not found")
-        recovery.recover_vg(vg, journal)
+        lvs = volumes_of(vg)
+        if recovery.recover_vg(vg, journal, lvs=lvs):
+            lvs = volumes_of(vg)
         entry = journal.begin(op, vg, **args)
         faults.point(op, "after-intent")
         try:
-            yield entry
+            yield Op(entry, lvs)
         except BaseException:
             # Roll back exactly as a later `thinstack recover` would, then report the cause.
             recovery.recover_vg(vg, journal)
@@ -38,17 +46,25 @@ def operation(op: str, vg: str, **args):
         journal.finish(entry)
 
 
-def commit(entry: Entry, *refs: VolumeRef) -> None:
+def volumes_of(vg: str) -> list[LV]:
+    try:
+        return lvm.lvs(vg)
+    except CommandError as e:
+        if "not found" in e.stderr:
+            raise NotFound(f"volume group {vg} not found") from None
+        raise
+
+
+def commit(op: Op, *refs: VolumeRef) -> None:
     """The point of no return: the new volumes lose the operation's tag and become real."""
-    lvm.lvm("lvchange", "--deltag", entry.tag, *map(str, refs))
-    Journal().step(entry, "committed")
+    lvm.lvm("lvchange", "--deltag", op.entry.tag, *map(str, refs))
+    op.step("committed")
 
 
 def lvm_error(e: CommandError) -> ThinstackError:
     """An lvm failure as the operator should read it."""
     text = e.stderr.strip().splitlines()[-1].strip() if e.stderr.strip() else str(e)
     if "Insufficient free space" in text or "out of data space" in text:
-        from thinstack.errors import NoSpace
         return NoSpace(text)
     if "in use" in text or "open" in text.lower():
         return Refused(text)
@@ -57,16 +73,16 @@ def lvm_error(e: CommandError) -> ThinstackError:
 
 def pool_of(vg: str, lvs: list[LV]) -> LV:
     pools = [lv for lv in lvs if lv.is_thin_pool]
-    ours = [p for p in pools if TAG_POOL in p.tags]
+    ours = [p for p in pools if tags.POOL in p.tags]
     if len(ours or pools) != 1:
         raise NotFound(f"volume group {vg} has {len(pools)} thin pools; "
                        "create one with `thinstack pool create`" if not pools else
-                       f"volume group {vg} has several thin pools and none tagged {TAG_POOL}")
+                       f"volume group {vg} has several thin pools and none tagged {tags.POOL}")
     return (ours or pools)[0]
 
 
 def _visible(lvs: list[LV]) -> list[LV]:
-    return [lv for lv in lvs if not lv.internal and not any(t.startswith(OP_TAG_PREFIX)
+    return [lv for lv in lvs if not lv.internal and not any(t.startswith(tags.OP_PREFIX)
                                                             for t in lv.tags)]
 
 
@@ -97,51 +113,45 @@ def _run(*args: str) -> str:
 # --- operations --------------------------------------------------------------------------------
 
 def create(ref: VolumeRef, size: int) -> LV:
-    with operation("create", ref.vg, name=ref.name, size=size) as entry:
-        lvs = lvm.lvs(ref.vg)
-        _absent(ref, lvs)
-        pool = pool_of(ref.vg, lvs)
+    with operation("create", ref.vg, name=ref.name, size=size) as op:
+        _absent(ref, op.lvs)
+        pool = pool_of(ref.vg, op.lvs)
         _run("lvcreate", "-q", "-y", "--type", "thin", "--thinpool", pool.name, "-V", f"{size}b",
-             "-n", ref.name, "--addtag", entry.tag, "--setactivationskip", "n", ref.vg)
+             "-n", ref.name, "--setactivationskip", "n", ref.vg)
         faults.point("create", "after-lvcreate")
-        commit(entry, ref)
     return lvm.lv(ref)
 
 
 def snapshot(origin: VolumeRef, name: str, *, readonly: bool = False) -> LV:
     ref = VolumeRef(origin.vg, lvm.check_name(name, "snapshot name"))
-    with operation("snapshot", ref.vg, name=name, origin=origin.name) as entry:
-        lvs = lvm.lvs(ref.vg)
-        source = _get(origin, lvs)
-        _absent(ref, lvs)
+    with operation("snapshot", ref.vg, name=name, origin=origin.name) as op:
+        source = _get(origin, op.lvs)
+        _absent(ref, op.lvs)
         if not source.is_thin:
             raise Refused(f"{origin} is not a thin volume; use `thinstack cow` for other volumes")
-        _thin_snapshot(entry, source, ref, readonly)
-        faults.point("snapshot", "after-activate")
-        commit(entry, ref)
+        _thin_snapshot(source, ref, readonly)
+        faults.point("snapshot", "after-lvcreate")
     return lvm.lv(ref)
 
 
-def _thin_snapshot(entry: Entry, source: LV, ref: VolumeRef, readonly: bool) -> None:
-    # A thin snapshot gets LVM's activation-skip flag by default, so it would not come up on the
-    # next boot: -kn clears it, and -ay activates it now (what thinstack makes is usable).
-    _run("lvcreate", "-q", "-y", "-s", str(source.ref), "-n", ref.name, "--addtag", entry.tag,
-         "--setactivationskip", "n", "-p", "r" if readonly else "rw")
-    faults.point(entry.op, "after-lvcreate" if entry.op == "snapshot" else "after-snapshot")
-    _run("lvchange", "-q", "-ay", "-K", str(ref))
+def _thin_snapshot(source: LV, ref: VolumeRef, readonly: bool) -> None:
+    # LVM gives thin snapshots its activation-skip flag by default, so they would not come up
+    # on activation or the next boot: -kn clears it, and the snapshot is active at once.
+    _run("lvcreate", "-q", "-y", "-s", str(source.ref), "-n", ref.name, "--setactivationskip",
+         "n", "-p", "r" if readonly else "rw")
 
 
 def gold(ref: VolumeRef) -> LV:
-    with operation("gold", ref.vg, name=ref.name) as entry:
-        lv = _get(ref, lvm.lvs(ref.vg))
+    with operation("gold", ref.vg, name=ref.name) as op:
+        lv = _get(ref, op.lvs)
         if not lv.is_thin:
             raise Refused(f"{ref} is not a thin volume in the pool")
         if _is_open(lv):
             raise Refused(f"{ref} is open (a VM or a mount is using it); close it first")
-        _make_readonly(entry, lv)
+        _make_readonly(op, lv)
         faults.point("gold", "after-readonly")
-        _run("lvchange", "-q", "--addtag", TAG_GOLD, str(ref))  # the commit point
-        Journal().step(entry, "committed")
+        _run("lvchange", "-q", "--addtag", tags.GOLD, str(ref))  # the commit point
+        op.step("committed")
     return lvm.lv(ref)
 
 
@@ -151,35 +161,38 @@ def clone(origin: VolumeRef, ref: VolumeRef) -> LV:
     if origin.vg != ref.vg:
         raise Refused(f"clone must be in the origin's volume group ({origin.vg}); "
                       f"import a device from elsewhere with `thinstack import` first")
-    with operation("clone", ref.vg, name=ref.name, origin=origin.name) as entry:
-        lvs = lvm.lvs(ref.vg)
-        source = _get(origin, lvs)
-        _absent(ref, lvs)
+    with operation("clone", ref.vg, name=ref.name, origin=origin.name) as op:
+        source = _get(origin, op.lvs)
+        _absent(ref, op.lvs)
         if source.is_thin:
-            if TAG_GOLD not in source.tags:
+            if tags.GOLD not in source.tags:
                 raise Refused(f"{origin} is not a gold master: run `thinstack gold {origin}` "
                               "first, or take a `thinstack snapshot`")
-            _thin_snapshot(entry, source, ref, readonly=False)
+            _thin_snapshot(source, ref, readonly=False)
+            faults.point("clone", "after-snapshot")
         elif source.is_thin_pool or source.is_cow_snapshot or source.internal:
             raise Refused(f"{origin} cannot be a clone origin")
         else:
-            if _is_open(source) and not source.readonly:
-                raise Refused(f"{origin} is open read-write; an external origin must not change")
-            _make_readonly(entry, source)
-            if source.active:
-                # LVM layers an external origin itself and refuses one that is already active.
-                Journal().step(entry, f"inactive:{source.name}")
-                _run("lvchange", "-q", "-an", str(origin))
-            pool = pool_of(ref.vg, lvs)
-            _run("lvcreate", "-q", "-y", "-s", "--thinpool", pool.name, str(origin), "-n", ref.name,
-                 "--addtag", entry.tag, "--setactivationskip", "n")
-            faults.point("clone", "after-snapshot")
-            _run("lvchange", "-q", "-ay", "-K", str(ref))
-            if source.active:  # readable again, now through LVM's read-only layer
-                _run("lvchange", "-q", "-ay", str(origin))
-        faults.point("clone", "after-activate")
-        commit(entry, ref)
+            _external_clone(op, source, ref)
     return lvm.lv(ref)
+
+
+def _external_clone(op: Op, source: LV, ref: VolumeRef) -> None:
+    if _is_open(source) and not source.readonly:
+        raise Refused(f"{source.ref} is open read-write; an external origin must not change")
+    _make_readonly(op, source)
+    if source.active:
+        # LVM layers an external origin itself and refuses one that is already active.
+        op.step(f"inactive:{source.name}")
+        _run("lvchange", "-q", "-an", str(source.ref))
+    faults.point("clone", "after-origin-readonly")
+    pool = pool_of(ref.vg, op.lvs)
+    _run("lvcreate", "-q", "-y", "-s", "--thinpool", pool.name, str(source.ref), "-n", ref.name,
+         "--addtag", op.entry.tag, "--setactivationskip", "n")
+    faults.point("clone", "after-snapshot")
+    if source.active:  # readable again, now through LVM's read-only layer
+        _run("lvchange", "-q", "-ay", str(source.ref))
+    commit(op, ref)
 
 
 def cow(origin: VolumeRef, ref: VolumeRef, store: int) -> LV:
@@ -187,54 +200,49 @@ def cow(origin: VolumeRef, ref: VolumeRef, store: int) -> LV:
     monitor as it fills."""
     if origin.vg != ref.vg:
         raise Refused(f"a CoW volume must be in its origin's volume group ({origin.vg})")
-    with operation("cow", ref.vg, name=ref.name, origin=origin.name) as entry:
-        lvs = lvm.lvs(ref.vg)
-        source = _get(origin, lvs)
-        _absent(ref, lvs)
+    with operation("cow", ref.vg, name=ref.name, origin=origin.name) as op:
+        source = _get(origin, op.lvs)
+        _absent(ref, op.lvs)
         if not source.readonly:
             raise Refused(f"{origin} is writable; a CoW volume needs a read-only origin "
                           f"(e.g. `thinstack gold {origin}`)")
-        _run("lvcreate", "-q", "-y", "-s", "-L", f"{store}b", "-n", ref.name, "--addtag",
-             entry.tag, "-p", "rw", str(origin))
+        _run("lvcreate", "-q", "-y", "-s", "-L", f"{store}b", "-n", ref.name, "-p", "rw",
+             str(origin))
         faults.point("cow", "after-lvcreate")
-        commit(entry, ref)
     return lvm.lv(ref)
 
 
 def resize(ref: VolumeRef, size: int, *, shrink_ok: bool = False) -> LV:
-    with operation("resize", ref.vg, name=ref.name, size=size) as entry:
-        lv = _get(ref, lvm.lvs(ref.vg))
-        if TAG_GOLD in lv.tags:
+    with operation("resize", ref.vg, name=ref.name, size=size) as op:
+        lv = _get(ref, op.lvs)
+        if tags.GOLD in lv.tags:
             raise Refused(f"{ref} is a gold master; its clones depend on its content")
         if size < lv.size and not shrink_ok:
             raise Refused(f"{ref} would shrink from {lv.size} to {size} bytes, discarding its "
                           "tail: pass --yes to do that")
         if size != lv.size:
             _run("lvresize", "-q", "-f", "-L", f"{size}b", str(ref))
-        Journal().step(entry, "committed")
     return lvm.lv(ref)
 
 
 def delete(ref: VolumeRef) -> None:
-    with operation("delete", ref.vg, name=ref.name) as entry:
-        lvs = lvm.lvs(ref.vg)
-        lv = _get(ref, lvs)
+    with operation("delete", ref.vg, name=ref.name) as op:
+        lv = _get(ref, op.lvs)
         if lv.is_thin_pool:
             raise Refused(f"{ref} is a thin pool; thinstack deletes volumes, not pools")
-        deps = dependants(lv, lvs)
+        deps = dependants(lv, op.lvs)
         if deps:
             raise Refused(f"{ref} has dependants: {', '.join(d.name for d in deps)}; "
                           "delete them first")
         if _is_open(lv):
             raise Refused(f"{ref} is open (a VM or a mount is using it)")
         _run("lvremove", "-q", "-y", str(ref))
-        Journal().step(entry, "committed")
 
 
-def _make_readonly(entry: Entry, lv: LV) -> None:
+def _make_readonly(op: Op, lv: LV) -> None:
     """Journalled before it is done, so a rollback knows to make the volume writable again."""
     if not lv.readonly:
-        Journal().step(entry, f"readonly:{lv.name}")
+        op.step(f"readonly:{lv.name}")
         _run("lvchange", "-q", "-pr", str(lv.ref))
 
 
@@ -271,13 +279,13 @@ class VolumeInfo:
 
 
 def _kind(lv: LV, lvs: list[LV]) -> str:
-    if TAG_GOLD in lv.tags:
+    if tags.GOLD in lv.tags:
         return "gold"
     if lv.is_cow_snapshot:
         return "cow"
     if lv.is_thin and lv.origin:
         origin = next((o for o in lvs if o.name == lv.origin), None)
-        if origin is not None and TAG_GOLD in origin.tags:
+        if origin is not None and tags.GOLD in origin.tags:
             return "clone"
         return "snapshot" if origin is not None and origin.is_thin else "clone"
     return "thin" if lv.is_thin else "volume"
@@ -298,7 +306,7 @@ def volume_infos(vg: str, usage: dict[int, tuple[int, int, int]] | None = None) 
         out.append(VolumeInfo(
             vg=lv.vg, name=lv.name, size=lv.size, path=lv.path, dm_path=lv.dm_path,
             kind=_kind(lv, lvs), origin=lv.origin or None, readonly=lv.readonly,
-            gold=TAG_GOLD in lv.tags, active=lv.active,
+            gold=tags.GOLD in lv.tags, active=lv.active,
             dependants=[d.name for d in dependants(lv, lvs)], mapped_bytes=mapped,
             exclusive_bytes=exclusive, shared_bytes=shared, thin_id=lv.thin_id))
     return out

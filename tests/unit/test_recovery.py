@@ -59,3 +59,9 @@ def test_origin_stays_read_only_while_another_clone_depends_on_it():
 
 def test_single_command_operations_need_nothing():
     assert plan([entry("delete", name="x"), entry("resize", name="y", size=5)], [lv("y")]) == []
+
+
+def test_resumable_import_is_kept_until_explicitly_recovered():
+    e = entry("import", name="vm1")
+    assert plan([], [lv("vm1.importing", tags={e.tag})], keep=frozenset({e.tag})) == []
+    assert plan([e], [lv("vm1.importing", tags={e.tag})]) == [Action("remove", "vg/vm1.importing")]
