@@ -41,3 +41,47 @@ class AtomicFile:
             os.close(self.fd)
             self.fd = -1
         self.tmp.unlink(missing_ok=True)
+
+
+class FileWriter:
+    """What every writer shares: ranges arrive in offset order, inside the disk; `close()`
+    finishes the format (`_finish`), fsyncs and renames; `abort()`, or any failure while
+    closing, leaves the destination untouched. An open parent image is closed either way.
+    Subclasses open their parent before calling __init__, so a bad parent leaves no file."""
+
+    parent = None
+
+    def __init__(self, path: Path, size: int):
+        self.size = size
+        self.pos = 0  # writes and zeroed ranges must not go back before this
+        self.file = AtomicFile(path)
+
+    def _advance(self, offset: int, length: int) -> None:
+        from thinstack.exporters import ExportError
+
+        if offset < self.pos or length < 0 or offset + length > self.size:
+            raise ExportError(f"range {offset}+{length} is out of order or outside the disk "
+                              f"({self.size} bytes, next offset {self.pos})")
+        self.pos = offset + length
+
+    def _finish(self) -> None:
+        """Write what the format keeps besides the data (tables, headers, footers)."""
+
+    def close(self) -> None:
+        try:
+            self._finish()
+            self.file.commit()
+        except BaseException:
+            self.file.discard()
+            raise
+        finally:
+            self._close_parent()
+
+    def abort(self) -> None:
+        self.file.discard()
+        self._close_parent()
+
+    def _close_parent(self) -> None:
+        if self.parent is not None:
+            self.parent.close()
+            self.parent = None

@@ -17,7 +17,7 @@ from thinstack.importers import ImageError
 from thinstack.importers import gow as fmt
 
 from . import ExportError
-from .atomic import AtomicFile
+from .atomic import FileWriter
 
 FORMATS = {"gow1": 1, "gow2": 2, "gow3": 3}
 _BLOCK = fmt.BLOCK_SIZE
@@ -37,7 +37,7 @@ def create(path: str | os.PathLike, virtual_size: int, *, format: str = "gow3",
     return GowWriter(Path(path), virtual_size, version, None if parent is None else Path(parent))
 
 
-class GowWriter:
+class GowWriter(FileWriter):
     def __init__(self, path: Path, size: int, version: int, parent: Path | None):
         self.parent = None if parent is None else _open_parent(parent)
         session = self.parent.session + 1 if self.parent else (1 if version == 3 else 0)
@@ -49,8 +49,7 @@ class GowWriter:
         self.block = -1  # the block being assembled in self.buffer
         self.buffer = bytearray()
         self.settled = 0  # blocks before this one are final
-        self.pos = 0  # end of the last range written or zeroed
-        self.file = AtomicFile(path)
+        super().__init__(path, size)
 
     def write(self, offset: int, data: bytes) -> None:
         self._advance(offset, len(data))
@@ -72,12 +71,6 @@ class GowWriter:
             elif self.parent is not None:  # without a parent nothing written here is non-zero
                 self._enter(index)[within:within + stop - pos] = bytes(stop - pos)
             pos = stop
-
-    def _advance(self, offset: int, length: int) -> None:
-        if offset < self.pos or length < 0 or offset + length > self.header.size:
-            raise ExportError(f"range {offset}+{length} is out of order or outside the disk "
-                              f"({self.header.size} bytes, next offset {self.pos})")
-        self.pos = offset + length
 
     def _enter(self, index: int) -> bytearray:
         """The buffer of block `index`, starting from the parent's content."""
@@ -128,29 +121,15 @@ class GowWriter:
         self.slots += 1
         self.map[index] = self.slots
 
-    def close(self) -> None:
-        try:
-            self._flush()
-            self._settle(self.header.blocks)
-            header = self.header
-            self.file.pwrite(header.pack(), 0)
-            self.file.pwrite(fmt.table_bytes(self.map), fmt.HEADER_SIZE)
-            if header.version == 3:
-                self.file.pwrite(fmt.table_bytes(self.versions), header.versions_offset)
-            self.file.truncate(header.data_offset + self.slots * _BLOCK)
-            self.file.commit()
-        except BaseException:
-            self.abort()
-            raise
-        self._close_parent()
-
-    def abort(self) -> None:
-        self.file.discard()
-        self._close_parent()
-
-    def _close_parent(self) -> None:
-        if self.parent is not None:
-            self.parent.close()
+    def _finish(self) -> None:
+        self._flush()
+        self._settle(self.header.blocks)
+        header = self.header
+        self.file.pwrite(header.pack(), 0)
+        self.file.pwrite(fmt.table_bytes(self.map), fmt.HEADER_SIZE)
+        if header.version == 3:
+            self.file.pwrite(fmt.table_bytes(self.versions), header.versions_offset)
+        self.file.truncate(header.data_offset + self.slots * _BLOCK)
 
 
 def _past_end_zeroed(data: bytes | bytearray, index: int, size: int) -> bytes | bytearray:

@@ -20,7 +20,7 @@ from thinstack.importers import ImageError, detect, open_image
 from thinstack.importers import qcow2 as fmt
 
 from . import ExportError
-from .atomic import AtomicFile
+from .atomic import FileWriter
 
 CLUSTER_BITS = 16
 CLUSTER = 1 << CLUSTER_BITS
@@ -42,21 +42,19 @@ def create(path: str | os.PathLike, virtual_size: int, *, format: str = "qcow2",
                        compress)
 
 
-class Qcow2Writer:
+class Qcow2Writer(FileWriter):
     """With a parent this is an overlay: a cluster it holds hides the parent's, so a cluster
     partly written takes the parent's bytes for the rest, and a whole cluster marked zero gets
     the zero flag instead of letting the parent show through."""
 
     def __init__(self, path: Path, virtual_size: int, parent: Path | None, compress: bool):
-        # QEMU counts a disk in sectors; a size between sectors would lose its tail there.
-        self.size = -(-virtual_size // fmt.SECTOR) * fmt.SECTOR
         self.compress = compress
         self.parent = None
         self.backing: tuple[bytes, bytes] | None = None  # name relative to the child, format
         if parent is not None:
             self.parent, self.backing = _open_parent(path, parent)
-        self.file = AtomicFile(path)
-        self.pos = 0  # writes and zeroed ranges must not go back before this
+        # QEMU counts a disk in sectors; a size between sectors would lose its tail there.
+        super().__init__(path, -(-virtual_size // fmt.SECTOR) * fmt.SECTOR)
         self.end = CLUSTER  # where the next append lands; cluster 0 waits for the header
         self.packed_at = self.packed_end = 0  # free bytes for compressed clusters
         self.out = bytearray()  # appended bytes not yet written, from end - len(out)
@@ -98,26 +96,10 @@ class Qcow2Writer:
                 self._cover(within, within + take)
             offset += take
 
-    def close(self) -> None:
-        try:
-            self._finish()
-            self.file.commit()
-        except BaseException:
-            self.abort()
-            raise
-        self._close_parent()
-
-    def abort(self) -> None:
-        self.file.discard()
-        self._close_parent()
-
     # -- data clusters --------------------------------------------------------------------
 
     def _advance(self, offset: int, length: int) -> None:
-        if offset < self.pos or length < 0 or offset + length > self.size:
-            raise ExportError(f"range {offset}+{length} is out of order or outside the disk "
-                              f"({self.size} bytes, next offset {self.pos})")
-        self.pos = offset + length
+        super()._advance(offset, length)
         if self.buf is not None and offset // CLUSTER != self.buf_index:
             self._flush_buffer()
 
@@ -274,11 +256,6 @@ class Qcow2Writer:
             counts.frombytes(bytes(2 * (last + 1 - len(counts))))
         for cluster in range(first, last + 1):
             counts[cluster] += 1
-
-    def _close_parent(self) -> None:
-        if self.parent is not None:
-            self.parent.close()
-            self.parent = None
 
 
 def _open_parent(child: Path, parent: Path):

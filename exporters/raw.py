@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from . import ExportError
-from .atomic import AtomicFile
+from .atomic import FileWriter
 
 # Zero runs at least this long become holes; a file system allocates in blocks of 4 KiB at most.
 ZERO_CHUNK = 64 << 10
@@ -20,13 +20,9 @@ def create(path: str | os.PathLike, virtual_size: int, **_) -> RawWriter:
     return RawWriter(Path(path), virtual_size)
 
 
-class RawWriter:
-    def __init__(self, path: Path, size: int):
-        self.size = size
-        self.file = AtomicFile(path)
-
+class RawWriter(FileWriter):
     def write(self, offset: int, data: bytes) -> None:
-        self._check(offset, len(data))
+        self._advance(offset, len(data))
         view = memoryview(data).cast("B")
         # Write the stretches between all-zero chunks; the chunks stay holes.
         start = pos = 0
@@ -42,19 +38,7 @@ class RawWriter:
             self.file.pwrite(view[start:pos], offset + start)
 
     def mark_zero(self, offset: int, length: int) -> None:
-        self._check(offset, length)  # the file is new: what is never written is a hole
+        self._advance(offset, length)  # the file is new: what is never written is a hole
 
-    def close(self) -> None:
-        try:
-            self.file.truncate(self.size)
-            self.file.commit()
-        except BaseException:
-            self.file.discard()
-            raise
-
-    def abort(self) -> None:
-        self.file.discard()
-
-    def _check(self, offset: int, length: int) -> None:
-        if offset < 0 or length < 0 or offset + length > self.size:
-            raise ExportError(f"range {offset}+{length} lies outside the disk ({self.size} bytes)")
+    def _finish(self) -> None:
+        self.file.truncate(self.size)

@@ -15,7 +15,7 @@ from thinstack.importers import ImageError
 from thinstack.importers import vhd as fmt
 
 from . import ExportError
-from .atomic import AtomicFile
+from .atomic import FileWriter
 
 BLOCK_SIZE = 2 << 20
 # The spec's limit (and QEMU's): 2040 GiB.
@@ -80,26 +80,9 @@ def _timestamp(unix: float) -> int:
     return max(0, int(unix) - fmt.EPOCH) & 0xFFFFFFFF
 
 
-class _Ordered:
-    """Writes and zeroed ranges arrive in offset order, never overlapping, inside the disk."""
-
-    size: int
-    _pos = 0
-
-    def _advance(self, offset: int, length: int) -> None:
-        if offset < self._pos or length < 0 or offset + length > self.size:
-            raise ExportError(f"range {offset}+{length} is out of order or outside the disk "
-                              f"({self.size} bytes, next offset {self._pos})")
-        self._pos = offset + length
-
-
-class FixedWriter(_Ordered):
+class FixedWriter(FileWriter):
     """The disk's bytes as they are, then the footer. Unwritten ranges stay holes of the
     (sparse) file and read as zeros."""
-
-    def __init__(self, path: Path, size: int):
-        self.size = size
-        self.file = AtomicFile(path)
 
     def write(self, offset: int, data: bytes) -> None:
         self._advance(offset, len(data))
@@ -108,20 +91,12 @@ class FixedWriter(_Ordered):
     def mark_zero(self, offset: int, length: int) -> None:
         self._advance(offset, length)
 
-    def close(self) -> None:
-        try:
-            self.file.truncate(self.size)
-            self.file.pwrite(_footer(fmt.FIXED, self.size).pack(), self.size)
-            self.file.commit()
-        except BaseException:
-            self.file.discard()
-            raise
-
-    def abort(self) -> None:
-        self.file.discard()
+    def _finish(self) -> None:
+        self.file.truncate(self.size)
+        self.file.pwrite(_footer(fmt.FIXED, self.size).pack(), self.size)
 
 
-class DynamicWriter(_Ordered):
+class DynamicWriter(FileWriter):
     """Footer copy, header, BAT, parent locators, then a block (bitmap + 2 MiB) for each block
     that receives a sector, allocated as the ordered writes reach it; the footer last.
 
@@ -130,7 +105,6 @@ class DynamicWriter(_Ordered):
     the parent has data is stored as zeros."""
 
     def __init__(self, path: Path, size: int, parent: Path | None):
-        self.size = size
         self.bitmap_bytes = fmt.bitmap_size(BLOCK_SIZE)
         self.bat = array("I", [fmt.UNALLOCATED]) * -(-size // BLOCK_SIZE)
         self.table_offset = fmt.FOOTER_SIZE + fmt.HEADER_SIZE
@@ -150,7 +124,7 @@ class DynamicWriter(_Ordered):
         self.next_block = end
         self.block = -1  # the block whose bitmap is being filled
         self.bitmap = bytearray(self.bitmap_bytes)
-        self.file = AtomicFile(path)
+        super().__init__(path, size)
 
     def write(self, offset: int, data: bytes) -> None:
         self._advance(offset, len(data))
@@ -216,17 +190,8 @@ class DynamicWriter(_Ordered):
             self.file.pwrite(bytes(self.bitmap), self.bat[self.block] * _SECTOR)
             self.bitmap = bytearray(self.bitmap_bytes)
 
-    def close(self) -> None:
-        try:
-            self._flush_bitmap()
-            self._finish()
-            self.file.commit()
-        except BaseException:
-            self.abort()
-            raise
-        self._close_parent()
-
     def _finish(self) -> None:
+        self._flush_bitmap()
         disk_type = fmt.DYNAMIC if self.parent is None else fmt.DIFFERENCING
         footer = _footer(disk_type, self.size, data_offset=fmt.FOOTER_SIZE).pack()
         parent = {}
@@ -247,14 +212,6 @@ class DynamicWriter(_Ordered):
         self.file.pwrite(bat.tobytes().ljust(_round_up(len(bat) * 4), b"\xff"), self.table_offset)
         self.file.pwrite(footer, self.next_block)
         self.file.truncate(self.next_block + fmt.FOOTER_SIZE)
-
-    def abort(self) -> None:
-        self.file.discard()
-        self._close_parent()
-
-    def _close_parent(self) -> None:
-        if self.parent is not None:
-            self.parent.close()
 
 
 def _open_parent(parent: Path) -> fmt.VhdImage:
