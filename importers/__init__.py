@@ -8,10 +8,11 @@ driver, so the extents an Image yields are the merged view of its whole chain.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Protocol
 
@@ -121,6 +122,31 @@ class Source:
         if len(data) != length:
             raise ImageError(self.path, f"short read of {what} at offset {offset}")
         return data
+
+    def segments(self, start: int, end: int) -> Iterator[tuple[int, int, bool]]:
+        """Split [start, end) of the file into (start, end, holds_data) runs, from the file
+        system's own map (SEEK_DATA/SEEK_HOLE): holes of a sparse file read as zeros and need
+        not be read at all. All data where the file system cannot tell, or on a block device."""
+        fd = self.file.fileno()
+        if stat.S_ISBLK(os.fstat(fd).st_mode):
+            yield start, end, True
+            return
+        pos = start
+        while pos < end:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno != errno.ENXIO:  # no SEEK_DATA here
+                    yield pos, end, True
+                    return
+                data = end  # ENXIO: nothing but hole from pos on
+            if data > pos:
+                yield pos, min(data, end), False
+            if data >= end:
+                return
+            hole = os.lseek(fd, data, os.SEEK_HOLE)
+            yield data, min(hole, end), True
+            pos = hole
 
     def close(self) -> None:
         self.file.close()

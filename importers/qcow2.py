@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
-import errno
 import importlib.util
 import logging
 import os
@@ -442,7 +441,7 @@ class Qcow2Image:
         whose host bytes are a hole in the file (preallocation=metadata) reads as zeros."""
         for run in self._map(0, self.virtual_size):
             if run.kind is Kind.DATA and run.compressed is None:
-                for start, end, data in _host_segments(self.data, run.host, run.host + run.length):
+                for start, end, data in self.data.segments(run.host, run.host + run.length):
                     yield Extent(run.offset + start - run.host, end - start,
                                  Kind.DATA if data else Kind.ZERO)
             else:
@@ -647,28 +646,6 @@ def read_clipped(image, offset: int, length: int) -> bytes:
     inside = max(0, min(length, image.virtual_size - offset))
     data = image.read(offset, inside) if inside else b""
     return data + bytes(length - inside)
-
-
-def _host_segments(src: Source, start: int, end: int) -> Iterator[tuple[int, int, bool]]:
-    """Split [start, end) of a file into data and hole segments (all data where the file system
-    cannot tell)."""
-    fd = src.file.fileno()
-    pos = start
-    while pos < end:
-        try:
-            data = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno != errno.ENXIO:
-                yield pos, end, True
-                return
-            data = end  # no data from pos to the end of the file
-        if data > pos:
-            yield pos, min(data, end), False
-        if data >= end:
-            return
-        hole = os.lseek(fd, data, os.SEEK_HOLE)
-        yield data, min(hole, end), True
-        pos = hole
 
 
 def _pread_into(src: Source, view: memoryview, offset: int) -> None:

@@ -3,9 +3,7 @@ a block device, or a file system that cannot tell, is all data."""
 
 from __future__ import annotations
 
-import errno
 import os
-import stat
 from pathlib import Path
 from typing import Iterator
 
@@ -35,28 +33,10 @@ class RawImage:
         self.source = source
         self.path = source.path
         self.virtual_size = source.size
-        self.block_device = stat.S_ISBLK(os.fstat(source.file.fileno()).st_mode)
 
     def extents(self) -> Iterator[Extent]:
-        size, fd = self.virtual_size, self.source.file.fileno()
-        pos = 0
-        while pos < size:
-            if self.block_device:
-                data, hole = pos, size
-            else:
-                try:
-                    data = os.lseek(fd, pos, os.SEEK_DATA)
-                except OSError as e:
-                    if e.errno != errno.ENXIO:  # no SEEK_DATA here: all of it is data
-                        yield Extent(pos, size - pos, Kind.DATA)
-                        return
-                    data = size  # only a hole from pos to the end
-                hole = os.lseek(fd, data, os.SEEK_HOLE) if data < size else size
-            if data > pos:
-                yield Extent(pos, min(data, size) - pos, Kind.HOLE)
-            if data < size:
-                yield Extent(data, min(hole, size) - data, Kind.DATA)
-            pos = hole
+        for start, end, data in self.source.segments(0, self.virtual_size):
+            yield Extent(start, end - start, Kind.DATA if data else Kind.HOLE)
 
     def read(self, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0 or offset + length > self.virtual_size:

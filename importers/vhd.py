@@ -10,7 +10,6 @@ The footer and header structures and the checksum live here and are shared by ex
 from __future__ import annotations
 
 import bisect
-import errno
 import os
 import re
 import struct
@@ -299,22 +298,8 @@ class _Layer:
     def _fixed_runs(self, start: int, end: int) -> Iterator[tuple[int, int, int | None]]:
         """A fixed disk holds every sector, but holes of a sparse host file read as zeros and
         need not be copied: ask the file system where its data is."""
-        fd = self.source.file.fileno()
-        pos = start
-        while pos < end:
-            try:
-                data = min(os.lseek(fd, pos, os.SEEK_DATA), end)
-                hole = min(os.lseek(fd, data, os.SEEK_HOLE), end) if data < end else end
-            except OSError as e:
-                if e.errno != errno.ENXIO:  # no SEEK_DATA here: all of it is data
-                    yield pos, end - pos, pos
-                    return
-                data = hole = end  # ENXIO: no data after pos
-            if data > pos:
-                yield pos, data - pos, None
-            if hole > data:
-                yield data, hole - data, data
-            pos = hole
+        for first, stop, data in self.source.segments(start, end):
+            yield first, stop - first, first if data else None
 
 
 def _merged(layer: _Layer, start: int, end: int) -> Iterator[tuple[int, int, _Layer | None, int]]:
