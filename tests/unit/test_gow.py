@@ -19,7 +19,7 @@ from thinstack.extents import Extent, Kind
 from thinstack.importers import ImageError, Policy, detect, open_image
 from thinstack.importers import gow
 
-from test_vhd import content, export, imported, ordered_ops, patch, walk
+from tests.imagetools import content, export, imported, ordered_ops, patch, walk
 
 MiB, GiB = 1 << 20, 1 << 30
 BLOCK = gow.BLOCK_SIZE

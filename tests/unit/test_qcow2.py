@@ -15,6 +15,8 @@ import time
 import zlib
 from pathlib import Path
 
+from tests.imagetools import content
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -72,15 +74,7 @@ def qemu_data_bytes(path: Path) -> int:
 def contents(image) -> tuple[bytes, list[Extent]]:
     """The image rebuilt from its extents: DATA read, everything else zeros."""
     extents = list(image.extents())
-    out = bytearray(image.virtual_size)
-    pos = 0
-    for ext in extents:
-        assert ext.offset == pos and ext.length > 0
-        if ext.kind is Kind.DATA:
-            out[ext.offset:ext.end] = image.read(ext.offset, ext.length)
-        pos = ext.end
-    assert pos == image.virtual_size
-    return bytes(out), extents
+    return content(image, extents), extents
 
 
 def assert_like_qemu(path: Path, policy: Policy = Policy()) -> list[Extent]:
