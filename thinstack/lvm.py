@@ -89,7 +89,7 @@ class LV:
     @property
     def is_cow_snapshot(self) -> bool:
         """An old-style (dm-snapshot) snapshot with its own COW store."""
-        return self.attr[0] in "sS" and self.segtype == "snapshot"
+        return self.attr[0] in "sS"
 
     @property
     def internal(self) -> bool:
