@@ -1,0 +1,198 @@
+"""Device-mapper devices through `dmsetup`: create, load, suspend, resume, remove, message, and
+read back info, tables and status as types.
+
+udev: dmsetup keeps its default udev synchronisation (cookies): each command that adds, changes
+or removes a node waits until the dm udev rules have run `dmsetup udevcomplete`. That is what
+LVM does, so devices made here and by LVM get their /dev/mapper links from one place (udev) and
+never from libdevmapper's fallback racing udev; with --noudevsync we would have to wait for
+each kind of event ourselves and would still not know when a removal is finished. The lab runs
+systemd-udevd with those rules. A cookie only says "udev finished", not "udev exists": if udevd
+is not running libdevmapper silently skips the wait. So `create` also confirms in udev's
+database (udev.wait_for_device) that the device was processed and /dev/mapper/NAME is its node,
+with a bounded wait and a clear error; and every dmsetup call has a time limit, so a cookie that
+is never completed (rules missing) fails instead of hanging.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from thinstack.dm import udev
+from thinstack.dm.command import CommandError, CommandTimeout, run
+from thinstack.dm.errors import DmError, ParseError
+from thinstack.dm.status import StatusLine, TargetStatus, parse_status_lines
+from thinstack.dm.targets import Table, TableLine
+
+_NO_DEVICES = "No devices found"
+_INFO_FIELDS = "name,major,minor,open,events,attr,uuid"
+# Device names cannot contain "/"; the uuid, which might, comes last and is split off whole.
+_SEPARATOR = "/"
+
+
+@dataclass(frozen=True)
+class Device:
+    """An active dm device whose /dev/mapper node udev has made."""
+
+    name: str
+    major: int
+    minor: int
+
+    @property
+    def path(self) -> str:
+        return f"/dev/mapper/{self.name}"
+
+    @property
+    def devno(self) -> str:
+        """How tables name this device: what the kernel prints back."""
+        return f"{self.major}:{self.minor}"
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    name: str
+    major: int
+    minor: int
+    open_count: int
+    event_nr: int
+    live_table: bool
+    inactive_table: bool
+    suspended: bool
+    readonly: bool
+    uuid: str | None
+
+    @property
+    def device(self) -> Device:
+        return Device(self.name, self.major, self.minor)
+
+
+class DeviceMapper:
+    """`timeout` bounds every dmsetup call; `udev_timeout` bounds the wait for udev after a
+    create."""
+
+    def __init__(self, *, timeout: float = 60, udev_timeout: float = 30):
+        self.timeout = timeout
+        self.udev_timeout = udev_timeout
+
+    def _dmsetup(self, *args: str, input: str | None = None) -> str:
+        return run(["dmsetup", *args], input=input, timeout=self.timeout)
+
+    def create(self, name: str, table: Table, *, readonly: bool = False,
+               uuid: str | None = None) -> Device:
+        """Create and activate `name`; return it once udev has made /dev/mapper/NAME. If udev
+        does not finish in time (UdevTimeout) the device is left in place, active."""
+        options = [*(["--readonly"] if readonly else []), *(["--uuid", uuid] if uuid else [])]
+        self._dmsetup("create", name, *options, input=table.render())
+        info = self.info(name)
+        if info is None:
+            raise DmError(f"dm device {name} vanished right after it was created")
+        udev.wait_for_device(name, info.major, info.minor, timeout=self.udev_timeout)
+        return info.device
+
+    def load(self, name: str, table: Table) -> None:
+        """Load `table` as the inactive table of `name`; the next resume makes it live."""
+        self._dmsetup("load", name, input=table.render())
+
+    def suspend(self, name: str, *, noflush: bool = False) -> None:
+        """Suspend `name`; with noflush, I/O the target queued stays queued instead of being
+        completed first (needed for a thin-pool that is out of space)."""
+        self._dmsetup("suspend", *(["--noflush"] if noflush else []), name)
+
+    def resume(self, name: str) -> None:
+        self._dmsetup("resume", name)
+
+    @contextmanager
+    def suspended(self, name: str, *, noflush: bool = False) -> Iterator[None]:
+        """Keep `name` suspended for the body, and resume it however the body ends."""
+        self.suspend(name, noflush=noflush)
+        try:
+            yield
+        finally:
+            self.resume(name)
+
+    def remove(self, name: str, *, retry: bool = True, deferred: bool = False) -> None:
+        """Remove `name`. retry: try again for a few seconds while it is open, which it is for a
+        moment after any writer closes it (udev's watch rule probes it again). deferred: if it is
+        still open, remove it on its last close."""
+        options = [*(["--retry"] if retry else []), *(["--deferred"] if deferred else [])]
+        self._dmsetup("remove", *options, name)
+
+    def message(self, name: str, sector: int, text: str) -> str:
+        """Send a target message (`create_thin 1`, ...) and return what the target answers."""
+        return self._dmsetup("message", name, str(sector), *text.split()).strip()
+
+    def info(self, name: str) -> DeviceInfo | None:
+        """The device's state, or None if there is no device by that name."""
+        try:
+            out = self._dmsetup("info", "-c", "--noheadings", "--separator", _SEPARATOR,
+                                "-o", _INFO_FIELDS, name)
+        except CommandError as e:
+            if "Device does not exist" in e.stderr:
+                return None
+            raise
+        return _parse_info(out.strip())
+
+    def exists(self, name: str) -> bool:
+        return self.info(name) is not None
+
+    def list(self) -> list[DeviceInfo]:
+        out = self._dmsetup("info", "-c", "--noheadings", "--separator", _SEPARATOR,
+                            "-o", _INFO_FIELDS)
+        return [_parse_info(line) for line in out.splitlines()
+                if line.strip() and line.strip() != _NO_DEVICES]
+
+    def table(self, name: str, *, inactive: bool = False) -> Table:
+        return Table.parse(self._dmsetup("table", *(["--inactive"] if inactive else []), name))
+
+    def lines_of_type(self, target_type: str) -> list[tuple[str, TableLine]]:
+        """Every table line of every device that uses `target_type`, with the device's name."""
+        out = self._dmsetup("table", "--target", target_type)
+        found = []
+        for line in out.splitlines():
+            if not line.strip() or line.strip() == _NO_DEVICES:
+                continue
+            # A name may contain ": ", a table line never does.
+            name, sep, rest = line.rpartition(": ")
+            if not sep:
+                raise ParseError(f"not a `dmsetup table` line: {line!r}")
+            found.append((name, TableLine.parse(rest)))
+        return found
+
+    def status(self, name: str) -> list[StatusLine]:
+        return parse_status_lines(self._dmsetup("status", name))
+
+    def target_status(self, name: str) -> TargetStatus:
+        """The status of a device that has a single target (pools and thin volumes do)."""
+        lines = self.status(name)
+        if len(lines) != 1:
+            raise DmError(f"{name} has {len(lines)} targets, expected one")
+        return lines[0].status
+
+    def wait(self, name: str, event_nr: int, *, timeout: float | None = None) -> int | None:
+        """Wait until `name`'s event counter passes `event_nr` (a thin-pool crossing its low
+        water mark, say) and return the new count, or None if `timeout` seconds pass first."""
+        try:
+            # Not _dmsetup: its default time limit must not cut short a wait meant to be long.
+            run(["dmsetup", "wait", name, str(event_nr)], timeout=timeout)
+        except CommandTimeout:
+            return None
+        info = self.info(name)
+        if info is None:
+            raise DmError(f"dm device {name} was removed while waiting for an event")
+        return info.event_nr
+
+
+def _parse_info(line: str) -> DeviceInfo:
+    fields = line.split(_SEPARATOR, _INFO_FIELDS.count(","))
+    try:
+        name, major, minor, open_count, events, attr, uuid = fields
+        if len(attr) != 4:
+            raise ValueError(attr)
+        return DeviceInfo(name=name, major=int(major), minor=int(minor),
+                          open_count=int(open_count), event_nr=int(events),
+                          live_table=attr[0] == "L", inactive_table=attr[1] == "I",
+                          suspended=attr[2] == "s", readonly=attr[3] == "r",
+                          uuid=uuid or None)
+    except ValueError:
+        raise ParseError(f"unexpected `dmsetup info` line: {line!r}") from None

@@ -1,0 +1,82 @@
+"""The one way thinstack runs an external program, and the one exception family it raises.
+
+Everything that shells out (dmsetup, thin_*, lvm, qemu-img, ...) goes through `run`, so callers
+handle a single error type and every failure reads the same way in logs.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+
+import sh
+
+# Tool output is parsed, and error text is matched by callers: it must not depend on the locale.
+_ENV = {**os.environ, "LC_ALL": "C"}
+_ARGV_SHOWN = 120  # characters of the command line kept in an error message
+
+
+class CommandError(Exception):
+    """A program failed: it exited non-zero, was not found, or ran out of time."""
+
+    def __init__(self, argv: list[str], exit_status: int | None, stderr: str, stdout: str = ""):
+        self.argv = list(argv)
+        self.exit_status = exit_status
+        self.stderr = stderr
+        self.stdout = stdout
+        super().__init__(f"{_shown(self.argv)}: {self._reason()}")
+
+    def _reason(self) -> str:
+        return f"exit {self.exit_status}: {summary(self.stderr or self.stdout)}"
+
+
+class CommandNotFound(CommandError):
+    def __init__(self, argv: list[str]):
+        super().__init__(argv, 127, f"{argv[0]}: command not found")
+
+    def _reason(self) -> str:
+        return f"program not found: {self.argv[0]}"
+
+
+class CommandTimeout(CommandError):
+    def __init__(self, argv: list[str], timeout: float, stderr: str = "", stdout: str = ""):
+        self.timeout = timeout
+        super().__init__(argv, None, stderr, stdout)
+
+    def _reason(self) -> str:
+        return f"timed out after {self.timeout:g}s"
+
+
+def run(argv: list[str], *, input: bytes | str | None = None,
+        timeout: float | None = None) -> str:
+    """Run argv to completion and return its standard output; raise CommandError otherwise."""
+    try:
+        program = sh.Command(argv[0])
+    except sh.CommandNotFound:
+        raise CommandNotFound(argv) from None
+    try:
+        return program(*argv[1:], _in=input, _timeout=timeout, _env=_ENV, _tty_out=False,
+                       _decode_errors="replace")
+    except sh.TimeoutException as e:
+        # sh keeps no output of a killed process; the time limit is the whole story.
+        raise CommandTimeout(argv, timeout or 0) from e
+    except sh.ErrorReturnCode as e:
+        raise CommandError(argv, e.exit_code, _text(e.stderr), _text(e.stdout)) from None
+
+
+def summary(output: str) -> str:
+    """The line of a tool's error output worth showing on one line."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    # dmsetup ends every failure with this; lvm prefixes warnings to the real error.
+    useful = [line for line in lines
+              if line != "Command failed." and not line.startswith("WARNING:")]
+    return (useful or lines or ["(no error output)"])[0]
+
+
+def _text(data: bytes | None) -> str:
+    return (data or b"").decode("utf-8", "replace")
+
+
+def _shown(argv: list[str]) -> str:
+    text = shlex.join(argv)
+    return text if len(text) <= _ARGV_SHOWN else text[:_ARGV_SHOWN - 1] + "…"

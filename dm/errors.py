@@ -1,0 +1,18 @@
+"""Errors of the device-mapper layer that are not a failed command (those are CommandError)."""
+
+
+class DmError(Exception):
+    """The device-mapper layer could not do what was asked."""
+
+
+class ParseError(DmError, ValueError):
+    """A table, status line or tool output was not in the form the kernel or tool documents."""
+
+
+class UdevTimeout(DmError):
+    """udev did not finish with a device in time."""
+
+
+class TransactionConflict(DmError):
+    """The pool's transaction id is neither the one a transaction started from nor the one it
+    moves to: something else changed the pool."""

@@ -1,0 +1,219 @@
+"""thin-provisioning-tools (thin_dump, thin_delta, thin_ls, thin_check) with their output parsed
+into types.
+
+On a live pool these tools may only read the metadata snapshot, which must be reserved for the
+duration (Pool.metadata_snap()): `metadata_snap=True`, the default, passes -m/--metadata-snap.
+On a pool that is not active, pass metadata_snap=False to read the current metadata.
+All block numbers and lengths are in pool data blocks of `data_block_size` sectors.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import Enum
+
+from thinstack.dm.command import CommandError, CommandNotFound, CommandTimeout, run
+from thinstack.dm.errors import ParseError
+
+# thin_dump of a large pool runs for a while; it still must not hang forever.
+TIMEOUT = 3600
+
+
+@dataclass(frozen=True)
+class BlockRange:
+    begin: int
+    length: int
+
+    @property
+    def end(self) -> int:
+        return self.begin + self.length
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """`length` virtual blocks from `origin_begin` stored at data blocks from `data_begin`."""
+
+    origin_begin: int
+    data_begin: int
+    length: int
+    time: int
+
+
+@dataclass(frozen=True)
+class DeviceMappings:
+    dev_id: int
+    mapped_blocks: int
+    transaction: int
+    creation_time: int
+    snap_time: int
+    mappings: tuple[Mapping, ...]
+
+    def virtual_ranges(self) -> list[BlockRange]:
+        """The device's mapped virtual blocks as sorted, coalesced ranges."""
+        return coalesce(BlockRange(m.origin_begin, m.length) for m in self.mappings)
+
+
+@dataclass(frozen=True)
+class ThinDump:
+    data_block_size: int  # sectors
+    transaction: int
+    devices: dict[int, DeviceMappings]
+
+
+class DeltaKind(Enum):
+    SAME = "same"
+    DIFFERENT = "different"
+    LEFT_ONLY = "left_only"  # mapped in snap1 only
+    RIGHT_ONLY = "right_only"  # mapped in snap2 only
+
+
+@dataclass(frozen=True)
+class DeltaRange:
+    kind: DeltaKind
+    begin: int
+    length: int
+
+
+@dataclass(frozen=True)
+class ThinDelta:
+    data_block_size: int  # sectors
+    left: int  # dev id given as snap1
+    right: int  # dev id given as snap2
+    ranges: tuple[DeltaRange, ...]
+
+    def changed(self) -> list[BlockRange]:
+        """Blocks whose content differs between left and right, coalesced: written after the
+        snapshot (different), newly mapped (right_only) or unmapped since (left_only)."""
+        return coalesce(BlockRange(r.begin, r.length) for r in self.ranges
+                        if r.kind is not DeltaKind.SAME)
+
+
+@dataclass(frozen=True)
+class ThinLsEntry:
+    dev_id: int
+    mapped_blocks: int
+    exclusive_blocks: int
+    shared_blocks: int
+
+
+@dataclass(frozen=True)
+class ThinCheckResult:
+    clean: bool
+    output: str  # what thin_check said, for a log or a repair decision
+
+
+def coalesce(ranges: Iterable[BlockRange]) -> list[BlockRange]:
+    merged: list[BlockRange] = []
+    for r in sorted(ranges, key=lambda r: r.begin):
+        if merged and r.begin <= merged[-1].end:
+            last = merged[-1]
+            merged[-1] = BlockRange(last.begin, max(last.end, r.end) - last.begin)
+        else:
+            merged.append(r)
+    return merged
+
+
+def _snap(metadata_snap: bool) -> list[str]:
+    return ["--metadata-snap"] if metadata_snap else []
+
+
+def thin_dump(metadata_dev: str, *, metadata_snap: bool = True,
+              dev_id: int | None = None) -> ThinDump:
+    """Every device's mappings (only `dev_id`'s, if given)."""
+    dev = ["--dev-id", str(dev_id)] if dev_id is not None else []
+    return parse_thin_dump(run(["thin_dump", *_snap(metadata_snap), *dev, metadata_dev],
+                               timeout=TIMEOUT))
+
+
+def thin_delta(metadata_dev: str, snap1: int, snap2: int, *,
+               metadata_snap: bool = True) -> ThinDelta:
+    """How device `snap2`'s mappings differ from device `snap1`'s."""
+    return parse_thin_delta(run(["thin_delta", *_snap(metadata_snap), "--snap1", str(snap1),
+                                 "--snap2", str(snap2), metadata_dev], timeout=TIMEOUT))
+
+
+def thin_ls(metadata_dev: str, *, metadata_snap: bool = True) -> list[ThinLsEntry]:
+    out = run(["thin_ls", *_snap(metadata_snap), "--no-headers",
+               "-o", "DEV,MAPPED_BLOCKS,EXCLUSIVE_BLOCKS,SHARED_BLOCKS", metadata_dev],
+              timeout=TIMEOUT)
+    return parse_thin_ls(out)
+
+
+def thin_check(metadata_dev: str, *, metadata_snap: bool = False, skip_mappings: bool = False,
+               clear_needs_check: bool = False) -> ThinCheckResult:
+    """Check the metadata. thin_check refuses live metadata unless metadata_snap is set (then it
+    checks the reserved snapshot); clear_needs_check clears the flag once the check passes."""
+    argv = ["thin_check", *_snap(metadata_snap),
+            *(["--skip-mappings"] if skip_mappings else []),
+            *(["--clear-needs-check-flag"] if clear_needs_check else []), metadata_dev]
+    try:
+        out = run(argv, timeout=TIMEOUT)
+    except (CommandNotFound, CommandTimeout):
+        raise
+    except CommandError as e:
+        return ThinCheckResult(False, (e.stdout + e.stderr).strip())
+    return ThinCheckResult(True, out.strip())
+
+
+def _xml(text: str, tool: str) -> ET.Element:
+    try:
+        return ET.fromstring(text)
+    except ET.ParseError as e:
+        raise ParseError(f"{tool} output is not XML: {e}") from None
+
+
+def _int(element: ET.Element, name: str) -> int:
+    value = element.get(name)
+    if value is None or not value.isdigit():
+        raise ParseError(f"<{element.tag}> has no numeric {name}: {ET.tostring(element)!r}")
+    return int(value)
+
+
+def parse_thin_dump(text: str) -> ThinDump:
+    root = _xml(text, "thin_dump")
+    devices = {}
+    for d in root.iter("device"):
+        mappings = []
+        for m in d:
+            if m.tag == "range_mapping":
+                mappings.append(Mapping(_int(m, "origin_begin"), _int(m, "data_begin"),
+                                        _int(m, "length"), _int(m, "time")))
+            elif m.tag == "single_mapping":
+                mappings.append(Mapping(_int(m, "origin_block"), _int(m, "data_block"), 1,
+                                        _int(m, "time")))
+            else:
+                raise ParseError(f"thin_dump: unexpected <{m.tag}> in a device")
+        dev_id = _int(d, "dev_id")
+        devices[dev_id] = DeviceMappings(dev_id, _int(d, "mapped_blocks"),
+                                         _int(d, "transaction"), _int(d, "creation_time"),
+                                         _int(d, "snap_time"), tuple(mappings))
+    return ThinDump(_int(root, "data_block_size"), _int(root, "transaction"), devices)
+
+
+def parse_thin_delta(text: str) -> ThinDelta:
+    root = _xml(text, "thin_delta")
+    diff = root.find("diff")
+    if diff is None:
+        raise ParseError("thin_delta: no <diff> in the output")
+    kinds = {k.value: k for k in DeltaKind}
+    ranges = []
+    for r in diff:
+        if r.tag not in kinds:
+            raise ParseError(f"thin_delta: unexpected <{r.tag}>")
+        ranges.append(DeltaRange(kinds[r.tag], _int(r, "begin"), _int(r, "length")))
+    return ThinDelta(_int(root, "data_block_size"), _int(diff, "left"), _int(diff, "right"),
+                     tuple(ranges))
+
+
+def parse_thin_ls(text: str) -> list[ThinLsEntry]:
+    entries = []
+    for line in text.splitlines():
+        words = line.split()
+        if not words:
+            continue
+        if len(words) != 4 or not all(w.isdigit() for w in words):
+            raise ParseError(f"thin_ls: unexpected line {line!r}")
+        entries.append(ThinLsEntry(*map(int, words)))
+    return entries
