@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("devices", nargs="*", metavar="DEVICE")
     c.add_argument("--file", type=Path, help="back the VG with a sparse file on a loop device")
     c.add_argument("--raid1", action="store_true", help="mirror two devices with md raid1 first")
-    c.add_argument("--size", type=_size, help="initial pool data size (default: most of the VG)")
+    c.add_argument("--size", type=_size, help="initial pool data size (default: most of the "
+                   "VG); with --file, the size of the file")
     c.add_argument("--chunk", type=_size, default=64 << 10, help="pool chunk size (default 64K)")
     c.add_argument("--grow-threshold", type=_pct, default=70.0, metavar="PCT")
     c.add_argument("--grow-step", type=_size, default=256 << 20, metavar="SIZE")
@@ -235,9 +236,13 @@ def cmd_info(args) -> int:
 
 def cmd_recover(args) -> int:
     from thinstack import lvm, recovery
+    from thinstack.journal import Journal
     from thinstack.lock import vg_lock
 
-    for vg in [args.vg] if args.vg else [v.name for v in lvm.vgs()]:
+    # A pool creation killed before its VG existed is known only to the journal.
+    vgs = [args.vg] if args.vg else sorted({v.name for v in lvm.vgs()} |
+                                          {e.vg for e in Journal().pending()})
+    for vg in vgs:
         with vg_lock(vg):
             for action in recovery.recover_vg(vg, explicit=True):
                 print(f"{vg}: {action.kind} {action.target} {action.arg}".rstrip(), file=sys.stderr)
@@ -334,8 +339,21 @@ def _terminate(signum, frame):
     raise KeyboardInterrupt
 
 
+def _parse(argv: list[str] | None):
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # `pool create VG --raid1 DEV DEV`: argparse hands a positional list that follows a flag
+    # back as unknown; devices may come anywhere after the VG.
+    if extra and args.command == "pool" and args.pool_command == "create" \
+            and not any(e.startswith("-") for e in extra):
+        args.devices += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _parse(argv)
     signal.signal(signal.SIGTERM, _terminate)
     try:
         return COMMANDS[args.command](args)

@@ -11,6 +11,7 @@ atomically, and their journal entry only records the intent.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -91,9 +92,22 @@ _EXECUTORS: dict[str, Callable[[Action], object]] = {
     "activate": lambda a: lvm.lvm("lvchange", "-ay", "-K", a.target),
 }
 
-# Operations outside this module (pool creation, import, export) register how to recover
-# their own entries; they run before the generic volume plan.
-HANDLERS: dict[str, Callable[[Entry], None]] = {}
+# Operations outside this module recover their own entries, before the generic volume plan.
+# Named here rather than registered on import, so no recovery misses a handler whose module
+# happened not to be imported yet.
+HANDLERS: dict[str, str | Callable[[Entry], None]] = {
+    "pool-create": "thinstack.pools:recover",
+    "export": "thinstack.exports:recover",
+}
+
+
+def _handler(op: str) -> Callable[[Entry], None] | None:
+    found = HANDLERS.get(op)
+    if isinstance(found, str):
+        module, _, name = found.partition(":")
+        found = getattr(importlib.import_module(module), name)
+    return found
+
 
 # Interrupted operations that `--resume` can continue: only an explicit `thinstack recover`
 # rolls them back; the recovery at the start of other commands leaves them be.
@@ -110,7 +124,7 @@ def recover_vg(vg: str, journal: Journal | None = None, *, explicit: bool = Fals
     entries = [e for e in pending if e not in deferred]
     for e in entries:
         if e.op in HANDLERS:
-            HANDLERS[e.op](e)
+            _handler(e.op)(e)
     if lvs is None or any(e.op in HANDLERS for e in entries):
         lvs = lvm.lvs(vg) if lvm.vgs(vg) else []
     actions = plan([e for e in entries if e.op not in HANDLERS], lvs,

@@ -1,0 +1,422 @@
+"""Pool decisions on plain data (sizes, tags, validation, rollback plans, status), and the flows
+around them with the system calls mocked out."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+
+from thinstack import pools, recovery
+from thinstack.dm.status import Discards, Failed, PoolMode, ThinPoolStatus
+from thinstack.dm.tools import ThinCheckResult, ThinLsEntry
+from thinstack.errors import Exists, NoSpace, NotFound, Refused, ThinstackError
+from thinstack.journal import Journal
+from thinstack.lvm import LV, PV, VG, BadName
+
+KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
+EXTENT = 4 * MiB
+CHUNK = 64 * KiB
+
+
+@pytest.fixture(autouse=True)
+def dirs(tmp_path, monkeypatch):
+    monkeypatch.setenv("THINSTACK_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("THINSTACK_RUN_DIR", str(tmp_path / "run"))
+
+
+def vg(name="vg0", size=1020 * MiB, free=1020 * MiB, tags=()):
+    return VG(name=name, uuid="u", size=size, free=free, extent_size=EXTENT,
+              extent_count=size // EXTENT, free_count=free // EXTENT, pv_count=1,
+              tags=frozenset(tags))
+
+
+def lv(name="pool", *, attr="twi-a-tz--", pool="", tags=("ts_pool",), size=1008 * MiB):
+    return LV(vg="vg0", name=name, uuid=name, attr=attr, size=size, segtype="thin-pool",
+              pool=pool, origin="", data_percent=None, metadata_percent=None,
+              tags=frozenset(tags), path="", dm_path=f"/dev/mapper/vg0-{name}", thin_id=None,
+              chunk_size=CHUNK, metadata_size=4 * MiB, skip_activation=False, when_full="")
+
+
+def kernel(used=0, total=1008 * MiB // CHUNK, meta_used=100, meta_total=1024, *,
+           mode=PoolMode.RW, error=False):
+    return ThinPoolStatus(transaction_id=1, used_metadata_blocks=meta_used,
+                          total_metadata_blocks=meta_total, used_data_blocks=used,
+                          total_data_blocks=total, held_metadata_root=None, mode=mode,
+                          discards=Discards.PASSDOWN, error_if_no_space=error, needs_check=False,
+                          metadata_low_watermark=None)
+
+
+# --- sizes -------------------------------------------------------------------------------------
+
+def test_default_size_leaves_metadata_its_spare_and_room_to_grow():
+    # A 1 GiB disk: metadata at its 4 MiB minimum, three times over.
+    assert pools.plan_sizes(1020 * MiB, 1020 * MiB, EXTENT, CHUNK) == \
+        pools.Sizes(data=1008 * MiB, metadata=4 * MiB)
+
+
+def test_metadata_scales_with_the_vg_and_shrinks_with_bigger_chunks():
+    assert pools.metadata_size(TiB, CHUNK, EXTENT) == 2 * GiB  # 128 bytes per 64 KiB chunk
+    assert pools.metadata_size(TiB, 1 * MiB, EXTENT) == 128 * MiB
+    sizes = pools.plan_sizes(TiB, TiB, EXTENT, CHUNK)
+    assert sizes.data == TiB - 3 * 2 * GiB
+
+
+def test_metadata_never_exceeds_what_the_kernel_can_address():
+    huge = pools.metadata_size(1 << 50, CHUNK, EXTENT)
+    assert huge <= pools.growth.METADATA_MAX and huge % EXTENT == 0
+    assert huge > pools.growth.METADATA_MAX - EXTENT
+
+
+def test_metadata_is_whole_extents():
+    assert pools.metadata_size(3 * TiB + 5 * MiB, CHUNK, EXTENT) % EXTENT == 0
+
+
+def test_explicit_size_is_rounded_up_to_extents():
+    sizes = pools.plan_sizes(1020 * MiB, 1020 * MiB, EXTENT, CHUNK, data=100 * MiB + 1)
+    assert sizes.data == 104 * MiB
+
+
+def test_explicit_size_that_does_not_fit_is_no_space():
+    with pytest.raises(NoSpace, match="needs"):
+        pools.plan_sizes(1020 * MiB, 1020 * MiB, EXTENT, CHUNK, data=1016 * MiB)
+    # Up to the metadata and its spare, it fits (only the growth room is given up).
+    assert pools.plan_sizes(1020 * MiB, 1020 * MiB, EXTENT, CHUNK, data=1012 * MiB).data == \
+        1012 * MiB
+
+
+def test_a_tiny_vg_is_no_space():
+    with pytest.raises(NoSpace, match="too small"):
+        pools.plan_sizes(12 * MiB, 12 * MiB, EXTENT, CHUNK)
+
+
+# --- arguments ---------------------------------------------------------------------------------
+
+def args(**over):
+    base = dict(vg="vg0", devices=["/dev/sdb"], file=None, raid1=False, size=None, chunk=CHUNK,
+                grow_threshold=70.0, grow_step=256 * MiB)
+    return {**base, **over}
+
+
+def test_good_arguments_pass():
+    pools.check_create_args(**args())
+    pools.check_create_args(**args(devices=["/dev/sdb", "/dev/sdc"], raid1=True))
+    pools.check_create_args(**args(devices=[], file=Path("/var/lib/ts/p.img"), size=GiB))
+
+
+@pytest.mark.parametrize("over, message", [
+    (dict(devices=[]), "give the devices"),
+    (dict(file=Path("/x.img"), size=GiB), "not both"),
+    (dict(devices=[], file=Path("/x.img")), "needs --size"),
+    (dict(devices=[], file=Path("/x.img"), size=GiB, raid1=True), "does not apply"),
+    (dict(devices=[], file=Path("/my pools/x.img"), size=GiB), "may only contain"),
+    (dict(devices=["/dev/sdb", "/dev/sdb"]), "named twice"),
+    (dict(raid1=True), "exactly two devices, not 1"),
+    (dict(devices=["/dev/a", "/dev/b", "/dev/c"], raid1=True), "exactly two"),
+    (dict(vg="v" * 40, devices=["/dev/a", "/dev/b"], raid1=True), "too long"),
+    (dict(size=0), "positive"),
+    (dict(chunk=32 * KiB), "multiple of 64KiB"),
+    (dict(chunk=96 * KiB), "multiple of 64KiB"),
+    (dict(chunk=2 * GiB), "between 64KiB and 1GiB"),
+    (dict(grow_threshold=100.0), "between 0 and 100"),
+    (dict(grow_step=0), "positive"),
+])
+def test_bad_arguments_are_refused_with_the_reason(over, message):
+    with pytest.raises(ThinstackError, match=message):
+        pools.check_create_args(**args(**over))
+
+
+def test_bad_vg_name_is_a_usage_error():
+    with pytest.raises(BadName):
+        pools.check_create_args(**args(vg="-vg"))
+
+
+# --- tags --------------------------------------------------------------------------------------
+
+def test_pool_tags_encode_the_growth_policy_the_monitor_reads():
+    t = pools.pool_tags(72.5, 256 * MiB)
+    assert t == ["ts_pool", "ts_grow_threshold=72.5", "ts_grow_step=268435456"]
+    s = pools.growth.settings(frozenset(t))
+    assert (s.threshold, s.step, s.enabled) == (72.5, 256 * MiB, True)
+    assert pools.pool_tags(70.0, MiB)[1] == "ts_grow_threshold=70"
+
+
+# --- rollback ----------------------------------------------------------------------------------
+
+def test_creation_steps_on_disks_md_and_file():
+    assert pools.creation_steps("vg0", ["/dev/sdb", "/dev/sdc"], [], None) == \
+        ["pv:/dev/sdb", "pv:/dev/sdc", "vg:vg0"]
+    assert pools.creation_steps("vg0", ["/dev/md/ts-vg0"], ["/dev/sdb", "/dev/sdc"], None) == \
+        ["md-member:/dev/sdb", "md-member:/dev/sdc", "md:ts-vg0", "pv:/dev/md/ts-vg0", "vg:vg0"]
+    # A loop device's name does not survive a reboot; its PV goes away with the file.
+    assert pools.creation_steps("vg0", ["/dev/loop3"], [], Path("/p.img")) == ["vg:vg0"]
+
+
+def test_rollback_undoes_in_reverse_order():
+    steps = ["md-member:/dev/sdb", "md-member:/dev/sdc", "md:ts-vg0", "pv:/dev/md/ts-vg0",
+             "vg:vg0", "pool:vg0/pool"]
+    assert [(u.kind, u.target) for u in pools.rollback_plan(steps)] == [
+        ("pool", "vg0/pool"), ("vg", "vg0"), ("pv", "/dev/md/ts-vg0"), ("md", "ts-vg0"),
+        ("md-member", "/dev/sdc"), ("md-member", "/dev/sdb")]
+
+
+def test_rollback_of_a_file_backed_pool_deletes_the_file_last():
+    steps = ["file:/var/lib/p:1.img", "loop:/var/lib/p:1.img", "vg:vg0", "registry:vg0"]
+    assert [u.kind for u in pools.rollback_plan(steps)] == ["registry", "vg", "loop", "file"]
+    assert pools.rollback_plan(steps)[-1].target == "/var/lib/p:1.img"  # colons in paths survive
+
+
+def test_committed_creation_is_kept():
+    assert pools.rollback_plan(["vg:vg0", "pool:vg0/pool", "committed"]) == []
+
+
+def test_the_handler_is_registered_for_recovery():
+    assert recovery.HANDLERS["pool-create"] is pools.recover
+
+
+# --- status ------------------------------------------------------------------------------------
+
+def schema_keys() -> list[str]:
+    block = pools.__doc__.split("exactly these keys")[1]
+    return re.findall(r"^  (\w+) +\S", block, re.MULTILINE)
+
+
+def test_documented_schema_is_the_json():
+    status = pools.pool_status(vg(), lv(), [lv()], kernel())
+    assert schema_keys() == list(status.to_json()) == \
+        [f.name for f in dataclasses.fields(pools.PoolStatus)]
+
+
+def test_status_of_an_active_pool():
+    thins = [lv("a", attr="Vwi-a-tz--", pool="pool", tags=()),
+             lv("b", attr="Vwi-a-tz--", pool="pool", tags=())]
+    s = pools.pool_status(vg(free=4 * MiB, tags=["ts_file=/p.img"]), lv(), [lv(), *thins],
+                          kernel(used=4032, meta_used=256))
+    assert (s.data_size, s.data_used, s.data_percent) == (1008 * MiB, 4032 * CHUNK, 25.0)
+    assert s.metadata_percent == 25.0 and s.metadata_size == 4 * MiB
+    assert (s.mode, s.when_full, s.zeroing, s.chunk_size) == ("rw", "queue", True, CHUNK)
+    assert (s.grow_threshold, s.grow_step) == (70.0, 252 * MiB)  # untagged: a quarter
+    assert (s.vg_size, s.vg_free, s.backing_file, s.thin_count) == \
+        (1020 * MiB, 4 * MiB, "/p.img", 2)
+    assert s.path == "/dev/mapper/vg0-pool"
+
+
+def test_status_reads_mode_and_policy_from_kernel_and_tags():
+    pool = lv(attr="twi-a-t---", tags=("ts_pool", "ts_grow_threshold=80", "ts_grow_step=1048576"))
+    s = pools.pool_status(vg(), pool, [pool], kernel(mode=PoolMode.OUT_OF_DATA_SPACE, error=True))
+    assert (s.mode, s.when_full, s.zeroing) == ("out_of_data_space", "error", False)
+    assert (s.grow_threshold, s.grow_step) == (80.0, MiB)
+    off = lv(tags=("ts_pool", "ts_no_grow"))
+    s = pools.pool_status(vg(), off, [off], kernel())
+    assert (s.grow_threshold, s.grow_step) == (None, None)
+
+
+def test_status_of_inactive_and_failed_pools():
+    s = pools.pool_status(vg(), lv(attr="twi---tz--"), [], None)
+    assert (s.mode, s.data_used, s.data_percent, s.metadata_percent) == \
+        ("inactive", None, None, None)
+    assert pools.pool_status(vg(), lv(), [], Failed()).mode == "failed"
+
+
+# --- flows, with the system mocked -------------------------------------------------------------
+
+class FakePrepared:
+    def __init__(self, vg, pvs):
+        self.vg, self.pvs, self.created = vg, pvs, False
+
+    def create(self):
+        self.created = True
+
+
+@pytest.fixture
+def system(mocker):
+    """An LVM with no VG until blivet 'creates' one, and a record of every undo run."""
+    state = {"vgs": [], "undone": [], "lvm": []}
+    mocker.patch("thinstack.lvm.vgs", side_effect=lambda name=None: [
+        v for v in state["vgs"] if name in (None, v.name)])
+    mocker.patch("thinstack.lvm.lvs", return_value=[])
+
+    def prepare(name, devices, md_name=None):
+        state["vgs"].append(vg(name))
+        return FakePrepared(name, [f"/dev/md/{md_name}"] if md_name else devices)
+
+    mocker.patch("thinstack.provision.prepare_vg", side_effect=prepare)
+    mocker.patch.dict(pools._UNDO, {kind: (lambda kind: lambda vg_, target: state["undone"].append(
+        (kind, target)))(kind) for kind in pools._UNDO})
+    return state
+
+
+def test_failed_creation_rolls_back_in_reverse_and_clears_the_journal(system, mocker):
+    def lvm_cmd(*argv):
+        if argv[0] == "lvcreate":
+            raise ThinstackError("lvcreate failed")
+    mocker.patch("thinstack.pools._lvm", side_effect=lvm_cmd)
+    with pytest.raises(ThinstackError, match="lvcreate failed"):
+        pools.create("vg0", devices=["/dev/sdb", "/dev/sdc"], raid1=True)
+    assert system["undone"] == [("pool", "vg0/pool"), ("vg", "vg0"), ("pv", "/dev/md/ts-vg0"),
+                                ("md", "ts-vg0"), ("md-member", "/dev/sdc"),
+                                ("md-member", "/dev/sdb")]
+    assert Journal().pending() == []
+
+
+def test_pool_is_created_with_zeroing_chunk_and_tags(system, mocker):
+    calls = []
+    mocker.patch("thinstack.pools._lvm", side_effect=lambda *a: calls.append(a))
+    mocker.patch("thinstack.pools.status", return_value=["status"])
+    assert pools.create("vg0", devices=["/dev/sdb"], chunk=128 * KiB, grow_threshold=60,
+                        grow_step=GiB) == "status"
+    (lvcreate,) = calls
+    assert lvcreate[:4] == ("lvcreate", "-q", "-y", "--type")
+    text = " ".join(lvcreate)
+    assert "-L 1056964608b" in text  # 1020 MiB less 3 x 4 MiB of metadata
+    assert "--chunksize 131072b --poolmetadatasize 4194304b -Zy" in text
+    assert "--addtag ts_pool --addtag ts_grow_threshold=60 --addtag ts_grow_step=1073741824" in text
+    assert lvcreate[-3:] == ("-n", "pool", "vg0")
+    assert system["undone"] == [] and Journal().pending() == []
+
+
+def test_existing_vg_is_refused_before_anything_is_journalled(system, mocker):
+    system["vgs"].append(vg("vg0"))
+    with pytest.raises(Exists, match="already exists"):
+        pools.create("vg0", devices=["/dev/sdb"])
+    assert Journal().pending() == [] and system["undone"] == []
+
+
+def test_an_existing_file_is_refused_unless_it_is_this_vgs_and_blank(system, tmp_path, mocker):
+    path = tmp_path / "pool.img"
+    path.write_bytes(b"someone's data")
+    with pytest.raises(Exists, match="already exists"):
+        pools.create("vg0", file=path, size=GiB)
+    assert path.read_bytes() == b"someone's data"
+    pools._register("vg0", path)
+    mocker.patch("thinstack.pools._signature", return_value="LVM2_member")
+    with pytest.raises(Exists):
+        pools.create("vg0", file=path, size=GiB)
+    mocker.patch("thinstack.pools._signature", return_value=None)
+    pools._check_new_file("vg0", path)  # ours and blank: an interrupted creation's; reused
+
+
+def test_registry_round_trip(tmp_path):
+    assert pools._registered() == {}
+    pools._register("vg0", tmp_path / "a.img")
+    pools._register("vg1", tmp_path / "b.img")
+    pools._register("vg0", tmp_path / "c.img")  # replaced atomically
+    assert pools._registered() == {"vg0": tmp_path / "c.img", "vg1": tmp_path / "b.img"}
+    pools._unregister("vg0")
+    pools._unregister("vg0")
+    assert pools._registered() == {"vg1": tmp_path / "b.img"}
+
+
+def test_attach_brings_up_every_registered_vg_and_reports_the_missing(system, tmp_path, mocker):
+    present = tmp_path / "a.img"
+    present.touch()
+    pools._register("vga", present)
+    pools._register("vgb", tmp_path / "gone.img")
+    system["vgs"].append(vg("vga"))
+    loops = mocker.patch("thinstack.pools._attach_loop")
+    activated = []
+    mocker.patch("thinstack.pools._lvm", side_effect=lambda *a: activated.append(a))
+    with pytest.raises(ThinstackError, match="vgb: backing file .*gone.img is missing"):
+        pools.attach()
+    loops.assert_called_once_with(present)
+    assert activated == [("vgchange", "-q", "-ay", "vga")]
+
+
+def test_attach_of_one_unknown_vg_is_not_found(system, mocker):
+    mocker.patch("thinstack.pools._lvm")
+    with pytest.raises(NotFound):
+        pools.attach("nope")
+
+
+def test_extend_beyond_the_vg_is_no_space_without_running_lvm(system, mocker):
+    system["vgs"].append(vg(free=8 * MiB))
+    mocker.patch("thinstack.lvm.lvs", return_value=[lv()])
+    run = mocker.patch("thinstack.pools._lvm")
+    with pytest.raises(NoSpace, match="8MiB free"):
+        pools.extend("vg0", 12 * MiB)
+    run.assert_not_called()
+
+
+class FakeDevice:
+    """A kernel thin-pool device as pools sees it (dm.pool.Pool)."""
+
+    name = "vg0-pool-tpool"
+
+    def __init__(self, check=None, ls=None, busy=False, failed=False):
+        self._check, self._ls, self._busy = check, ls, busy
+        self.dm = type("FakeDm", (), {"target_status": lambda _, name: Failed() if failed
+                                      else kernel()})()
+
+    def _read(self, value):
+        if self._busy:
+            from thinstack.dm.command import CommandError
+            raise CommandError(["dmsetup", "message", "vg0-pool-tpool", "0",
+                                "reserve_metadata_snap"], 1, "Device or resource busy")
+        return value
+
+    def thin_check(self):
+        return self._read(self._check)
+
+    def thin_ls(self):
+        return self._read(self._ls)
+
+
+@pytest.fixture
+def one_pool(system, mocker):
+    system["vgs"].append(vg())
+    mocker.patch("thinstack.lvm.lvs", return_value=[lv()])
+
+
+def test_check_reports_damage_as_an_error(one_pool, mocker):
+    mocker.patch("thinstack.pools._kernel_pool",
+                 return_value=FakeDevice(check=ThinCheckResult(True, "")))
+    assert pools.check("vg0") == "vg0/pool: metadata clean"
+    mocker.patch("thinstack.pools._kernel_pool", return_value=FakeDevice(
+        check=ThinCheckResult(False, "examining superblock\nbad checksum in superblock")))
+    with pytest.raises(ThinstackError, match="damaged .bad checksum in superblock."):
+        pools.check("vg0")
+    mocker.patch("thinstack.pools._kernel_pool", return_value=FakeDevice(failed=True))
+    with pytest.raises(ThinstackError, match="kernel failed the pool.*lvconvert --repair"):
+        pools.check("vg0")
+
+
+def test_check_of_an_inactive_or_busy_pool_is_refused(one_pool, mocker):
+    mocker.patch("thinstack.pools._kernel_pool", return_value=None)
+    with pytest.raises(Refused, match="not active"):
+        pools.check("vg0")
+    mocker.patch("thinstack.pools._kernel_pool", return_value=FakeDevice(busy=True))
+    with pytest.raises(Refused, match="another reader"):
+        pools.check("vg0")
+
+
+def test_thin_usage_in_bytes_or_none(one_pool, mocker):
+    mocker.patch("thinstack.pools._kernel_pool",
+                 return_value=FakeDevice(ls=[ThinLsEntry(1, 10, 4, 6), ThinLsEntry(2, 6, 0, 6)]))
+    assert pools.thin_usage("vg0") == {1: (10 * CHUNK, 4 * CHUNK, 6 * CHUNK),
+                                       2: (6 * CHUNK, 0, 6 * CHUNK)}
+    mocker.patch("thinstack.pools._kernel_pool", return_value=FakeDevice(busy=True))
+    assert pools.thin_usage("vg0") is None
+    mocker.patch("thinstack.pools._kernel_pool", return_value=None)
+    assert pools.thin_usage("vg0") is None
+    assert pools.thin_usage("other") is None
+
+
+def test_undo_pv_only_wipes_a_pv_that_belongs_to_no_vg(mocker):
+    mocker.patch("thinstack.lvm.pvs", return_value=[PV("/dev/sdb", "", GiB, GiB),
+                                                    PV("/dev/sdc", "theirs", GiB, GiB)])
+    run = mocker.patch("thinstack.lvm.lvm")
+    pools._undo_pv("vg0", "/dev/sdc")
+    run.assert_not_called()
+    pools._undo_pv("vg0", "/dev/sdb")
+    run.assert_called_once_with("pvremove", "-q", "-y", "-ff", "/dev/sdb")
+
+
+def test_undo_md_member_only_zeroes_our_arrays_superblock(mocker):
+    run = mocker.patch("thinstack.pools.run", return_value="MD_LEVEL=raid1\nMD_NAME=host:other\n")
+    pools._undo_md_member("vg0", "/dev/sdb")
+    assert run.call_count == 1
+    run.return_value = "MD_LEVEL=raid1\nMD_NAME=(none):ts-vg0\n"
+    pools._undo_md_member("vg0", "/dev/sdb")
+    run.assert_called_with(["mdadm", "--zero-superblock", "/dev/sdb"])

@@ -1,0 +1,99 @@
+"""Whole disks (or a loop device) into LVM physical volumes, optionally under an md raid1, and a
+volume group on them, through blivet.
+
+blivet is imported here only, and only inside functions: loading it (libblockdev's plugins, then
+a udev scan of every block device) takes a second or more that commands which don't provision
+disks must not pay. Everything above this module sees plain paths; rolling back what was made
+here is the caller's (pools.py), with the plain tools, so that recovery never needs blivet.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+from thinstack.errors import NotFound, Refused
+
+
+@dataclass
+class PreparedVG:
+    """A volume group scheduled in blivet but not yet written: nothing on disk has changed."""
+
+    pvs: list[str]  # the devices that become PVs: the disks, the md array, or the loop device
+    _storage: object
+
+    def create(self) -> None:
+        """Write it all: md superblocks, PV labels, the VG metadata."""
+        import blivet.udev
+
+        self._storage.do_it()
+        # Later commands (lvcreate, pvs) look devices up through udev; let it catch up first.
+        blivet.udev.settle()
+
+
+def prepare_vg(vg: str, devices: list[str], *, md_name: str | None = None) -> PreparedVG:
+    """Schedule `vg` on `devices` (each a whole, blank block device); with md_name, on an md raid1
+    of the two devices, named md_name. Refuses devices that hold anything: a partition table, a
+    filesystem, an old PV or md superblock, or devices built on top of them."""
+    blivet = _blivet()
+    from blivet.formats import get_format
+
+    storage = blivet.Blivet()
+    storage.reset()
+    disks = [_blank_device(storage, path) for path in devices]
+    for disk in disks:
+        storage.format_device(disk, get_format("mdmember" if md_name else "lvmpv"))
+    if md_name:
+        md = storage.new_mdarray(name=md_name, level="raid1", parents=disks, total_devices=2,
+                                 member_devices=2, fmt_type="lvmpv")
+        storage.create_device(md)
+        pvs = [md]
+    else:
+        pvs = disks
+    storage.create_device(storage.new_vg(name=vg, parents=pvs))
+    return PreparedVG(pvs=[pv.path for pv in pvs], _storage=storage)
+
+
+def _blank_device(storage, path: str):
+    real = os.path.realpath(path)
+    device = storage.devicetree.get_device_by_path(real)
+    if device is None:
+        raise NotFound(f"{path}: no such block device")
+    if device.format.type is not None or device.children:
+        what = device.format.type or \
+            "devices built on it: " + ", ".join(c.name for c in device.children)
+        raise Refused(f"{path} is in use ({what}); thinstack only takes blank devices "
+                      f"(wipe it with `wipefs -a {path}` if its contents are not needed)")
+    return device
+
+
+def _blivet():
+    """blivet, loaded quietly and without D-Bus."""
+    import gi
+
+    gi.require_version("BlockDev", "2.0")
+    from gi.repository import BlockDev
+
+    # Debian's libblockdev-lvm-dbus configures the lvm plugin to go through lvmdbusd on the system
+    # bus, which early boot and the lab lack (and which prints CRITICAL lines when it is missing).
+    # Loading the plugins that run the tools directly first makes blivet's own initialisation
+    # (which does not reload loaded plugins) keep them.
+    plugins = []
+    for plugin, soname in ((BlockDev.Plugin.LVM, "libbd_lvm.so.2"),
+                           (BlockDev.Plugin.MDRAID, "libbd_mdraid.so.2")):
+        spec = BlockDev.PluginSpec()
+        spec.name, spec.so_name = plugin, soname
+        plugins.append(spec)
+    BlockDev.switch_init_checks(False)
+    BlockDev.try_init(plugins, None)
+    # blivet logs its scan (down to DEBUG, with warnings such as "libstoragemgmt functionality
+    # not available") and routes Python warnings into logging: none of it is ours to show;
+    # thinstack reports failures through its own errors.
+    for name in ("blivet", "program", "testdata", "py.warnings"):
+        logger = logging.getLogger(name)
+        logger.addHandler(logging.NullHandler())
+        logger.propagate = False
+    import blivet
+
+    return blivet
