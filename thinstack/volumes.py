@@ -129,12 +129,13 @@ def snapshot(origin: VolumeRef, name: str, *, readonly: bool = False) -> LV:
         _absent(ref, op.lvs)
         if not source.is_thin:
             raise Refused(f"{origin} is not a thin volume; use `thinstack cow` for other volumes")
-        _thin_snapshot(source, ref, readonly)
+        _thin_snapshot(op, source, ref, readonly)
         faults.point("snapshot", "after-lvcreate")
     return lvm.lv(ref)
 
 
-def _thin_snapshot(source: LV, ref: VolumeRef, readonly: bool) -> None:
+def _thin_snapshot(op: Op, source: LV, ref: VolumeRef, readonly: bool) -> None:
+    _refuse_if_metadata_would_run_out(pool_of(ref.vg, op.lvs))
     # LVM gives thin snapshots its activation-skip flag by default, so they would not come up
     # on activation or the next boot: -kn clears it, and the snapshot is active at once.
     _run("lvcreate", "-q", "-y", "-s", str(source.ref), "-n", ref.name, "--setactivationskip",
@@ -168,7 +169,7 @@ def clone(origin: VolumeRef, ref: VolumeRef) -> LV:
             if tags.GOLD not in source.tags:
                 raise Refused(f"{origin} is not a gold master: run `thinstack gold {origin}` "
                               "first, or take a `thinstack snapshot`")
-            _thin_snapshot(source, ref, readonly=False)
+            _thin_snapshot(op, source, ref, readonly=False)
             faults.point("clone", "after-snapshot")
         elif source.is_thin_pool or source.is_cow_snapshot or source.internal:
             raise Refused(f"{origin} cannot be a clone origin")
@@ -237,6 +238,23 @@ def delete(ref: VolumeRef) -> None:
         if _is_open(lv):
             raise Refused(f"{ref} is open (a VM or a mount is using it)")
         _run("lvremove", "-q", "-y", str(ref))
+
+
+def _refuse_if_metadata_would_run_out(pool: LV) -> None:
+    """A pool whose metadata fills turns read-only for every volume in it; one more snapshot
+    is not worth that. Refuse it while there is still time for the operator to act."""
+    from thinstack import growth, pools
+    from thinstack.dm.status import ThinPoolStatus
+
+    kernel = pools._kernel_pool(pool)
+    status = kernel.status() if kernel is not None else None
+    if not isinstance(status, ThinPoolStatus):
+        return  # an inactive or failed pool: LVM itself will refuse
+    room = lvm.vgs(pool.vg)[0].free
+    if not growth.metadata_projection_ok(status, chunk=pool.chunk_size, room=room):
+        raise NoSpace(f"pool {pool.vg}/{pool.name}: metadata is projected to run out if another "
+                      "snapshot shares its blocks; grow it (`lvextend --poolmetadatasize`) or "
+                      "free space in the volume group first")
 
 
 def _make_readonly(op: Op, lv: LV) -> None:

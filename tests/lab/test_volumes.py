@@ -269,3 +269,19 @@ def test_twenty_concurrent_commands_stay_consistent(vg):
         r = results[cmds.index(["delete", f"vg0/v{i}"])]
         assert (r.returncode == 0 and f"v{i}" not in table) or (r.returncode == 3)
     assert_pool_consistent("vg0")
+
+
+@pytest.mark.lab(disks=1, disk_size="16G")
+def test_snapshot_refused_when_pool_metadata_would_run_out(lab_disks, tmp_path, monkeypatch):
+    monkeypatch.setenv("THINSTACK_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("THINSTACK_RUN_DIR", str(tmp_path / "run"))
+    sh("pvcreate", "-q", lab_disks[0])
+    sh("vgcreate", "-q", "vg0", lab_disks[0])
+    # 4 MiB of metadata cannot map 16 GiB of 64 KiB chunks, and the VG has no room to grow it.
+    sh("lvcreate", "-q", "-y", "--type", "thin-pool", "-l", "100%FREE", "--poolmetadatasize", "2M",
+       "--poolmetadataspare", "n", "--chunksize", "64k", "-n", "pool", "--addtag", "ts_pool",
+       "vg0")
+    ts("create", "vg0/vm", "--size", "1G")
+    refused = ts("snapshot", "vg0/vm", "s1", check=False)
+    assert refused.returncode == 6 and "metadata" in refused.stderr
+    assert "s1" not in lvs("vg0")
