@@ -1,0 +1,227 @@
+"""The monitor against a real kernel: pools and CoW stores grow ahead of direct-I/O writers, and a
+volume group without room turns into ENOSPC and an alert instead of a hang."""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests import patterns
+from tests.patterns import read_direct
+
+MiB, GiB = 1 << 20, 1 << 30
+BLOCK = 4 * MiB
+MONITOR = [sys.executable, "-m", "thinstack.cli", "monitor"]
+
+
+@pytest.fixture(autouse=True)
+def state(tmp_path, monkeypatch):
+    monkeypatch.setenv("THINSTACK_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("THINSTACK_RUN_DIR", str(tmp_path / "run"))
+    subprocess.run(["dmesg", "-C"], check=True)
+    return tmp_path
+
+
+def sh(*argv: str) -> str:
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"{argv}: {done.stderr}"
+    return done.stdout
+
+
+def pool_vg(disk: str, *, size: str, step: int) -> None:
+    sh("pvcreate", "-q", disk)
+    sh("vgcreate", "-q", "vg", disk)
+    sh("lvcreate", "-q", "-y", "--type", "thin-pool", "-L", size, "-n", "pool", "vg")
+    sh("lvchange", "-q", "--addtag", "ts_pool", "--addtag", "ts_grow_threshold=70",
+       "--addtag", f"ts_grow_step={step}", "vg/pool")
+
+
+def lv_field(ref: str, field: str) -> str:
+    return sh("lvs", "--noheadings", "--units", "b", "--nosuffix", "-o", field, ref).strip()
+
+
+def vg_free() -> int:
+    return int(sh("vgs", "--noheadings", "--units", "b", "--nosuffix", "-o", "vg_free", "vg"))
+
+
+def pool_status() -> str:
+    return sh("dmsetup", "status", "vg-pool-tpool")
+
+
+def metrics(state: Path) -> str:
+    path = state / "run" / "monitor.prom"
+    return path.read_text() if path.exists() else ""
+
+
+def sample(text: str, name: str, labels: str) -> float | None:
+    m = re.search(rf"^{name}{{{re.escape(labels)}[^}}]*}} (\S+)$", text, re.MULTILINE)
+    return float(m.group(1)) if m else None
+
+
+def wait_for(what, timeout: float = 60, step: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = what()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(step)
+
+
+class Daemon:
+    """`thinstack monitor` as systemd runs it, stopped with SIGTERM."""
+
+    def __init__(self, state: Path, interval: float):
+        self.log = state / "monitor.log"
+        self.proc = subprocess.Popen([*MONITOR, "--interval", str(interval)],
+                                     stderr=open(self.log, "w"), stdout=subprocess.DEVNULL)
+        wait_for(lambda: metrics(state) or self.proc.poll() is not None, timeout=60)
+        assert self.proc.poll() is None, self.output()
+
+    def stop(self) -> str:
+        self.proc.send_signal(signal.SIGTERM)
+        assert self.proc.wait(timeout=60) == 0, self.output()
+        return self.output()
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+
+def pattern(offset: int, length: int) -> bytes:
+    """Each 16 bytes name the 64 KiB they belong to: a misplaced or stale block shows. Cheaper
+    than tests.patterns' hashes, which cannot keep up with these writers in the lab."""
+    unit = 64 << 10
+    return b"".join((o.to_bytes(8, "little") + b"thinstck") * (unit // 16)
+                    for o in range(offset, offset + length, unit))
+
+
+class Writer:
+    """O_DIRECT writes of `block` bytes from an aligned buffer, from `start` on, paced to `rate`
+    bytes/s."""
+
+    def __init__(self, path: str, rate: float | None, start: int = 0, block: int = BLOCK):
+        self.path, self.rate, self.start = path, rate, start
+        self.buf = mmap.mmap(-1, block)
+        self.written = start  # the offset up to which every write landed
+        self.slowest = 0.0  # the longest single write: a queued (full) pool shows here
+        self.elapsed = 0.0
+
+    def write_until(self, end: int) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_DIRECT)
+        began = time.monotonic()
+        try:
+            while self.written < end:
+                self.buf[:] = pattern(self.written, len(self.buf))
+                t = time.monotonic()
+                os.pwrite(fd, self.buf, self.written)
+                self.slowest = max(self.slowest, time.monotonic() - t)
+                self.written += len(self.buf)
+                if self.rate:
+                    time.sleep(max(0.0, began + (self.written - self.start) / self.rate
+                                   - time.monotonic()))
+        finally:
+            self.elapsed = time.monotonic() - began
+            os.close(fd)
+
+
+def dmesg() -> str:
+    return sh("dmesg")
+
+
+@pytest.mark.lab(disks=1, disk_size="2G", timeout=600)
+def test_pool_grows_ahead_of_a_direct_io_writer(lab_disks, state):
+    pool_vg(lab_disks[0], size="256M", step=32 * MiB)
+    sh("lvcreate", "-q", "-y", "-V", "4G", "-n", "disk", "--thinpool", "pool", "vg")
+    daemon = Daemon(state, interval=1)
+    # Measured in the lab: the first growth is live 2-3 s after the pool crosses its threshold
+    # (the whole lvextend takes 1.5-5 s), so the 30% above it (77 MiB) lasts a writer of
+    # 16 MiB/s until then; later steps grow with the measured rate.
+    writer = Writer("/dev/vg/disk", rate=16 * MiB)
+    writer.write_until(GiB)  # no OSError: every write landed
+    log = daemon.stop()
+    print(f"wrote 1 GiB in {writer.elapsed:.1f} s, slowest write {writer.slowest:.2f} s\n{log}")
+    assert int(lv_field("vg/pool", "lv_size")) > GiB
+    assert "out-of-data-space" not in dmesg(), dmesg()
+    assert "queue_if_no_space" in pool_status()
+    assert writer.slowest < 5
+    steps = [float(m) for m in re.findall(r"grew data by ([\d.]+)MiB", log)]
+    assert len(steps) >= 3, log
+    assert max(steps) > 32, log  # the step grew with the measured write rate
+    assert read_direct("/dev/vg/disk", GiB - BLOCK, BLOCK) == pattern(GiB - BLOCK, BLOCK)
+
+
+@pytest.mark.lab(disks=2, disk_size="512M", timeout=600)
+def test_full_vg_fails_writers_fast_and_recovers_after_vgextend(lab_disks, state):
+    pool_vg(lab_disks[0], size="256M", step=64 * MiB)
+    sh("lvcreate", "-q", "-y", "-V", "64M", "-n", "keep", "--thinpool", "pool", "vg")
+    sh("lvcreate", "-q", "-y", "-V", "4G", "-n", "big", "--thinpool", "pool", "vg")
+    kept = range(0, 64 * MiB, patterns.BLOCK)
+    patterns.write_blocks("/dev/vg/keep", "keep", list(kept))
+    daemon = Daemon(state, interval=1)
+    writer = Writer("/dev/vg/big", rate=32 * MiB)
+    with pytest.raises(OSError) as failed:
+        writer.write_until(4 * GiB)
+    print(f"ENOSPC after {writer.written / MiB:.0f} MiB in {writer.elapsed:.1f} s, slowest write "
+          f"{writer.slowest:.2f} s")
+    assert failed.value.errno == errno.ENOSPC
+    # The kernel would fail queued writes itself after 60 s; the monitor must be far quicker.
+    assert writer.slowest < 10, f"a write waited {writer.slowest:.1f} s"
+    assert "error_if_no_space" in pool_status()
+    wait_for(lambda: sample(metrics(state), "thinstack_alert", 'vg="vg",pool="pool"') == 1)
+    log = daemon.stop()
+    print(log)
+    assert "ALERT vg/pool" in log, log
+    assert vg_free() < 4 * MiB  # the pool took all the VG had
+
+    once = subprocess.run(MONITOR + ["--once"], capture_output=True, text=True, timeout=120)
+    assert once.returncode == 7, once.stderr
+    assert "ALERT vg/pool" in once.stderr
+    assert patterns.blocks_match("/dev/vg/keep", "keep", list(kept))
+
+    sh("pvcreate", "-q", lab_disks[1])
+    sh("vgextend", "-q", "vg", lab_disks[1])
+    before = int(lv_field("vg/pool", "lv_size"))
+    once = subprocess.run(MONITOR + ["--once"], capture_output=True, text=True, timeout=120)
+    assert once.returncode == 0, once.stderr
+    assert "queues writes when full" in once.stderr
+    assert int(lv_field("vg/pool", "lv_size")) > before
+    assert "queue_if_no_space" in pool_status()
+    assert lv_field("vg/pool", "lv_when_full") == "queue"
+    text = metrics(state)
+    assert sample(text, "thinstack_alert", 'vg="vg",pool="pool"') == 0
+    assert sample(text, "thinstack_pool_error_if_no_space", 'vg="vg",pool="pool"') == 0
+    # Writers go on where they stopped.
+    Writer("/dev/vg/big", rate=None, start=writer.written).write_until(writer.written + 16 * MiB)
+
+
+@pytest.mark.lab(disks=1, disk_size="1G", timeout=600)
+def test_cow_store_grows_under_writes(lab_disks, state):
+    sh("pvcreate", "-q", lab_disks[0])
+    sh("vgcreate", "-q", "vg", lab_disks[0])
+    sh("lvcreate", "-q", "-y", "-L", "256M", "-n", "base", "vg")
+    Writer("/dev/vg/base", rate=None).write_until(256 * MiB)
+    sh("lvchange", "-q", "-pr", "vg/base")
+    sh("lvcreate", "-q", "-y", "-s", "-L", "8M", "-n", "cow", "-p", "rw", "vg/base")
+    sh("lvchange", "-q", "--addtag", f"ts_grow_step={8 * MiB}", "vg/cow")
+    daemon = Daemon(state, interval=0.5)
+    # CoW stores raise no event before they overflow: the poll is all there is, so the writer
+    # must leave the monitor a poll and a command (~1.5 s) to use 30% of an 8 MiB store.
+    writer = Writer("/dev/vg/cow", rate=1 * MiB, block=256 << 10)
+    writer.write_until(40 * MiB)
+    log = daemon.stop()
+    print(f"CoW: wrote 40 MiB in {writer.elapsed:.1f} s\n{log}")
+    attr = lv_field("vg/cow", "lv_attr")
+    assert attr[4] != "I", f"the CoW volume became invalid: {attr}\n{log}"
+    assert int(lv_field("vg/cow", "lv_size")) > 40 * MiB
+    assert len(re.findall(r"grew CoW store", log)) >= 3, log
+    assert read_direct("/dev/vg/cow", 36 * MiB, BLOCK) == pattern(36 * MiB, BLOCK)
+    assert read_direct("/dev/vg/cow", 200 * MiB, BLOCK) == pattern(200 * MiB, BLOCK)

@@ -1,0 +1,315 @@
+"""The monitor's mapping of decisions to commands, with LVM and device-mapper mocked out."""
+
+from __future__ import annotations
+
+import signal
+from unittest import mock
+
+import pytest
+
+from thinstack import monitor
+from thinstack.dm.client import DeviceInfo
+from thinstack.dm.command import CommandError
+from thinstack.dm.errors import DmError
+from thinstack.dm.status import Discards, Failed, PoolMode, ThinPoolStatus
+from thinstack.dm.targets import Table, ThinPoolTarget
+from thinstack.errors import Alert
+from thinstack.lvm import LV, VG
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+CHUNK = 64 * KiB
+BLOCKS_256M = 256 * MiB // CHUNK
+CONFIG = ["--config", "activation{thin_pool_autoextend_threshold=70}"]
+ARMED = BLOCKS_256M * 30 // 100  # the low-water mark LVM sets for 70%
+POOL_TAGS = frozenset({"ts_pool", "ts_grow_threshold=70", f"ts_grow_step={64 * MiB}"})
+
+
+def lv(name, attr, *, size=256 * MiB, tags=frozenset(), origin="", data_percent=None,
+       chunk=CHUNK, vg="vg", segtype="linear"):
+    # lvs reports an old-style snapshot's segtype as its store's: linear.
+    return LV(vg=vg, name=name, uuid=name, attr=attr, size=size, segtype=segtype, pool="",
+              origin=origin, data_percent=data_percent, metadata_percent=None, tags=tags,
+              path=f"/dev/{vg}/{name}", dm_path=f"/dev/mapper/{vg}-{name}", thin_id=None,
+              chunk_size=chunk, metadata_size=4 * MiB, skip_activation=False, when_full="")
+
+
+def pool_lv(tags=POOL_TAGS, vg="vg"):
+    return lv("pool", "twi-aotz--", tags=tags, vg=vg, segtype="thin-pool")
+
+
+def vg(free=GiB, name="vg"):
+    return VG(name=name, uuid=name, size=2 * GiB, free=free, extent_size=4 * MiB,
+              extent_count=512, free_count=free // (4 * MiB), pv_count=1, tags=frozenset())
+
+
+def status(used_blocks=0, total_blocks=BLOCKS_256M, *, meta_used=100, meta_total=1024,
+           mode=PoolMode.RW, error_if_no_space=False, needs_check=False):
+    return ThinPoolStatus(transaction_id=1, used_metadata_blocks=meta_used,
+                          total_metadata_blocks=meta_total, used_data_blocks=used_blocks,
+                          total_data_blocks=total_blocks, held_metadata_root=None, mode=mode,
+                          discards=Discards.NO_PASSDOWN, error_if_no_space=error_if_no_space,
+                          needs_check=needs_check, metadata_low_watermark=None)
+
+
+class FakeDM:
+    """Pools by device-mapper name; each has a status and a table low-water mark."""
+
+    def __init__(self, **pools):
+        self.pools = pools  # name -> (status, low_water_mark)
+
+    def exists(self, name):
+        return name in self.pools
+
+    def target_status(self, name):
+        return self.pools[name][0]
+
+    def table(self, name):
+        return Table.of(BLOCKS_256M * 128, ThinPoolTarget("254:0", "254:1", 128,
+                                                          self.pools[name][1]))
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch, mocker):
+    monkeypatch.setenv("THINSTACK_RUN_DIR", str(tmp_path / "run"))
+    return mocker.patch("thinstack.lvm.lvm", return_value="")
+
+
+def setup(mocker, lvs, vgs):
+    mocker.patch("thinstack.lvm.lvs", return_value=lvs)
+    mocker.patch("thinstack.lvm.vgs", return_value=vgs)
+
+
+def commands(lvm_mock):
+    return [list(c.args) for c in lvm_mock.call_args_list]
+
+
+def one_pass(dm, interval=5.0):
+    with mock.patch("thinstack.pools.DeviceMapper", return_value=dm):
+        return monitor.Monitor(interval).check_all()
+
+
+# --- pools -------------------------------------------------------------------------------------
+
+def test_pool_below_threshold_with_its_event_armed_runs_nothing(env, mocker):
+    setup(mocker, [pool_lv()], [vg()])
+    [report] = one_pass(FakeDM(**{"vg-pool-tpool": (status(1000), ARMED)}))
+    assert commands(env) == []
+    assert report.alert is None and report.data_percent == pytest.approx(1000 / 40.96)
+
+
+def test_pool_over_threshold_is_extended_by_the_step(env, mocker):
+    setup(mocker, [pool_lv()], [vg()])
+    [report] = one_pass(FakeDM(**{"vg-pool-tpool": (status(3000), ARMED)}))
+    assert commands(env) == [["lvextend", "-q", "-L", f"+{64 * MiB}b", "vg/pool", *CONFIG]]
+    assert report.growths == 1
+
+
+def test_the_pool_itself_when_it_has_no_thin_volumes_yet(env, mocker):
+    setup(mocker, [pool_lv()], [vg()])
+    one_pass(FakeDM(**{"vg-pool": (status(3000), ARMED)}))
+    assert commands(env)[0][0] == "lvextend"
+
+
+def test_metadata_over_threshold_grows_the_metadata(env, mocker):
+    setup(mocker, [pool_lv()], [vg()])
+    one_pass(FakeDM(**{"vg-pool-tpool": (status(10, meta_used=800), ARMED)}))
+    assert commands(env) == [["lvextend", "-q", "--poolmetadatasize", f"+{4 * MiB}b", "vg/pool",
+                              *CONFIG]]
+
+
+def test_a_disarmed_low_water_mark_is_set_again_through_lvm(env, mocker):
+    setup(mocker, [pool_lv()], [vg()])
+    one_pass(FakeDM(**{"vg-pool-tpool": (status(10), 0)}))
+    assert commands(env) == [["lvchange", "-q", "--refresh", "vg/pool", *CONFIG]]
+
+
+def test_threshold_below_lvms_minimum_is_given_as_50(env, mocker):
+    tags = frozenset({"ts_pool", "ts_grow_threshold=30"})
+    setup(mocker, [pool_lv(tags)], [vg()])
+    one_pass(FakeDM(**{"vg-pool-tpool": (status(10), 0)}))
+    assert commands(env)[0][-1] == "activation{thin_pool_autoextend_threshold=50}"
+
+
+def test_no_room_switches_to_error_mode_and_once_exits_7(env, mocker, tmp_path, capsys):
+    setup(mocker, [pool_lv()], [vg(free=0)])
+    mocker.patch("thinstack.pools.DeviceMapper",
+                 return_value=FakeDM(**{"vg-pool-tpool": (status(3000), ARMED)}))
+    with pytest.raises(Alert) as raised:
+        monitor.run(once=True, interval=5)
+    assert raised.value.exit_status == 7
+    assert commands(env) == [["lvchange", "-q", "--errorwhenfull", "y", "vg/pool", *CONFIG]]
+    assert "ALERT vg/pool" in capsys.readouterr().err
+    text = (tmp_path / "run" / "monitor.prom").read_text()
+    assert 'thinstack_alert{vg="vg",pool="pool"} 1' in text
+    assert 'thinstack_pool_error_if_no_space{vg="vg",pool="pool"} 1' in text
+
+
+def test_room_back_grows_then_queues_again(env, mocker, tmp_path):
+    setup(mocker, [pool_lv()], [vg()])
+    full = status(BLOCKS_256M, mode=PoolMode.OUT_OF_DATA_SPACE, error_if_no_space=True)
+    mocker.patch("thinstack.pools.DeviceMapper",
+                 return_value=FakeDM(**{"vg-pool-tpool": (full, ARMED)}))
+    assert monitor.run(once=True, interval=5) == 0
+    [grow, mode] = commands(env)
+    assert grow[:2] == ["lvextend", "-q"] and grow[3] == f"+{112 * MiB}b"  # back under 70%
+    assert mode == ["lvchange", "-q", "--errorwhenfull", "n", "vg/pool", *CONFIG]
+    text = (tmp_path / "run" / "monitor.prom").read_text()
+    assert 'thinstack_alert{vg="vg",pool="pool"} 0' in text
+    assert 'thinstack_pool_error_if_no_space{vg="vg",pool="pool"} 0' in text
+
+
+def test_no_grow_pool_is_left_alone(env, mocker):
+    setup(mocker, [pool_lv(POOL_TAGS | {"ts_no_grow"})], [vg(free=0)])
+    [report] = one_pass(FakeDM(**{"vg-pool-tpool": (status(BLOCKS_256M - 1), 0)}))
+    assert commands(env) == [] and report.alert is None
+
+
+def test_untagged_pools_are_not_thinstacks(env, mocker):
+    setup(mocker, [pool_lv(frozenset())], [vg()])
+    assert one_pass(FakeDM()) == []
+
+
+def test_a_failed_pool_is_an_alert(env, mocker):
+    setup(mocker, [pool_lv()], [vg()])
+    dm = FakeDM(**{"vg-pool-tpool": (Failed(), 0)})
+    [report] = one_pass(dm)
+    assert commands(env) == [] and "failed" in report.alert and report.mode == "fail"
+
+
+def test_a_fast_writer_gets_a_bigger_step(env, mocker):
+    setup(mocker, [pool_lv()], [vg()])
+    clock = mocker.patch("thinstack.monitor.time.monotonic", return_value=100.0)
+    env.side_effect = lambda *args: setattr(clock, "return_value", clock.return_value + 3) or ""
+    dm = FakeDM(**{"vg-pool-tpool": (status(100), ARMED)})
+    mocker.patch("thinstack.pools.DeviceMapper", return_value=dm)
+    m = monitor.Monitor(1.0)
+    m.check_all()
+    # 3200 blocks (200 MiB) in 4 s: 50 MiB/s, for 1 s of interval and twice the first guess at
+    # an lvextend's time (2 s): 250 MiB, in whole 4 MiB extents.
+    dm.pools["vg-pool-tpool"] = (status(3300), ARMED)
+    clock.return_value = 104.0
+    m.check_all()
+    assert commands(env) == [["lvextend", "-q", "-L", f"+{252 * MiB}b", "vg/pool", *CONFIG]]
+    # That lvextend took 3 s: now 7 s at 50 MiB/s.
+    dm.pools["vg-pool-tpool"] = (status(6500, BLOCKS_256M + 4032), ARMED)
+    clock.return_value = 108.0
+    m.check_all()
+    assert commands(env)[-1][3] == f"+{352 * MiB}b"
+
+
+def test_one_pools_failure_does_not_stop_the_others(env, mocker):
+    setup(mocker, [pool_lv(vg="a"), pool_lv(vg="b")], [vg(name="a"), vg(name="b")])
+    env.side_effect = [CommandError(["lvm"], 5, "boom"), ""]
+    dm = FakeDM(**{"a-pool-tpool": (status(3000), ARMED),
+                   "b-pool-tpool": (status(3000), ARMED)})
+    a, b = one_pass(dm)
+    assert "boom" in a.alert and b.alert is None and b.growths == 1
+    assert [c[4] for c in commands(env)] == ["a/pool", "b/pool"]
+
+
+# --- CoW volumes and sharing the room ----------------------------------------------------------
+
+def cow_lvs(percent, *, size=8 * MiB, tags=frozenset()):
+    return [lv("base", "ori-a-s---", size=GiB),
+            lv("cow", "swi-a-s---", size=size, origin="base", data_percent=percent, tags=tags,
+               chunk=4 * KiB)]
+
+
+def test_cow_over_threshold_grows_its_store(env, mocker):
+    setup(mocker, cow_lvs(75.0), [vg()])
+    [report] = one_pass(FakeDM())
+    assert commands(env) == [["lvextend", "-q", "-L", f"+{64 * MiB}b", "vg/cow"]]
+    assert report.kind == "cow" and report.growths == 1
+
+
+def test_cow_below_threshold_runs_nothing(env, mocker):
+    setup(mocker, cow_lvs(50.0), [vg()])
+    one_pass(FakeDM())
+    assert commands(env) == []
+
+
+def test_invalid_cow_is_an_alert(env, mocker):
+    lvs = cow_lvs(None)
+    lvs[1] = lv("cow", "swi-I-s---", size=8 * MiB, origin="base", chunk=4 * KiB)
+    setup(mocker, lvs, [vg()])
+    [report] = one_pass(FakeDM())
+    assert "invalid" in report.alert and commands(env) == []
+
+
+def test_devices_in_one_vg_share_its_room(env, mocker):
+    setup(mocker, [pool_lv(), *cow_lvs(75.0)], [vg(free=96 * MiB)])
+    pool, cow = one_pass(FakeDM(**{"vg-pool-tpool": (status(3000), ARMED)}))
+    assert [c[3] for c in commands(env)] == [f"+{64 * MiB}b", f"+{32 * MiB}b"]
+    assert pool.alert is None and cow.alert is None
+
+
+# --- metrics -----------------------------------------------------------------------------------
+
+def test_metrics_in_prometheus_text_format():
+    text = monitor.metrics_text([
+        monitor.Report("pool", "vg", "pool", data_percent=71.5, metadata_percent=10.0,
+                       mode="rw", error_if_no_space=False, growths=3),
+        monitor.Report("cow", "vg", "c", data_percent=40.0, alert="full")])
+    lines = text.splitlines()
+    assert 'thinstack_pool_data_percent{vg="vg",pool="pool"} 71.50' in lines
+    assert 'thinstack_pool_metadata_percent{vg="vg",pool="pool"} 10.00' in lines
+    assert 'thinstack_pool_mode{vg="vg",pool="pool",mode="rw"} 1' in lines
+    assert 'thinstack_growths_total{vg="vg",pool="pool"} 3' in lines
+    assert 'thinstack_cow_percent{vg="vg",cow="c"} 40.00' in lines
+    assert 'thinstack_alert{vg="vg",cow="c"} 1' in lines
+    assert "# TYPE thinstack_growths_total counter" in lines
+    names = {line.split("{")[0] for line in lines if not line.startswith("#")}
+    assert all(f"# TYPE {name} " in text and f"# HELP {name} " in text for name in names)
+
+
+# --- the loop ----------------------------------------------------------------------------------
+
+def test_watcher_waits_from_each_new_event_and_ends_with_its_device():
+    class DM:
+        answers = [3, None, 4]  # an event, a timeout, an event; then the device is gone
+        asked = []
+
+        def info(self, name):
+            return DeviceInfo(name, 254, 2, 1, 2, True, False, False, False, None)
+
+        def wait(self, name, event_nr, timeout):
+            self.asked.append(event_nr)
+            if not self.answers:
+                raise DmError("removed")
+            return self.answers.pop(0)
+
+    wakes = []
+    wake = mock.Mock(set=lambda: wakes.append(DM.asked[-1]))
+    monitor.Watcher(DM(), "vg-pool-tpool", wake, timeout=0.01).run()
+    assert DM.asked == [2, 3, 3, 4]
+    assert wakes == [2, 3, 4]  # after each event, and once more when the device went away
+
+
+def test_loop_runs_passes_until_sigterm_and_exits_cleanly(env, mocker, tmp_path):
+    setup(mocker, [], [])
+    handlers = {}
+    mocker.patch("thinstack.monitor.signal.signal",
+                 side_effect=lambda sig, handler: handlers.setdefault(sig, handler))
+    passes = []
+
+    def check_all(self):
+        passes.append(1)
+        if len(passes) == 3:
+            handlers[signal.SIGTERM](signal.SIGTERM, None)
+        return []
+
+    mocker.patch.object(monitor.Monitor, "check_all", check_all)
+    assert monitor.run(once=False, interval=0.01) == 0
+    assert len(passes) == 3
+    assert (tmp_path / "run" / "monitor.prom").exists()
+
+
+def test_systemd_unit_runs_the_monitor_and_always_restarts_it():
+    import configparser
+    from pathlib import Path
+
+    unit = configparser.ConfigParser()
+    unit.read(Path(monitor.__file__).with_name("units") / "thinstack-monitor.service")
+    assert unit["Service"]["ExecStart"].split()[:2] == ["thinstack", "monitor"]
+    assert unit["Service"]["Restart"] == "always"
+    assert unit["Unit"]["StartLimitIntervalSec"] == "0"

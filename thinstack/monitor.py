@@ -1,0 +1,322 @@
+"""The monitor: grows thinstack's thin pools and every CoW store before writers fill them, and
+raises an alert (stderr, a metrics file, exit 7 with --once) when a volume group has no room left.
+
+Each pass reads every pool (device-mapper status) and CoW volume (lvs), asks the policy in
+thinstack/growth.py what to do, and runs the lvm commands it decides on. Passes run every
+`interval` seconds and whenever a pool's table raises a device-mapper event: its low-water mark
+(the threshold), out of space, a mode change. A thread per pool blocks in the event wait.
+
+The monitor takes no VG lock: a thinstack operation may hold one for minutes (an import) while a
+pool fills. LVM serialises its own commands, and growth commutes with every operation.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from thinstack import lvm, pools
+from thinstack.dm.client import DeviceMapper
+from thinstack.dm.errors import DmError
+from thinstack.dm.status import Failed
+from thinstack.errors import Alert
+from thinstack.growth import (CowView, PoolView, Reading, Space, lvm_threshold, plan_cow,
+                              plan_pool, settings, spaces, write_rate)
+from thinstack.lvm import LV, CommandError
+from thinstack.sizes import format_size
+from thinstack.state import run_dir
+from thinstack.tags import POOL as TAG_POOL
+
+METRICS = "monitor.prom"
+FIRST_COMMAND_SECONDS = 2.0  # how long a growth command takes, until one has been timed
+TIMED_COMMANDS = 5  # the reaction time counts the slowest of the last few growth commands
+RATE_WINDOW = 10.0  # seconds of readings the write rate is measured over (at least two passes)
+
+
+@dataclass(frozen=True)
+class Report:
+    """One pool or CoW volume after a pass: what the metrics file and the alert show."""
+    kind: str  # pool | cow
+    vg: str
+    name: str
+    data_percent: float | None = None  # a CoW store's use is its data_percent
+    metadata_percent: float | None = None
+    mode: str | None = None
+    error_if_no_space: bool | None = None
+    growths: int = 0
+    alert: str | None = None
+
+
+@dataclass
+class History:
+    data: deque[Reading] = field(default_factory=deque)
+    metadata: deque[Reading] = field(default_factory=deque)
+    growths: int = 0
+
+
+class Monitor:
+    def __init__(self, interval: float):
+        self.interval = interval
+        self.history: dict[str, History] = {}
+        self.alerts: set[str] = set()  # the volumes in alert at the last pass
+        self.command_times = deque([FIRST_COMMAND_SECONDS], maxlen=TIMED_COMMANDS)
+        self.pool_devices: set[str] = set()  # device-mapper names of the pools seen last pass
+
+    @property
+    def reaction(self) -> float:
+        """How long the space added now must last: until the growth after it lands. That is the
+        rest of this lvextend (measured in the lab: the new size is live after about half of
+        it), a pass, and the next lvextend. An event starts the next pass at once, but it can
+        be missed: an LVM command that reloads a pool's table (creating a thin volume does)
+        resets its low-water mark to LVM's default until a pass re-arms it; so count a whole
+        interval for the pass."""
+        return self.interval + 2 * max(self.command_times)
+
+    def check_all(self) -> list[Report]:
+        """One pass over every VG's thinstack pools and CoW volumes."""
+        lvs = lvm.lvs()
+        reports: list[Report] = []
+        self.pool_devices = set()
+        for vg in lvm.vgs():
+            room = vg.free  # what is left for the next device once this one has grown
+            in_vg = {lv.name: lv for lv in lvs if lv.vg == vg.name}
+            for lv in in_vg.values():
+                if lv.is_thin_pool and TAG_POOL in lv.tags and lv.active:
+                    report, used = self._guarded(lv, "pool", self.check_pool, lv, vg.extent_size,
+                                                 room)
+                elif lv.is_cow_snapshot and (lv.active or invalid(lv)):
+                    report, used = self._guarded(lv, "cow", self.check_cow, lv,
+                                                 in_vg[lv.origin], vg.extent_size, room)
+                else:
+                    continue
+                room -= used
+                reports.append(report)
+        self._log_alerts(reports)
+        return reports
+
+    def _guarded(self, lv: LV, kind: str, check, *args) -> tuple[Report, int]:
+        """A failure on one device is that device's alert; the others are still looked after."""
+        try:
+            return check(*args)
+        except (CommandError, DmError) as e:
+            return Report(kind, lv.vg, lv.name, alert=f"cannot check or grow it: {e}"), 0
+
+    def check_pool(self, lv: LV, extent: int, room: int) -> tuple[Report, int]:
+        kernel = pools._kernel_pool(lv)
+        if kernel is None:
+            raise DmError(f"the device of active pool {lv.ref} is missing")
+        self.pool_devices.add(kernel.name)
+        st = kernel.dm.target_status(kernel.name)
+        if isinstance(st, Failed):
+            return Report("pool", lv.vg, lv.name, mode="fail", alert=(
+                "the pool has failed: it needs `thinstack pool check` and repair")), 0
+        data, metadata = spaces(st, lv.chunk_size)
+        view = PoolView(
+            data=data, metadata=metadata, chunk=lv.chunk_size, mode=st.mode.value,
+            error_if_no_space=st.error_if_no_space, needs_check=st.needs_check,
+            low_water_mark=kernel.dm.table(kernel.name).target.low_water_mark,
+            settings=settings(lv.tags))
+        h = self._history(lv, view.data.used, view.metadata.used)
+        plan = plan_pool(view, room=room, extent=extent, data_rate=write_rate(h.data),
+                         metadata_rate=write_rate(h.metadata), reaction=self.reaction)
+        # LVM writes the low-water mark into every pool table it loads, from
+        # activation/thin_pool_autoextend_threshold: 0 (no event at all) at its default of 100.
+        # So each lvm command here that reloads the pool carries our threshold, and the kernel
+        # raises its event there. Through LVM rather than a table reload with dmsetup: LVM's
+        # locks, metadata and view of the device stack stay its own. Not in lvm.conf: a global
+        # threshold would also let dmeventd extend pools behind the policy's back. Commands
+        # that run without it (creating a thin volume, activation) reset the mark, so every
+        # pass compares it with ours and re-arms it (plan.rearm: `lvchange --refresh`).
+        config = ["--config", f"activation{{thin_pool_autoextend_threshold="
+                              f"{lvm_threshold(view.settings.threshold)}}}"]
+        ref = str(lv.ref)
+        if plan.grow_data:
+            self._grow(h, ref, view.data.size, plan.grow_data, "data", "-L", *config)
+        if plan.grow_metadata:
+            self._grow(h, ref, view.metadata.size, plan.grow_metadata, "metadata",
+                       "--poolmetadatasize", *config)
+        if plan.error_if_no_space is not None:
+            lvm.lvm("lvchange", "-q", "--errorwhenfull", "y" if plan.error_if_no_space else "n",
+                    ref, *config)
+            log(f"{ref}: {'errors' if plan.error_if_no_space else 'queues'} writes when full")
+        if plan.rearm:
+            lvm.lvm("lvchange", "-q", "--refresh", ref, *config)
+        mode = plan.error_if_no_space if plan.error_if_no_space is not None \
+            else view.error_if_no_space
+        return Report("pool", lv.vg, lv.name, data_percent=view.data.percent,
+                      metadata_percent=view.metadata.percent, mode=view.mode,
+                      error_if_no_space=mode, growths=h.growths,
+                      alert=plan.alert), plan.grow_data + plan.grow_metadata
+
+    def check_cow(self, lv: LV, origin: LV, extent: int, room: int) -> tuple[Report, int]:
+        store = Space(round(lv.size * (lv.data_percent or 0) / 100), lv.size)
+        view = CowView(store=store, origin_size=origin.size, chunk=lv.chunk_size,
+                       invalid=invalid(lv), settings=settings(lv.tags))
+        h = self._history(lv, store.used, 0)
+        plan = plan_cow(view, room=room, extent=extent, rate=write_rate(h.data),
+                        reaction=self.reaction)
+        if plan.grow:
+            self._grow(h, str(lv.ref), store.size, plan.grow, "CoW store", "-L")
+        return Report("cow", lv.vg, lv.name, data_percent=store.percent, growths=h.growths,
+                      alert=plan.alert), plan.grow
+
+    def _history(self, lv: LV, data_used: int, metadata_used: int) -> History:
+        h = self.history.setdefault(str(lv.ref), History())
+        now = time.monotonic()
+        window = max(RATE_WINDOW, 2 * self.interval)
+        for readings, used in ((h.data, data_used), (h.metadata, metadata_used)):
+            readings.append(Reading(now, used))
+            while readings[0].at < now - window:
+                readings.popleft()
+        return h
+
+    def _grow(self, h: History, ref: str, size: int, add: int, what: str, option: str,
+              *config: str) -> None:
+        start = time.monotonic()
+        lvm.lvm("lvextend", "-q", option, f"+{add}b", ref, *config)
+        self.command_times.append(time.monotonic() - start)
+        h.growths += 1
+        log(f"{ref}: grew {what} by {format_size(add)} to {format_size(size + add)} "
+            f"in {self.command_times[-1]:.1f} s")
+
+    def _log_alerts(self, reports: list[Report]) -> None:
+        """Log each alert when it starts and when it clears, not on every pass."""
+        now = {f"{r.vg}/{r.name}": r.alert for r in reports if r.alert}
+        for ref in now.keys() - self.alerts:
+            log(f"ALERT {ref}: {now[ref]}")
+        for ref in self.alerts - now.keys():
+            log(f"{ref}: alert cleared")
+        self.alerts = set(now)
+
+
+def invalid(cow: LV) -> bool:
+    """An overflowed CoW volume: LVM shows it in the state column, in place of active."""
+    return cow.attr[4] == "I"
+
+
+def log(message: str) -> None:
+    print(f"thinstack monitor: {message}", file=sys.stderr, flush=True)
+
+
+# --- metrics -----------------------------------------------------------------------------------
+
+_METRICS = (
+    ("thinstack_pool_data_percent", "gauge", "Pool data space in use, percent."),
+    ("thinstack_pool_metadata_percent", "gauge", "Pool metadata space in use, percent."),
+    ("thinstack_pool_mode", "gauge", "1 for the pool's current mode (rw, ro, out_of_data_space, "
+                                     "fail)."),
+    ("thinstack_pool_error_if_no_space", "gauge", "1 if the pool fails writes when full, 0 if it "
+                                                  "queues them."),
+    ("thinstack_cow_percent", "gauge", "CoW store in use, percent."),
+    ("thinstack_growths_total", "counter", "Growths by this monitor process."),
+    ("thinstack_alert", "gauge", "1 if the pool or CoW volume needs the operator."),
+)
+
+
+def metrics_text(reports: list[Report]) -> str:
+    """The reports in Prometheus' text exposition format."""
+    samples: dict[str, list[str]] = {name: [] for name, _, _ in _METRICS}
+    for r in reports:
+        labels = f'vg="{r.vg}",{r.kind}="{r.name}"'
+        if r.kind == "pool" and r.data_percent is not None:
+            samples["thinstack_pool_data_percent"].append(f"{{{labels}}} {r.data_percent:.2f}")
+            samples["thinstack_pool_metadata_percent"].append(
+                f"{{{labels}}} {r.metadata_percent:.2f}")
+            samples["thinstack_pool_mode"].append(f'{{{labels},mode="{r.mode}"}} 1')
+            samples["thinstack_pool_error_if_no_space"].append(
+                f"{{{labels}}} {int(bool(r.error_if_no_space))}")
+        elif r.kind == "cow" and r.data_percent is not None:
+            samples["thinstack_cow_percent"].append(f"{{{labels}}} {r.data_percent:.2f}")
+        samples["thinstack_growths_total"].append(f"{{{labels}}} {r.growths}")
+        samples["thinstack_alert"].append(f"{{{labels}}} {int(r.alert is not None)}")
+    lines = []
+    for name, kind, help_ in _METRICS:
+        lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}"]
+        lines += [name + s for s in samples[name]]
+    return "\n".join(lines) + "\n"
+
+
+def write_metrics(reports: list[Report]) -> Path:
+    """Replace the metrics file at once, so a scraper never reads half of it."""
+    folder = run_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / METRICS
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(metrics_text(reports))
+    os.replace(tmp, path)
+    return path
+
+
+# --- the loop ----------------------------------------------------------------------------------
+
+class Watcher(threading.Thread):
+    """Blocks in one pool's device-mapper event wait and wakes the monitor on each event, until
+    stopped or until the device goes away."""
+
+    def __init__(self, dm: DeviceMapper, device: str, wake: threading.Event, timeout: float):
+        super().__init__(name=f"watch {device}", daemon=True)
+        self.dm, self.device, self.wake, self.timeout = dm, device, wake, timeout
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        try:
+            info = self.dm.info(self.device)
+            event_nr = info.event_nr if info else 0
+            while info and not self.stopped.is_set():
+                # Bounded, so that stopping never waits for an event that may not come.
+                new = self.dm.wait(self.device, event_nr, timeout=self.timeout)
+                if new is not None:
+                    event_nr = new
+                    self.wake.set()
+        except (CommandError, DmError):
+            self.wake.set()  # the device went away or changed: look again
+
+
+def run(*, once: bool, interval: float) -> int:
+    monitor = Monitor(interval)
+    if once:
+        reports = monitor.check_all()
+        write_metrics(reports)
+        alerts = [f"{r.vg}/{r.name}" for r in reports if r.alert]
+        if alerts:
+            raise Alert(f"in alert: {', '.join(alerts)} (details above; metrics in "
+                        f"{run_dir() / METRICS})")
+        return 0
+
+    stopping, wake = threading.Event(), threading.Event()
+
+    def stop(signum, frame):
+        stopping.set()
+        wake.set()
+
+    # A stop ends the loop between passes, so no growth is left half done.
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    watchers: dict[str, Watcher] = {}
+    log(f"watching pools and CoW stores (poll every {interval:g} s, and on pool events)")
+    while not stopping.is_set():
+        wake.clear()
+        try:
+            write_metrics(monitor.check_all())
+        except (CommandError, DmError) as e:
+            log(f"pass failed, retrying in {interval:g} s: {e}")
+        # A pool's device changes name when it gets its first thin volume (NAME -> NAME-tpool).
+        for device in watchers.keys() - monitor.pool_devices:
+            watchers.pop(device).stopped.set()
+        for device in monitor.pool_devices:
+            if device not in watchers or not watchers[device].is_alive():
+                watchers[device] = Watcher(DeviceMapper(), device, wake, timeout=interval)
+                watchers[device].start()
+        wake.wait(interval)
+    for w in watchers.values():
+        w.stopped.set()
+    for w in watchers.values():
+        w.join()
+    log("stopped")
+    return 0
