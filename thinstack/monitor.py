@@ -108,7 +108,7 @@ class Monitor:
             return Report(kind, lv.vg, lv.name, alert=f"cannot check or grow it: {e}"), 0
 
     def check_pool(self, lv: LV, extent: int, room: int) -> tuple[Report, int]:
-        kernel = pools._kernel_pool(lv)
+        kernel = pools.kernel_pool(lv)
         if kernel is None:
             raise DmError(f"the device of active pool {lv.ref} is missing")
         self.pool_devices.add(kernel.name)

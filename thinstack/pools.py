@@ -502,7 +502,7 @@ def pool_status(info: lvm.VG, pool: LV, lvs: list[LV],
 
 
 def _kernel_status(pool: LV) -> ThinPoolStatus | Failed | None:
-    device = _kernel_pool(pool)
+    device = kernel_pool(pool)
     return device.dm.target_status(device.name) if device is not None else None
 
 
@@ -526,7 +526,7 @@ def check(vg: str) -> str:
     """thin_check the pool's metadata, read through a metadata snapshot so the live pool is never
     touched: one line when clean; ThinstackError when damaged."""
     pool = _pool_lv(vg)
-    device = _kernel_pool(pool)
+    device = kernel_pool(pool)
     if device is None:
         raise Refused(f"{pool.ref} is not active: activate it (`thinstack pool attach {vg}`) "
                       "to check it")
@@ -549,7 +549,7 @@ def thin_usage(vg: str) -> dict[int, tuple[int, int, int]] | None:
         pool = _pool_lv(vg)
     except NotFound:
         return None
-    device = _kernel_pool(pool)
+    device = kernel_pool(pool)
     if device is None:
         return None
     try:
@@ -579,7 +579,7 @@ def _pool_lv(vg: str) -> LV:
     return pool_of(vg, lvm.lvs(vg))
 
 
-def _kernel_pool(pool: LV) -> Pool | None:
+def kernel_pool(pool: LV) -> Pool | None:
     """The kernel's thin-pool device of an LVM pool, or None when it is not active. LVM stacks
     it as VG-pool-tpool once thin volumes use the pool, and as VG-pool itself before."""
     dm = DeviceMapper()

@@ -109,9 +109,11 @@ def _handler(op: str) -> Callable[[Entry], None] | None:
     return found
 
 
-# Interrupted operations that `--resume` can continue: only an explicit `thinstack recover`
-# rolls them back; the recovery at the start of other commands leaves them be.
-RESUMABLE = {"import"}
+# Operations whose entries the recovery at the start of other commands leaves alone: an
+# interrupted import may still be resumed (`import --resume`), and an export copies outside the
+# VG lock, so its entry may belong to a live process. Only an explicit `thinstack recover`
+# rolls them back (and the export's handler refuses while its export is still running).
+DEFERRED = {"import", "export"}
 
 
 def recover_vg(vg: str, journal: Journal | None = None, *, explicit: bool = False,
@@ -120,7 +122,7 @@ def recover_vg(vg: str, journal: Journal | None = None, *, explicit: bool = Fals
     `lvs`, when the caller has just read them, saves reading them again."""
     journal = journal or Journal()
     pending = journal.pending(vg)
-    deferred = [e for e in pending if e.op in RESUMABLE and not explicit]
+    deferred = [e for e in pending if e.op in DEFERRED and not explicit]
     entries = [e for e in pending if e not in deferred]
     for e in entries:
         if e.op in HANDLERS:

@@ -82,8 +82,10 @@ def pool_of(vg: str, lvs: list[LV]) -> LV:
 
 
 def _visible(lvs: list[LV]) -> list[LV]:
-    return [lv for lv in lvs if not lv.internal and not any(t.startswith(tags.OP_PREFIX)
-                                                            for t in lv.tags)]
+    """What the operator manages: not LVM's internal volumes, not unfinished ones, not the
+    snapshots thinstack keeps as the base of the next incremental export."""
+    return [lv for lv in lvs if not lv.internal and tags.LAST_EXPORT not in lv.tags
+            and not any(t.startswith(tags.OP_PREFIX) for t in lv.tags)]
 
 
 def _get(ref: VolumeRef, lvs: list[LV]) -> LV:
@@ -99,8 +101,9 @@ def _absent(ref: VolumeRef, lvs: list[LV]) -> None:
 
 
 def dependants(lv: LV, lvs: list[LV]) -> list[LV]:
-    """Volumes that read through this one: thin snapshots, external-origin clones, CoW volumes."""
-    return [o for o in lvs if o.origin == lv.name and o is not lv]
+    """Volumes that read through this one: thin snapshots, external-origin clones, CoW volumes.
+    (An export base snapshot is no dependant: it goes with its volume.)"""
+    return [o for o in _visible(lvs) if o.origin == lv.name and o is not lv]
 
 
 def _run(*args: str) -> str:
@@ -135,7 +138,7 @@ def snapshot(origin: VolumeRef, name: str, *, readonly: bool = False) -> LV:
 
 
 def _thin_snapshot(op: Op, source: LV, ref: VolumeRef, readonly: bool) -> None:
-    _refuse_if_metadata_would_run_out(pool_of(ref.vg, op.lvs))
+    refuse_if_metadata_would_run_out(pool_of(ref.vg, op.lvs))
     # LVM gives thin snapshots its activation-skip flag by default, so they would not come up
     # on activation or the next boot: -kn clears it, and the snapshot is active at once.
     _run("lvcreate", "-q", "-y", "-s", str(source.ref), "-n", ref.name, "--setactivationskip",
@@ -237,16 +240,18 @@ def delete(ref: VolumeRef) -> None:
                           "delete them first")
         if _is_open(lv):
             raise Refused(f"{ref} is open (a VM or a mount is using it)")
-        _run("lvremove", "-q", "-y", str(ref))
+        # The base of its next incremental export goes with it, in the same LVM command.
+        bases = [o for o in op.lvs if o.origin == lv.name and tags.LAST_EXPORT in o.tags]
+        _run("lvremove", "-q", "-y", *(str(b.ref) for b in bases), str(ref))
 
 
-def _refuse_if_metadata_would_run_out(pool: LV) -> None:
+def refuse_if_metadata_would_run_out(pool: LV) -> None:
     """A pool whose metadata fills turns read-only for every volume in it; one more snapshot
     is not worth that. Refuse it while there is still time for the operator to act."""
     from thinstack import growth, pools
     from thinstack.dm.status import ThinPoolStatus
 
-    kernel = pools._kernel_pool(pool)
+    kernel = pools.kernel_pool(pool)
     status = kernel.status() if kernel is not None else None
     if not isinstance(status, ThinPoolStatus):
         return  # an inactive or failed pool: LVM itself will refuse

@@ -370,35 +370,35 @@ def one_pool(system, mocker):
 
 
 def test_check_reports_damage_as_an_error(one_pool, mocker):
-    mocker.patch("thinstack.pools._kernel_pool",
+    mocker.patch("thinstack.pools.kernel_pool",
                  return_value=FakeDevice(check=ThinCheckResult(True, "")))
     assert pools.check("vg0") == "vg0/pool: metadata clean"
-    mocker.patch("thinstack.pools._kernel_pool", return_value=FakeDevice(
+    mocker.patch("thinstack.pools.kernel_pool", return_value=FakeDevice(
         check=ThinCheckResult(False, "examining superblock\nbad checksum in superblock")))
     with pytest.raises(ThinstackError, match="damaged .bad checksum in superblock."):
         pools.check("vg0")
-    mocker.patch("thinstack.pools._kernel_pool", return_value=FakeDevice(failed=True))
+    mocker.patch("thinstack.pools.kernel_pool", return_value=FakeDevice(failed=True))
     with pytest.raises(ThinstackError, match="kernel failed the pool.*lvconvert --repair"):
         pools.check("vg0")
 
 
 def test_check_of_an_inactive_or_busy_pool_is_refused(one_pool, mocker):
-    mocker.patch("thinstack.pools._kernel_pool", return_value=None)
+    mocker.patch("thinstack.pools.kernel_pool", return_value=None)
     with pytest.raises(Refused, match="not active"):
         pools.check("vg0")
-    mocker.patch("thinstack.pools._kernel_pool", return_value=FakeDevice(busy=True))
+    mocker.patch("thinstack.pools.kernel_pool", return_value=FakeDevice(busy=True))
     with pytest.raises(Refused, match="another reader"):
         pools.check("vg0")
 
 
 def test_thin_usage_in_bytes_or_none(one_pool, mocker):
-    mocker.patch("thinstack.pools._kernel_pool",
+    mocker.patch("thinstack.pools.kernel_pool",
                  return_value=FakeDevice(ls=[ThinLsEntry(1, 10, 4, 6), ThinLsEntry(2, 6, 0, 6)]))
     assert pools.thin_usage("vg0") == {1: (10 * CHUNK, 4 * CHUNK, 6 * CHUNK),
                                        2: (6 * CHUNK, 0, 6 * CHUNK)}
-    mocker.patch("thinstack.pools._kernel_pool", return_value=FakeDevice(busy=True))
+    mocker.patch("thinstack.pools.kernel_pool", return_value=FakeDevice(busy=True))
     assert pools.thin_usage("vg0") is None
-    mocker.patch("thinstack.pools._kernel_pool", return_value=None)
+    mocker.patch("thinstack.pools.kernel_pool", return_value=None)
     assert pools.thin_usage("vg0") is None
     assert pools.thin_usage("other") is None
 

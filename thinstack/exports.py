@@ -1,0 +1,489 @@
+"""Export a volume to an image file: `thinstack export VG/NAME DEST`.
+
+An export reads a thin snapshot taken at its start, so the image is the volume at one instant
+however the VM writes meanwhile (a read-only volume, such as a gold master, is read as it is).
+It reads only the blocks the thin mapping says are there, and the copy loop turns all-zero
+chunks into holes. The writer builds the image beside DEST and renames it into place at the end.
+
+An export runs in three steps, because the copy may take hours and must not hold the VG lock
+(which every other command of the VG needs) all that time:
+  1. under the VG lock: journal the intent, take the snapshot (op-tagged, so hidden);
+  2. without it, holding only this volume's export lock: copy the extents into the image;
+  3. under the VG lock: remove the snapshot, or with --incremental keep it as the base of the
+     next export (NAME.last-export), and close the journal entry.
+An export killed anywhere leaves DEST as it was (or complete, after the rename); `thinstack
+recover` then removes its snapshot and the writer's temporary file (HANDLERS["export"]), and so
+does the next export of the same volume, whose export lock proves the earlier one dead.
+
+Incremental: `--since SNAP` writes only what changed between SNAP and now (thin_delta), as an
+image whose parent is the image exported at SNAP: a differencing VHD, a qcow2 overlay, or a GOW3
+image whose changed blocks carry a new session number. `--incremental` keeps that bookkeeping
+itself: one read-only snapshot per volume, NAME.last-export, and a record of the image exported
+from it and of the chain of images that one needs (state_dir()/exports/VG/NAME.json, valid only
+while it names that snapshot's LVM uuid). It exports in full when there is no sound base, and
+when the chain has as many images as readers follow; and it never writes over an image the
+chain still needs.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from thinstack import faults, lvm, mapping, tags
+from thinstack.copy import CopyStats, copy_extents, data_bytes
+from thinstack.dm import tools
+from thinstack.errors import NoSpace, NotFound, Refused, ThinstackError
+from thinstack.exporters import ExportError, driver
+from thinstack.extents import Extent, Kind
+from thinstack.importers import Policy
+from thinstack.journal import Entry, Journal
+from thinstack.lock import vg_lock
+from thinstack.lvm import LV, VolumeRef
+from thinstack.progress import Bar
+from thinstack.state import run_dir, state_dir
+from thinstack.tags import OP_PREFIX
+from thinstack.volumes import refuse_if_metadata_would_run_out as check_metadata_room
+from thinstack.volumes import _run as run_lvm
+from thinstack.volumes import volumes_of
+
+# The formats with an incremental form, and what that form is.
+INCREMENTAL = {"vhd": "a differencing VHD", "qcow2": "a qcow2 overlay",
+               "gow3": "a GOW3 image of the next session"}
+# An incremental image of these is a full image: it may replace the very file it builds on.
+SELF_CONTAINED = {"gow3"}
+LAST_EXPORT = ".last-export"  # NAME.last-export: the base of the next --incremental export
+# Readers follow so many parents and no more (thinstack's importers by default, and QEMU's own
+# limits are of that order): --incremental starts a new chain with a full export before that.
+MAX_PARENTS = Policy().max_chain_depth
+
+
+# --- decisions -------------------------------------------------------------------------------
+
+def check_options(format: str, *, compress: bool, round_to_mib: bool, incremental: bool,
+                  since: str | None, parent: Path | None) -> None:
+    """Refuse combinations that cannot mean anything, before anything is touched."""
+    if incremental and since:
+        raise ExportError("--incremental chooses its own base snapshot; drop --since")
+    if parent is not None and not since:
+        raise ExportError("--parent names the image exported at --since SNAPNAME; give both")
+    if (incremental or since) and format not in INCREMENTAL:
+        raise ExportError(f"{format} has no incremental form; use "
+                          + ", ".join(f"{f} ({what})" for f, what in INCREMENTAL.items()))
+    if compress and format != "qcow2":
+        raise ExportError("--compress is for qcow2")
+    if round_to_mib and format not in ("vhd", "vhd-fixed"):
+        raise ExportError("--round-to-mib is for vhd and vhd-fixed")
+
+
+@dataclass(frozen=True)
+class Base:
+    """What an incremental export builds on: the snapshot the parent image was exported from."""
+
+    snapshot: str
+    thin_id: int
+    parent: Path
+
+
+@dataclass(frozen=True)
+class Record:
+    """The image the last --incremental export wrote, and the snapshot it was read from."""
+
+    snapshot: str
+    uuid: str  # the snapshot's LVM uuid: a record of an earlier LV of that name is stale
+    path: str
+    format: str
+    chain: tuple[str, ...]  # the images reading it takes: itself, its parent, ..., a full one
+
+
+def next_record(last: Record | None, base: Base | None, snapshot: str, uuid: str, path: Path,
+                format: str) -> Record:
+    """The record of an --incremental export to `path` from snapshot `snapshot`, over `base`
+    (the last export's snapshot, whose record is `last`) or full."""
+    chain = (str(path),)
+    if base is not None and last is not None and format not in SELF_CONTAINED:
+        chain += last.chain
+    return Record(snapshot, uuid, str(path), format, chain)
+
+
+def check_dest(dest: Path, record: Record | None) -> None:
+    """Refuse to write over an image that the last export's chain still reads: every later
+    image of that chain would silently change. (The last image itself nothing reads yet.)"""
+    if record is not None and str(dest) in record.chain[1:]:
+        raise Refused(f"{dest} is an earlier image of the chain {record.path} needs; writing it "
+                      f"would corrupt that chain: choose a new name")
+
+
+def incremental_base(format: str, dest: Path, record: Record | None, last: LV | None,
+                     parent_exists: bool) -> tuple[Base | None, str]:
+    """The base of an --incremental export, or None for a full export; and why, for the log.
+    dest and the recorded path are compared as given: pass them resolved."""
+    if last is None or record is None:
+        return None, "no earlier incremental export"
+    if record.uuid != last.uuid or record.snapshot != last.name:
+        return None, f"{last.name} is not the snapshot the last export recorded"
+    if record.format != format:
+        return None, f"the last export was {record.format}, not {format}"
+    if not parent_exists:
+        return None, f"the last export {record.path} is gone"
+    if len(record.chain) > MAX_PARENTS:
+        return None, f"the chain has {len(record.chain)} images, the most readers follow"
+    if Path(record.path) == dest and format not in SELF_CONTAINED:
+        return None, f"DEST is the last export, which {INCREMENTAL[format]} needs as its parent"
+    return Base(last.name, last.thin_id, Path(record.path)), f"changes since {last.name}"
+
+
+def since_base(snap: LV, source: LV, parent: Path | None, record: Record | None) -> Base:
+    """The base of a --since SNAP export: SNAP, and the image exported from it (--parent, or the
+    one recorded for it)."""
+    if not snap.is_thin or snap.origin != source.name:
+        raise Refused(f"{snap.ref} is not a thin snapshot of {source.ref}")
+    if parent is None:
+        if record is None or (record.snapshot, record.uuid) != (snap.name, snap.uuid):
+            raise NotFound(f"no image is recorded for {snap.ref}: pass --parent IMAGE, the image "
+                           f"exported from it")
+        parent = Path(record.path)
+    return Base(snap.name, snap.thin_id, parent)
+
+
+def source_kind(source: LV, lvs: list[LV]) -> str:
+    """How a volume's content is found. "thin": its thin mapping says where the data is.
+    "external": a thin volume over an external origin, which reads the origin wherever the
+    volume maps nothing, so all of it is data. "plain": a read-only volume outside the pool,
+    all data too. A writable volume outside the pool cannot be exported: no thin snapshot
+    would keep it from changing while it is read."""
+    origin = next((lv for lv in lvs if lv.name == source.origin), None)
+    if source.is_thin:
+        return "thin" if origin is None or origin.is_thin else "external"
+    if source.readonly:
+        return "plain"
+    raise Refused(f"{source.ref} is neither a thin volume (which a thin snapshot freezes for the "
+                  f"export) nor read-only: nothing would keep it from changing while it is read")
+
+
+def volume_extents(kind: str, size: int, dump: tools.ThinDump | None, thin_id: int | None,
+                   delta: tools.ThinDelta | None) -> list[Extent]:
+    """What to copy: the changes since the base when there is a delta, else the whole volume
+    (a thin one as its mapping has it)."""
+    if delta is not None:
+        return list(mapping.changed_extents(delta, size, unmapped_reads_zero=kind == "thin"))
+    if kind == "thin":
+        return list(mapping.mapped_extents(dump, thin_id, size))
+    return [Extent(0, size, Kind.DATA)]
+
+
+# --- the operation ---------------------------------------------------------------------------
+
+# The chunk a volume outside the pool is read in (a pool's volumes are read in its blocks).
+PLAIN_CHUNK = 64 << 10
+
+
+@dataclass(frozen=True)
+class Summary:
+    path: Path
+    format: str
+    volume: str
+    size: int
+    snapshot: str | None  # kept as the next --incremental export's base; None: removed
+    base: str | None  # the snapshot this image holds the changes since; None: a full image
+    parent: str | None
+    reason: str  # why the export is full or incremental
+    block_size: int
+    bytes_mapped: int  # what the pool maps for the volume (all of it, outside a pool)
+    changed_blocks: int  # blocks the image had to store: changed since the base, or mapped
+    bytes_read: int
+    bytes_written: int  # non-zero data handed to the writer
+    file_bytes: int  # the space DEST takes on its file system
+    seconds: float
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "path": str(self.path)}
+
+
+@dataclass(frozen=True)
+class _Job:
+    entry: Entry
+    source: LV
+    kind: str  # see source_kind
+    read_from: LV  # the snapshot, or the read-only source itself
+    pool: LV | None
+    base: Base | None
+    reason: str
+    keep: bool  # rotate the snapshot into NAME.last-export at the end
+    last: LV | None  # the NAME.last-export it replaces then
+    record: Record | None  # and the record of that one
+
+
+def export_volume(ref: VolumeRef, dest: str | os.PathLike, *, format: str = "raw",
+                  compress: bool = False, round_to_mib: bool = False, incremental: bool = False,
+                  since: str | None = None, parent: Path | None = None,
+                  progress: bool = False) -> Summary:
+    check_options(format, compress=compress, round_to_mib=round_to_mib, incremental=incremental,
+                  since=since, parent=parent)
+    dest = Path(dest).absolute()
+    if not dest.parent.is_dir():
+        raise NotFound(f"{dest.parent}: no such directory")
+    if dest.is_dir():
+        raise ExportError(f"{dest} is a directory; DEST names the image file")
+    if parent is not None and not parent.is_file():
+        raise NotFound(f"{parent}: no such image")
+    if parent is not None and parent.resolve() == dest.resolve() and format not in SELF_CONTAINED:
+        raise ExportError(f"{dest} cannot replace its own parent: {INCREMENTAL[format]} reads it")
+    started = time.monotonic()
+    with export_lock(ref):
+        job = _start(ref, dest, format, incremental, since, parent)
+        try:
+            extents, mapped, unit = _extents(job)
+            stats = _write(job, dest, extents, unit, format=format, compress=compress,
+                           round_to_mib=round_to_mib, progress=progress)
+        except BaseException:
+            _finish(job, dest, format, keep=False)
+            raise
+        _finish(job, dest, format, keep=job.keep)
+    return Summary(
+        path=dest, format=format, volume=str(ref), size=job.read_from.size,
+        snapshot=ref.name + LAST_EXPORT if job.keep else None,
+        base=job.base.snapshot if job.base else None,
+        parent=str(job.base.parent) if job.base else None, reason=job.reason, block_size=unit,
+        bytes_mapped=mapped, changed_blocks=mapping.block_count(extents, unit),
+        bytes_read=stats.bytes_read, bytes_written=stats.bytes_written,
+        file_bytes=dest.stat().st_blocks * 512, seconds=round(time.monotonic() - started, 3))
+
+
+def _start(ref: VolumeRef, dest: Path, format: str, incremental: bool, since: str | None,
+           parent: Path | None) -> _Job:
+    """Step 1, under the VG lock: decide what to read and take the snapshot."""
+    journal = Journal()
+    with vg_lock(ref.vg):
+        for e in _earlier_exports(ref, journal):
+            _undo(e)
+            journal.finish(e)
+        lvs = volumes_of(ref.vg)
+        source = _find(ref.name, lvs, ref)
+        kind = source_kind(source, lvs)
+        if (since or incremental) and kind == "plain":
+            raise Refused(f"{ref} is not a thin volume: only thin volumes export incrementally")
+        record = read_record(ref)
+        check_dest(dest.resolve(), record)
+        last = next((lv for lv in lvs if lv.name == ref.name + LAST_EXPORT), None)
+        base, reason = None, "full export"
+        if since:
+            base, reason = since_base(_find(since, lvs, ref), source, parent, record), \
+                f"changes since {since}"
+        elif incremental:
+            exists = record is not None and Path(record.path).is_file()
+            base, reason = incremental_base(format, dest.resolve(), record, last, exists)
+        if not (incremental or source.readonly or source.active):
+            raise Refused(f"{ref} is not active: activate it to export it")
+        pool = next((lv for lv in lvs if lv.name == source.pool), None)
+        entry = journal.begin("export", ref.vg, name=ref.name, dest=str(dest),
+                              partial=str(_partial(dest)))
+        try:
+            faults.point("export", "after-intent")
+            read_from = source
+            # A read-only volume cannot change under the copy; --incremental keeps a snapshot
+            # even of one, as the next export's base.
+            if incremental or not source.readonly:
+                check_metadata_room(pool)
+                read_from = _snapshot(entry, source)
+                faults.point("export", "after-snapshot")
+        except BaseException:
+            _undo(entry)
+            journal.finish(entry)
+            raise
+        return _Job(entry, source, kind, read_from, pool, base, reason, keep=incremental,
+                    last=last, record=record)
+
+
+def _extents(job: _Job) -> tuple[list[Extent], int, int]:
+    """The extents to copy, the bytes the pool maps for the volume, and the pool's block size
+    (the chunk the copy works in)."""
+    size = job.read_from.size
+    if job.kind == "plain":
+        return volume_extents(job.kind, size, None, None, None), size, PLAIN_CHUNK
+    thin_id = job.read_from.thin_id
+    dump, delta = mapping.read(job.pool, thin_id, job.base.thin_id if job.base else None)
+    unit = mapping.block_size(dump)
+    mapped = dump.devices[thin_id].mapped_blocks * unit
+    return volume_extents(job.kind, size, dump, thin_id, delta), mapped, unit
+
+
+def _write(job: _Job, dest: Path, extents: list[Extent], unit: int, *, format: str,
+           compress: bool, round_to_mib: bool, progress: bool) -> CopyStats:
+    """Step 2, without the VG lock: the extents into a new image at DEST."""
+    size = job.read_from.size
+    total = data_bytes(extents, size=size, chunk=unit)
+    bar = Bar(f"export {job.source.ref}", total) if progress else None
+
+    def report(stats: CopyStats) -> None:
+        if stats.bytes_read * 2 >= total:
+            faults.point("export", "mid-copy")
+        if bar is not None:
+            bar.update(stats.bytes_read)
+
+    try:
+        writer = driver(format).create(dest, size, format=format, compress=compress,
+                                       round_to_mib=round_to_mib,
+                                       parent=job.base.parent if job.base else None)
+        try:
+            fd = os.open(job.read_from.path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                stats = copy_extents(extents, lambda offset, length: os.pread(fd, length, offset),
+                                     writer, size=size, chunk=unit, progress=report)
+            finally:
+                os.close(fd)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+    except OSError as e:
+        # The backup file system full, or not writable: a nightly job's likeliest failures.
+        error = NoSpace if e.errno in (errno.ENOSPC, errno.EDQUOT) else ThinstackError
+        raise error(f"{e.filename or dest}: {e.strerror}") from None
+    if bar is not None:
+        bar.finish(stats.bytes_read)
+    faults.point("export", "after-write")
+    return stats
+
+
+def _finish(job: _Job, dest: Path, format: str, *, keep: bool) -> None:
+    """Step 3, under the VG lock: drop the snapshot, or keep it as the next export's base."""
+    with vg_lock(job.source.vg):
+        if job.read_from is not job.source and keep:
+            _rotate(job, dest, format)
+        elif job.read_from is not job.source:
+            run_lvm("lvremove", "-q", "-y", "-f", str(job.read_from.ref))
+        Journal().finish(job.entry)
+
+
+def _rotate(job: _Job, dest: Path, format: str) -> None:
+    """The snapshot becomes NAME.last-export, recorded with DEST. Until the operation's tag
+    comes off at the end, recovery removes it: a kill in between leaves no base, and the next
+    export is a full one."""
+    snapshot = job.read_from
+    last = VolumeRef(snapshot.vg, job.source.name + LAST_EXPORT)
+    if job.last is not None:
+        run_lvm("lvremove", "-q", "-y", "-f", str(job.last.ref))
+    # A base is only ever read from the pool's metadata: it needs no device. (Renaming an
+    # inactive LV is also much quicker: no device to suspend.)
+    run_lvm("lvchange", "-q", "-an", str(snapshot.ref))
+    run_lvm("lvrename", "-q", snapshot.vg, snapshot.name, last.name)
+    write_record(job.source.ref, next_record(job.record, job.base, last.name, snapshot.uuid,
+                                             dest.resolve(), format))
+    run_lvm("lvchange", "-q", "--deltag", job.entry.tag, "--addtag", tags.LAST_EXPORT, str(last))
+
+
+def _find(name: str, lvs: list[LV], ref: VolumeRef) -> LV:
+    for lv in lvs:
+        if lv.name == name and not lv.internal and not lv.is_thin_pool \
+                and not any(t.startswith(OP_PREFIX) for t in lv.tags):
+            return lv
+    raise NotFound(f"{ref.vg}/{name}: no such volume")
+
+
+def _snapshot(entry: Entry, source: LV) -> LV:
+    """A read-only thin snapshot carrying the operation's tag: hidden, and removed by any
+    recovery until the export commits it (or removes it)."""
+    ref = VolumeRef(source.vg, f"{source.name}.export-{entry.id}")
+    # -K: active now, though LVM's activation-skip flag (kept) leaves it down after a reboot.
+    run_lvm("lvcreate", "-q", "-y", "-s", str(source.ref), "-n", ref.name, "-p", "r",
+            "--addtag", entry.tag, "-K")
+    return lvm.lv(ref)
+
+
+def _partial(dest: Path) -> Path:
+    """The temporary file the writer builds DEST in (exporters.atomic.AtomicFile's name)."""
+    return dest.with_name(f".{dest.name}.partial-{os.getpid()}")
+
+
+# --- the record of the last incremental export -----------------------------------------------
+
+def _record_path(ref: VolumeRef) -> Path:
+    return state_dir() / "exports" / ref.vg / f"{ref.name}.json"
+
+
+def read_record(ref: VolumeRef) -> Record | None:
+    try:
+        data = json.loads(_record_path(ref).read_text())
+        return Record(**{**data, "chain": tuple(data["chain"])})
+    except (OSError, ValueError, TypeError, KeyError):
+        return None  # none yet, or unreadable: either way the next export is full
+
+
+def write_record(ref: VolumeRef, record: Record) -> None:
+    path = _record_path(ref)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(record)))
+    with open(tmp) as f:
+        os.fsync(f.fileno())
+    os.rename(tmp, path)
+
+
+# --- one export per volume at a time, and recovery -------------------------------------------
+
+def lock_path(ref: VolumeRef) -> Path:
+    return run_dir() / "locks" / "export" / ref.vg / f"{ref.name}.lock"
+
+
+@contextmanager
+def export_lock(ref: VolumeRef):
+    """Held for the whole export (flock: the kernel drops it when the holder dies)."""
+    path = lock_path(ref)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            raise Refused(f"{ref} is being exported by another thinstack process (pid {holder})"
+                          "; try again when it has finished") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _running(ref: VolumeRef) -> bool:
+    try:
+        fd = os.open(lock_path(ref), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def _earlier_exports(ref: VolumeRef, journal: Journal) -> list[Entry]:
+    """Entries of exports of this volume left behind: dead, since we hold its export lock."""
+    return [e for e in journal.pending(ref.vg)
+            if e.op == "export" and e.args.get("name") == ref.name]
+
+
+def _undo(entry: Entry) -> None:
+    """Roll an export back: its snapshot (whatever it was renamed to), its temporary file."""
+    for lv in volumes_of(entry.vg):
+        if entry.tag in lv.tags:
+            lvm.lvm("lvremove", "-q", "-y", "-f", str(lv.ref))
+    Path(entry.args["partial"]).unlink(missing_ok=True)
+
+
+def recover(entry: Entry) -> None:
+    """recovery.HANDLERS["export"]. An export runs outside the VG lock, so its entry may belong
+    to one still running: that one is left alone, and the recovery refused until it ends."""
+    ref = VolumeRef(entry.vg, entry.args["name"])
+    if _running(ref):
+        raise Refused(f"an export of {ref} is running; recover when it has finished")
+    _undo(entry)
