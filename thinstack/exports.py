@@ -50,7 +50,7 @@ from thinstack.progress import Bar
 from thinstack.state import run_dir, state_dir
 from thinstack.tags import OP_PREFIX
 from thinstack.volumes import refuse_if_metadata_would_run_out as check_metadata_room
-from thinstack.volumes import _run as run_lvm
+from thinstack.volumes import run_lvm
 from thinstack.volumes import volumes_of
 
 # The formats with an incremental form, and what that form is.

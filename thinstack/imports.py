@@ -206,24 +206,24 @@ def _run(op: volumes.Op, ref: VolumeRef, image: Image, extents: list[Extent],
     _check_space(ref.vg, pool, data_bytes(extents, size=image.virtual_size,
                                           chunk=pool.chunk_size, start=start))
     if made is None:
-        volumes._run("lvcreate", "-q", "-y", "--type", "thin", "--thinpool", pool.name,
+        volumes.run_lvm("lvcreate", "-q", "-y", "--type", "thin", "--thinpool", pool.name,
                      "-V", f"{op.entry.args['size']}b", "-n", temp.name, "--addtag", op.entry.tag,
                      "--setactivationskip", "n", ref.vg)
         op.step(f"created:{temp.name}")
         faults.point("import", "after-lvcreate")
     if made is None or made.name == temp.name:
         if made is not None and not made.active:  # interrupted while being renamed
-            volumes._run("lvchange", "-q", "-ay", str(temp))
+            volumes.run_lvm("lvchange", "-q", "-ay", str(temp))
         stats = _copy(op, temp, image, extents, start, pool.chunk_size, progress)
         faults.point("import", "after-copy")
         # Renaming an inactive volume changes LVM's metadata only, which takes half the time of
         # renaming a live device (and leaves udev nothing to race with).
-        volumes._run("lvchange", "-q", "-an", str(temp))
-        volumes._run("lvrename", "-q", ref.vg, temp.name, ref.name)
+        volumes.run_lvm("lvchange", "-q", "-an", str(temp))
+        volumes.run_lvm("lvrename", "-q", ref.vg, temp.name, ref.name)
         faults.point("import", "after-rename")
     else:  # renamed before the interruption: only the commit is left
         stats = CopyStats(position=image.virtual_size)
-    volumes._run("lvchange", "-q", "-ay", str(ref))
+    volumes.run_lvm("lvchange", "-q", "-ay", str(ref))
     volumes.commit(op, ref)
     return stats, pool.chunk_size
 

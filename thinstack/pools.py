@@ -52,7 +52,7 @@ from thinstack.lock import vg_lock
 from thinstack.lvm import LV
 from thinstack.sizes import format_size
 from thinstack.state import state_dir
-from thinstack.volumes import lvm_error, pool_of
+from thinstack.volumes import pool_of, run_lvm
 
 POOL_LV = "pool"
 DEFAULT_CHUNK = 64 << 10
@@ -228,7 +228,7 @@ def _create(journal: Journal, entry: Entry, devices: list[str], file: Path | Non
         journal.step(entry, step)
     prepared.create()
     if file is not None:
-        _lvm("vgchange", "-q", "--addtag", tags.kv(tags.BACKING_FILE, file), vg)
+        run_lvm("vgchange", "-q", "--addtag", tags.kv(tags.BACKING_FILE, file), vg)
         journal.step(entry, f"registry:{vg}")
         _register(vg, file)
     faults.point("pool-create", "after-vg")
@@ -239,7 +239,7 @@ def _create(journal: Journal, entry: Entry, devices: list[str], file: Path | Non
     journal.step(entry, f"pool:{vg}/{POOL_LV}")
     # -Zy: a chunk is zeroed when first provisioned, so a partial write never exposes what the
     # disk held before (old data of deleted volumes, or of whoever owned the disk).
-    _lvm("lvcreate", "-q", "-y", "--type", "thin-pool", "-L", f"{sizes.data}b",
+    run_lvm("lvcreate", "-q", "-y", "--type", "thin-pool", "-L", f"{sizes.data}b",
          "--chunksize", f"{chunk}b", "--poolmetadatasize", f"{sizes.metadata}b", "-Zy",
          *[a for t in pool_tag_list for a in ("--addtag", t)], "-n", POOL_LV, vg)
     faults.point("pool-create", "after-pool")
@@ -422,7 +422,7 @@ def attach(vg: str | None = None) -> list[str]:
                     _attach_loop(files[name])
                 if not lvm.vgs(name):
                     raise NotFound(f"volume group {name} not found")
-                _lvm("vgchange", "-q", "-ay", name)
+                run_lvm("vgchange", "-q", "-ay", name)
         except (ThinstackError, CommandError) as e:
             if vg:
                 raise
@@ -518,7 +518,7 @@ def extend(vg: str, size: int) -> PoolStatus:
         if size > free:
             raise NoSpace(f"volume group {vg} has {format_size(free)} free, less than "
                           f"{format_size(size)}: add a device to it first")
-        _lvm("lvextend", "-q", "-L", f"+{size}b", str(pool.ref))
+        run_lvm("lvextend", "-q", "-L", f"+{size}b", str(pool.ref))
     return status(vg)[0]
 
 
@@ -588,10 +588,3 @@ def kernel_pool(pool: LV) -> Pool | None:
         if dm.exists(candidate):
             return Pool(dm, candidate)
     return None
-
-
-def _lvm(*args: str) -> str:
-    try:
-        return lvm.lvm(*args)
-    except CommandError as e:
-        raise lvm_error(e) from None

@@ -106,7 +106,8 @@ def dependants(lv: LV, lvs: list[LV]) -> list[LV]:
     return [o for o in _visible(lvs) if o.origin == lv.name and o is not lv]
 
 
-def _run(*args: str) -> str:
+def run_lvm(*args: str) -> str:
+    """An lvm command whose failure the operator reads as a thinstack error (see lvm_error)."""
     try:
         return lvm.lvm(*args)
     except CommandError as e:
@@ -119,7 +120,7 @@ def create(ref: VolumeRef, size: int) -> LV:
     with operation("create", ref.vg, name=ref.name, size=size) as op:
         _absent(ref, op.lvs)
         pool = pool_of(ref.vg, op.lvs)
-        _run("lvcreate", "-q", "-y", "--type", "thin", "--thinpool", pool.name, "-V", f"{size}b",
+        run_lvm("lvcreate", "-q", "-y", "--type", "thin", "--thinpool", pool.name, "-V", f"{size}b",
              "-n", ref.name, "--setactivationskip", "n", ref.vg)
         faults.point("create", "after-lvcreate")
     return lvm.lv(ref)
@@ -141,7 +142,7 @@ def _thin_snapshot(op: Op, source: LV, ref: VolumeRef, readonly: bool) -> None:
     refuse_if_metadata_would_run_out(pool_of(ref.vg, op.lvs))
     # LVM gives thin snapshots its activation-skip flag by default, so they would not come up
     # on activation or the next boot: -kn clears it, and the snapshot is active at once.
-    _run("lvcreate", "-q", "-y", "-s", str(source.ref), "-n", ref.name, "--setactivationskip",
+    run_lvm("lvcreate", "-q", "-y", "-s", str(source.ref), "-n", ref.name, "--setactivationskip",
          "n", "-p", "r" if readonly else "rw")
 
 
@@ -154,7 +155,7 @@ def gold(ref: VolumeRef) -> LV:
             raise Refused(f"{ref} is open (a VM or a mount is using it); close it first")
         _make_readonly(op, lv)
         faults.point("gold", "after-readonly")
-        _run("lvchange", "-q", "--addtag", tags.GOLD, str(ref))  # the commit point
+        run_lvm("lvchange", "-q", "--addtag", tags.GOLD, str(ref))  # the commit point
         op.step("committed")
     return lvm.lv(ref)
 
@@ -188,14 +189,14 @@ def _external_clone(op: Op, source: LV, ref: VolumeRef) -> None:
     if source.active:
         # LVM layers an external origin itself and refuses one that is already active.
         op.step(f"inactive:{source.name}")
-        _run("lvchange", "-q", "-an", str(source.ref))
+        run_lvm("lvchange", "-q", "-an", str(source.ref))
     faults.point("clone", "after-origin-readonly")
     pool = pool_of(ref.vg, op.lvs)
-    _run("lvcreate", "-q", "-y", "-s", "--thinpool", pool.name, str(source.ref), "-n", ref.name,
+    run_lvm("lvcreate", "-q", "-y", "-s", "--thinpool", pool.name, str(source.ref), "-n", ref.name,
          "--addtag", op.entry.tag, "--setactivationskip", "n")
     faults.point("clone", "after-snapshot")
     if source.active:  # readable again, now through LVM's read-only layer
-        _run("lvchange", "-q", "-ay", str(source.ref))
+        run_lvm("lvchange", "-q", "-ay", str(source.ref))
     commit(op, ref)
 
 
@@ -210,7 +211,7 @@ def cow(origin: VolumeRef, ref: VolumeRef, store: int) -> LV:
         if not source.readonly:
             raise Refused(f"{origin} is writable; a CoW volume needs a read-only origin "
                           f"(e.g. `thinstack gold {origin}`)")
-        _run("lvcreate", "-q", "-y", "-s", "-L", f"{store}b", "-n", ref.name, "-p", "rw",
+        run_lvm("lvcreate", "-q", "-y", "-s", "-L", f"{store}b", "-n", ref.name, "-p", "rw",
              str(origin))
         faults.point("cow", "after-lvcreate")
     return lvm.lv(ref)
@@ -225,7 +226,7 @@ def resize(ref: VolumeRef, size: int, *, shrink_ok: bool = False) -> LV:
             raise Refused(f"{ref} would shrink from {lv.size} to {size} bytes, discarding its "
                           "tail: pass --yes to do that")
         if size != lv.size:
-            _run("lvresize", "-q", "-f", "-L", f"{size}b", str(ref))
+            run_lvm("lvresize", "-q", "-f", "-L", f"{size}b", str(ref))
     return lvm.lv(ref)
 
 
@@ -242,7 +243,7 @@ def delete(ref: VolumeRef) -> None:
             raise Refused(f"{ref} is open (a VM or a mount is using it)")
         # The base of its next incremental export goes with it, in the same LVM command.
         bases = [o for o in op.lvs if o.origin == lv.name and tags.LAST_EXPORT in o.tags]
-        _run("lvremove", "-q", "-y", *(str(b.ref) for b in bases), str(ref))
+        run_lvm("lvremove", "-q", "-y", *(str(b.ref) for b in bases), str(ref))
 
 
 def refuse_if_metadata_would_run_out(pool: LV) -> None:
@@ -266,7 +267,7 @@ def _make_readonly(op: Op, lv: LV) -> None:
     """Journalled before it is done, so a rollback knows to make the volume writable again."""
     if not lv.readonly:
         op.step(f"readonly:{lv.name}")
-        _run("lvchange", "-q", "-pr", str(lv.ref))
+        run_lvm("lvchange", "-q", "-pr", str(lv.ref))
 
 
 def _is_open(lv: LV) -> bool:

@@ -252,7 +252,7 @@ def test_failed_creation_rolls_back_in_reverse_and_clears_the_journal(system, mo
     def lvm_cmd(*argv):
         if argv[0] == "lvcreate":
             raise ThinstackError("lvcreate failed")
-    mocker.patch("thinstack.pools._lvm", side_effect=lvm_cmd)
+    mocker.patch("thinstack.pools.run_lvm", side_effect=lvm_cmd)
     with pytest.raises(ThinstackError, match="lvcreate failed"):
         pools.create("vg0", devices=["/dev/sdb", "/dev/sdc"], raid1=True)
     assert system["undone"] == [("pool", "vg0/pool"), ("vg", "vg0"), ("pv", "/dev/md/ts-vg0"),
@@ -263,7 +263,7 @@ def test_failed_creation_rolls_back_in_reverse_and_clears_the_journal(system, mo
 
 def test_pool_is_created_with_zeroing_chunk_and_tags(system, mocker):
     calls = []
-    mocker.patch("thinstack.pools._lvm", side_effect=lambda *a: calls.append(a))
+    mocker.patch("thinstack.pools.run_lvm", side_effect=lambda *a: calls.append(a))
     mocker.patch("thinstack.pools.status", return_value=["status"])
     assert pools.create("vg0", devices=["/dev/sdb"], chunk=128 * KiB, grow_threshold=60,
                         grow_step=GiB) == "status"
@@ -317,7 +317,7 @@ def test_attach_brings_up_every_registered_vg_and_reports_the_missing(system, tm
     system["vgs"].append(vg("vga"))
     loops = mocker.patch("thinstack.pools._attach_loop")
     activated = []
-    mocker.patch("thinstack.pools._lvm", side_effect=lambda *a: activated.append(a))
+    mocker.patch("thinstack.pools.run_lvm", side_effect=lambda *a: activated.append(a))
     with pytest.raises(ThinstackError, match="vgb: backing file .*gone.img is missing"):
         pools.attach()
     loops.assert_called_once_with(present)
@@ -325,7 +325,7 @@ def test_attach_brings_up_every_registered_vg_and_reports_the_missing(system, tm
 
 
 def test_attach_of_one_unknown_vg_is_not_found(system, mocker):
-    mocker.patch("thinstack.pools._lvm")
+    mocker.patch("thinstack.pools.run_lvm")
     with pytest.raises(NotFound):
         pools.attach("nope")
 
@@ -333,7 +333,7 @@ def test_attach_of_one_unknown_vg_is_not_found(system, mocker):
 def test_extend_beyond_the_vg_is_no_space_without_running_lvm(system, mocker):
     system["vgs"].append(vg(free=8 * MiB))
     mocker.patch("thinstack.lvm.lvs", return_value=[lv()])
-    run = mocker.patch("thinstack.pools._lvm")
+    run = mocker.patch("thinstack.pools.run_lvm")
     with pytest.raises(NoSpace, match="8MiB free"):
         pools.extend("vg0", 12 * MiB)
     run.assert_not_called()
