@@ -293,14 +293,14 @@ def report(runs: list[dict], context: dict) -> str:
 
 
 def main() -> int:
-    os.environ.setdefault("THINSTACK_STATE_DIR", tempfile.mkdtemp(prefix="bench-state-"))
-    os.environ.setdefault("THINSTACK_RUN_DIR", tempfile.mkdtemp(prefix="bench-run-"))
-    sh("pvcreate", "-q", DISK)
-    sh("vgcreate", "-q", VG, DISK)
-    sh("lvcreate", "-q", "--type", "thin-pool", "-L", POOL_SIZE, "-Zy", "--chunksize",
-       f"{CHUNK // KiB}k", "-n", "pool", "--addtag", "ts_pool", VG)
     with tempfile.TemporaryDirectory(prefix="import-bench-", dir="/tmp") as tmp:
         work = Path(tmp)
+        os.environ["THINSTACK_STATE_DIR"] = str(work / "state")
+        os.environ["THINSTACK_RUN_DIR"] = str(work / "run")
+        sh("pvcreate", "-q", DISK)
+        sh("vgcreate", "-q", VG, DISK)
+        sh("lvcreate", "-q", "--type", "thin-pool", "-L", POOL_SIZE, "-Zy", "--chunksize",
+           f"{CHUNK // KiB}k", "-n", "pool", "--addtag", "ts_pool", VG)
         raw, data = work / "disk.raw", work / "data.bin"
         runs = make_raw(raw)
         data_file(data, raw, runs)
