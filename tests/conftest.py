@@ -34,7 +34,6 @@ def corpus(tmp_path):
 # with the lab's error: lab tests are never skipped silently.
 
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -125,5 +124,8 @@ def pytest_runtest_protocol(item, nextitem):
         report = TestReport(item.nodeid, item.location, keywords, out, rep, when,
                             duration=dur, start=now - dur, stop=now)
         item.ihook.pytest_runtest_logreport(report=report)
+    # What runtestprotocol's teardown does: finish module and package fixtures that the next
+    # item does not share, so a host test after lab tests starts from a clean setup state.
+    item.session._setupstate.teardown_exact(nextitem)
     item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
     return True

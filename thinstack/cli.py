@@ -358,7 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
-        print("thinstack: interrupted; the operation was rolled back", file=sys.stderr)
+        what = ("the import is kept: continue it with --resume, or remove it with "
+                "`thinstack recover`") if args.command == "import" else "the operation was rolled back"
+        print(f"thinstack: interrupted; {what}", file=sys.stderr)
         return 130
     except Exception as e:
         status = _exit_status(e)

@@ -122,7 +122,7 @@ def recover_vg(vg: str, journal: Journal | None = None, *, explicit: bool = Fals
     `lvs`, when the caller has just read them, saves reading them again."""
     journal = journal or Journal()
     pending = journal.pending(vg)
-    deferred = [e for e in pending if e.op in DEFERRED and not explicit]
+    deferred = [e for e in pending if e.op in DEFERRED and not e.done("committed") and not explicit]
     entries = [e for e in pending if e not in deferred]
     for e in entries:
         if e.op in HANDLERS:

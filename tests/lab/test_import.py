@@ -18,21 +18,10 @@ import pytest
 
 from thinstack import exporters, faults, imports
 from thinstack.lvm import VolumeRef
+from tests.labtools import sh, ts
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 CHUNK = 64 * KiB
-
-
-def sh(*argv: str) -> str:
-    return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
-
-
-def ts(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "thinstack.cli", *args], capture_output=True,
-                          text=True, env={**os.environ, **(env or {})}, timeout=300)
-    if check and done.returncode != 0:
-        raise AssertionError(f"thinstack {' '.join(args)} exited {done.returncode}: {done.stderr}")
-    return done
 
 
 def make_vg(disk: str, pool: str, vg: str = "vg0") -> None:

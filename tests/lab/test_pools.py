@@ -7,27 +7,15 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.patterns import BLOCK, blocks_match, write_blocks
 from thinstack import faults, lvm, pools
+from tests.labtools import sh, ts
 
 MiB = 1 << 20
-
-
-def sh(*argv: str) -> str:
-    return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
-
-
-def ts(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "thinstack.cli", *args], capture_output=True,
-                          text=True, env={**os.environ, **(env or {})}, timeout=180)
-    if check and done.returncode != 0:
-        raise AssertionError(f"thinstack {' '.join(args)} exited {done.returncode}: {done.stderr}")
-    return done
 
 
 def status(vg: str) -> dict:

@@ -6,27 +6,14 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.patterns import BLOCK, blocks_match, digest, is_zero, write_blocks
+from tests.patterns import BLOCK, blocks_match, digest, write_blocks
 from thinstack import faults
+from tests.labtools import sh, ts
 
 MiB = 1 << 20
-
-
-def sh(*argv: str) -> str:
-    return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
-
-
-def ts(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "thinstack.cli", *args], capture_output=True,
-                          text=True, env={**os.environ, **(env or {})}, timeout=120)
-    if check and done.returncode != 0:
-        raise AssertionError(f"thinstack {' '.join(args)} exited {done.returncode}: {done.stderr}")
-    return done
 
 
 @pytest.fixture
