@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from thinstack.dm import command
+
 
 INIT = Path(__file__).with_name("lab_init.sh")
 PACKAGES = ("user-mode-linux", "libc6")
@@ -150,16 +152,11 @@ def setup(cache: Path | None = None, *, log=print) -> Kernel:
 
 
 def run(argv: list[str], timeout: float) -> str:
-    """Setup's own runner: it must work before anything else of thinstack is usable."""
+    """The project's one command runner, its failures reported as the lab's own."""
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise LabError(f"lab setup: {argv[0]}: {e}", EXIT_NO_KERNEL) from None
-    if done.returncode != 0:
-        err = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise LabError(f"lab setup: {' '.join(argv[:3])}: exit {done.returncode}: {err}",
-                       EXIT_NO_KERNEL)
-    return done.stdout
+        return command.run(argv, timeout=timeout)
+    except command.CommandError as e:
+        raise LabError(f"lab setup: {e}", EXIT_NO_KERNEL) from None
 
 
 def _mkdir(path: Path) -> Path:
