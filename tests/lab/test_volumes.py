@@ -17,10 +17,15 @@ MiB = 1 << 20
 
 
 @pytest.fixture
-def vg(lab_disks, tmp_path, monkeypatch):
-    """vg0 on the first disk with a 512 MiB thin pool tagged as thinstack's."""
+def state_dirs(tmp_path, monkeypatch):
+    """The journal and locks of this test only."""
     monkeypatch.setenv("THINSTACK_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.setenv("THINSTACK_RUN_DIR", str(tmp_path / "run"))
+
+
+@pytest.fixture
+def vg(lab_disks, state_dirs):
+    """vg0 on the first disk with a 512 MiB thin pool tagged as thinstack's."""
     sh("pvcreate", "-q", lab_disks[0])
     sh("vgcreate", "-q", "vg0", lab_disks[0])
     sh("lvcreate", "-q", "--type", "thin-pool", "-L", "512M", "-Zy", "-n", "pool",
@@ -259,9 +264,7 @@ def test_twenty_concurrent_commands_stay_consistent(vg):
 
 
 @pytest.mark.lab(disks=1, disk_size="16G")
-def test_snapshot_refused_when_pool_metadata_would_run_out(lab_disks, tmp_path, monkeypatch):
-    monkeypatch.setenv("THINSTACK_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setenv("THINSTACK_RUN_DIR", str(tmp_path / "run"))
+def test_snapshot_refused_when_pool_metadata_would_run_out(lab_disks, state_dirs):
     sh("pvcreate", "-q", lab_disks[0])
     sh("vgcreate", "-q", "vg0", lab_disks[0])
     # 4 MiB of metadata cannot map 16 GiB of 64 KiB chunks, and the VG has no room to grow it.
