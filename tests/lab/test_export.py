@@ -18,8 +18,7 @@ import time
 
 import pytest
 
-from tests.lab.test_volumes import assert_pool_consistent, lvs, vg  # noqa: F401 (fixture)
-from tests.labtools import sh, ts
+from tests.labtools import assert_pool_consistent, lvs, sh, ts
 from tests.patterns import BLOCK, pattern, read_direct, write_blocks
 from thinstack import exports, faults, imports
 from thinstack.errors import Refused

@@ -31,13 +31,6 @@ def make_vg(disk: str, pool: str, vg: str = "vg0") -> None:
        "pool", "--addtag", "ts_pool", vg)
 
 
-@pytest.fixture
-def state(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("THINSTACK_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setenv("THINSTACK_RUN_DIR", str(tmp_path / "run"))
-    return tmp_path / "state"
-
-
 def write_raw(path: Path, size: int, pieces: dict[int, bytes]) -> Path:
     with open(path, "wb") as f:
         f.truncate(size)
@@ -164,7 +157,7 @@ def thinstack_variants(work: Path) -> dict[str, Path]:
 
 @pytest.mark.lab(disks=1, disk_size="2G", timeout=600)
 def test_every_subformat_imports_byte_for_byte_allocating_only_non_zero_chunks(
-        lab_disks, state, tmp_path):
+        lab_disks, state_dirs, tmp_path):
     make_vg(lab_disks[0], "1G")
     raw = write_raw(tmp_path / "source.raw", SIZE, PIECES)
     images = {**qemu_variants(tmp_path, raw), **thinstack_variants(tmp_path)}
@@ -175,7 +168,7 @@ def test_every_subformat_imports_byte_for_byte_allocating_only_non_zero_chunks(
         expected = raw if "gow" in label else qemu_raw(image, tmp_path / "x.raw", fmt)
         assert_imported(image, name, expected, summary)
         assert summary["bytes_written"] <= summary["bytes_read"]
-    assert journal_entries(state) == []
+    assert journal_entries(state_dirs) == []
 
 
 # --- the corpus, hostile images, capacity -------------------------------------------------------
@@ -189,7 +182,7 @@ def one_line_failure(done: subprocess.CompletedProcess, status: int, *words: str
 
 
 @pytest.mark.lab(disks=1, disk_size="1G", timeout=600)
-def test_real_world_images_hostile_inputs_and_capacity(lab_disks, state, tmp_path, corpus):
+def test_real_world_images_hostile_inputs_and_capacity(lab_disks, state_dirs, tmp_path, corpus):
     make_vg(lab_disks[0], "200M")
 
     def imported(image: Path, name: str, *more: str) -> dict:
@@ -222,7 +215,7 @@ def test_real_world_images_hostile_inputs_and_capacity(lab_disks, state, tmp_pat
                         "vg0")))
     sh("lvcreate", "-q", "-L", f"{free}b", "-n", "filler", "vg0")
     one_line_failure(ts("import", str(d2v), "vg0/d2v", check=False), 6, "251.2MiB of data")
-    assert "d2v.importing" not in volume_names() and journal_entries(state) == []
+    assert "d2v.importing" not in volume_names() and journal_entries(state_dirs) == []
     # With room to grow it fits, and allocated-but-zero is not data: no chunk at all.
     sh("lvremove", "-q", "-y", "vg0/filler")
     summary = imported(d2v, "d2v")
@@ -260,7 +253,7 @@ def test_real_world_images_hostile_inputs_and_capacity(lab_disks, state, tmp_pat
     one_line_failure(ts("import", str(qcow), "vg0/bad", "--size", "4M", check=False), 1,
                      "smaller than the image's virtual size")
     one_line_failure(ts("import", str(qcow), "vg0/hyperv", check=False), 4, "already exists")
-    assert volume_names() == before and journal_entries(state) == []
+    assert volume_names() == before and journal_entries(state_dirs) == []
 
     # --size larger than the image: the volume is that large, the bytes are the image's.
     summary = imported(qcow, "sized", "--size", "64M")
@@ -278,7 +271,7 @@ def fault_image(tmp_path: Path) -> Path:
 
 @pytest.mark.lab(disks=1, disk_size="2G", timeout=600)
 def test_an_import_killed_at_any_point_is_hidden_and_resumes_to_the_right_bytes(
-        lab_disks, state, tmp_path):
+        lab_disks, state_dirs, tmp_path):
     make_vg(lab_disks[0], "1G")
     image = fault_image(tmp_path)
     size = image.stat().st_size
@@ -307,12 +300,12 @@ def test_an_import_killed_at_any_point_is_hidden_and_resumes_to_the_right_bytes(
             assert summary["bytes_read"] == 0
         assert_imported(image, name, image, summary)
         sh("lvremove", "-q", "-y", f"vg0/{name}")
-    assert journal_entries(state) == []
+    assert journal_entries(state_dirs) == []
 
 
 @pytest.mark.lab(disks=2, disk_size="2G", timeout=600)
 def test_recover_removes_an_interrupted_import_and_errors_mid_copy_keep_it_or_not(
-        lab_disks, state, tmp_path):
+        lab_disks, state_dirs, tmp_path):
     make_vg(lab_disks[0], "1G")
     image = fault_image(tmp_path)
 
@@ -322,7 +315,7 @@ def test_recover_removes_an_interrupted_import_and_errors_mid_copy_keep_it_or_no
     assert killed.returncode == -signal.SIGKILL
     assert "gone.importing" in volume_names()
     ts("recover", "vg0")
-    assert volume_names() == set() and journal_entries(state) == []
+    assert volume_names() == set() and journal_entries(state_dirs) == []
     one_line_failure(ts("import", "--resume", str(image), "vg0/gone", check=False), 3,
                      "no interrupted import")
 
@@ -345,14 +338,14 @@ def test_recover_removes_an_interrupted_import_and_errors_mid_copy_keep_it_or_no
         f.write(b"\xff" * 64 * KiB)
     one_line_failure(ts("import", str(packed), "vg0/broken", check=False), 8,
                      "packed.qcow2", "compressed cluster")
-    assert volume_names() == set() and journal_entries(state) == []
+    assert volume_names() == set() and journal_entries(state_dirs) == []
 
     # SIGTERM (as Ctrl-C) mid-copy unwinds: the volume stays hidden for --resume.
     proc = subprocess.Popen([sys.executable, "-m", "thinstack.cli", "import", str(image),
                              "vg0/term"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     deadline = time.monotonic() + 60
-    while not any("created:" in step for e in journal_entries(state) for step in e["steps"]):
+    while not any("created:" in step for e in journal_entries(state_dirs) for step in e["steps"]):
         assert time.monotonic() < deadline and proc.poll() is None
         time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
@@ -360,7 +353,7 @@ def test_recover_removes_an_interrupted_import_and_errors_mid_copy_keep_it_or_no
     assert "term.importing" in volume_names() and "term" not in listed()
     summary = json.loads(ts("import", "--resume", str(image), "vg0/term", "--json").stdout)
     assert_imported(image, "term", image, summary)
-    assert journal_entries(state) == []
+    assert journal_entries(state_dirs) == []
 
     # A pool that fails writes when full, and no monitor to grow it: the import stops, kept;
     # once the pool is extended it resumes.
@@ -375,4 +368,4 @@ def test_recover_removes_an_interrupted_import_and_errors_mid_copy_keep_it_or_no
     want, nonzero = content(image, size)
     assert content(Path("/dev/vg1/full"), size)[0] == want
     assert summary["chunks_allocated"] == nonzero
-    assert journal_entries(state) == []
+    assert journal_entries(state_dirs) == []

@@ -24,9 +24,8 @@ MONITOR = [sys.executable, "-m", "thinstack.cli", "monitor"]
 
 
 @pytest.fixture(autouse=True)
-def state(tmp_path, monkeypatch):
-    monkeypatch.setenv("THINSTACK_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setenv("THINSTACK_RUN_DIR", str(tmp_path / "run"))
+def state(tmp_path):
+    """The test's folder (state/ and run/ under it), with the kernel log cleared."""
     subprocess.run(["dmesg", "-C"], check=True)
     return tmp_path
 

@@ -23,12 +23,6 @@ def status(vg: str) -> dict:
     return pool
 
 
-@pytest.fixture(autouse=True)
-def dirs(tmp_path, monkeypatch):
-    monkeypatch.setenv("THINSTACK_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setenv("THINSTACK_RUN_DIR", str(tmp_path / "run"))
-
-
 @pytest.mark.lab(disks=1, disk_size="1G")
 def test_pool_on_a_disk_reports_usage_checks_clean_and_extends(lab_disks):
     ts("pool", "create", "vg0", lab_disks[0], "--size", "256M", "--grow-threshold", "80")

@@ -11,49 +11,9 @@ import pytest
 
 from tests.patterns import BLOCK, blocks_match, digest, write_blocks
 from thinstack import faults
-from tests.labtools import sh, ts
+from tests.labtools import assert_pool_consistent, lvs, sh, ts
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def state_dirs(tmp_path, monkeypatch):
-    """The journal and locks of this test only."""
-    monkeypatch.setenv("THINSTACK_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setenv("THINSTACK_RUN_DIR", str(tmp_path / "run"))
-
-
-@pytest.fixture
-def vg(lab_disks, state_dirs):
-    """vg0 on the first disk with a 512 MiB thin pool tagged as thinstack's."""
-    sh("pvcreate", "-q", lab_disks[0])
-    sh("vgcreate", "-q", "vg0", lab_disks[0])
-    sh("lvcreate", "-q", "--type", "thin-pool", "-L", "512M", "-Zy", "-n", "pool",
-       "--addtag", "ts_pool", "vg0")
-    return "vg0"
-
-
-def lvs(vg: str) -> dict[str, dict]:
-    out = json.loads(sh("lvs", "--reportformat", "json", "-a", "-o",
-                        "lv_name,lv_attr,origin,lv_tags,thin_id,lv_skip_activation", vg))
-    return {r["lv_name"]: r for r in out["report"][0]["lv"]}
-
-
-def assert_pool_consistent(vg: str) -> None:
-    """thin_check is clean, and the pool's thin devices are exactly those LVM knows."""
-    tpool = f"{vg}-pool-tpool"
-    sh("dmsetup", "message", tpool, "0", "reserve_metadata_snap")
-    try:
-        sh("thin_check", "-m", f"/dev/mapper/{vg}-pool_tmeta")
-        devs = {int(line.split()[0]) for line in
-                sh("thin_ls", "-m", "--no-headers", "-o", "DEV",
-                   f"/dev/mapper/{vg}-pool_tmeta").splitlines() if line.strip()}
-    finally:
-        sh("dmsetup", "message", tpool, "0", "release_metadata_snap")
-    known = {int(r["thin_id"]) for r in lvs(vg).values() if r["thin_id"]}
-    assert devs == known, f"pool has thin ids {devs}, LVM knows {known}"
-    leftovers = [n for n, r in lvs(vg).items() if "ts_op_" in r["lv_tags"]]
-    assert not leftovers, f"unfinished volumes left: {leftovers}"
 
 
 OFFSETS = [0, 5 * BLOCK, 100 * BLOCK, 1000 * BLOCK]
@@ -264,7 +224,7 @@ def test_twenty_concurrent_commands_stay_consistent(vg):
 
 
 @pytest.mark.lab(disks=1, disk_size="16G")
-def test_snapshot_refused_when_pool_metadata_would_run_out(lab_disks, state_dirs):
+def test_snapshot_refused_when_pool_metadata_would_run_out(lab_disks):
     sh("pvcreate", "-q", lab_disks[0])
     sh("vgcreate", "-q", "vg0", lab_disks[0])
     # 4 MiB of metadata cannot map 16 GiB of 64 KiB chunks, and the VG has no room to grow it.
