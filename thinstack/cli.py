@@ -34,6 +34,11 @@ def _ref(text: str):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _origin(text: str):
+    """VG/NAME, or a device given by its absolute path."""
+    return text if text.startswith("/") else _ref(text)
+
+
 def _pct(text: str) -> float:
     value = float(text)
     if not 0 < value < 100:
@@ -88,8 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--readonly", action="store_true")
     g = sub.add_parser("gold", help="make a volume a read-only gold master, protected while cloned")
     g.add_argument("ref", type=_ref, metavar="VG/NAME")
-    c = sub.add_parser("clone", help="a writable clone of a gold master or read-only LV, O(1)")
-    c.add_argument("origin", type=_ref, metavar="ORIGIN")
+    c = sub.add_parser("clone", help="a writable clone of a gold master, a read-only LV or a "
+                       "read-only block device (/dev/...), O(1)")
+    c.add_argument("origin", type=_origin, metavar="ORIGIN")
     c.add_argument("ref", type=_ref, metavar="VG/NAME")
     r = sub.add_parser("resize", help="grow online; shrinking needs --yes")
     r.add_argument("ref", type=_ref, metavar="VG/NAME")

@@ -36,9 +36,10 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from thinstack import faults, lvm, mapping, tags
+from thinstack import extorigin, faults, lvm, mapping, tags
 from thinstack.copy import CopyStats, copy_extents, data_bytes
 from thinstack.dm import tools
+from thinstack.dm.client import DeviceMapper
 from thinstack.errors import NoSpace, NotFound, Refused, ThinstackError
 from thinstack.exporters import ExportError, driver
 from thinstack.extents import Extent, Kind
@@ -159,6 +160,8 @@ def source_kind(source: LV, lvs: list[LV]) -> str:
     all data too. A writable volume outside the pool cannot be exported: no thin snapshot
     would keep it from changing while it is read."""
     origin = next((lv for lv in lvs if lv.name == source.origin), None)
+    if source.is_thin and extorigin.is_outside_clone(source):
+        return "external"
     if source.is_thin:
         return "thin" if origin is None or origin.is_thin else "external"
     if source.readonly:
@@ -279,7 +282,9 @@ def _start(ref: VolumeRef, dest: Path, format: str, incremental: bool, since: st
         elif incremental:
             exists = record is not None and Path(record.path).is_file()
             base, reason = incremental_base(format, dest.resolve(), record, last, exists)
-        if not (incremental or source.readonly or source.active):
+        active = extorigin.active(source) if extorigin.is_outside_clone(source) \
+            else source.active
+        if not (incremental or source.readonly or active):
             raise Refused(f"{ref} is not active: activate it to export it")
         pool = next((lv for lv in lvs if lv.name == source.pool), None)
         entry = journal.begin("export", ref.vg, name=ref.name, dest=str(dest),
@@ -291,7 +296,7 @@ def _start(ref: VolumeRef, dest: Path, format: str, incremental: bool, since: st
             # even of one, as the next export's base.
             if incremental or not source.readonly:
                 check_metadata_room(pool)
-                read_from = _snapshot(entry, source)
+                read_from = _snapshot(entry, source, active=active, pool=pool)
                 faults.point("export", "after-snapshot")
         except BaseException:
             _undo(entry)
@@ -358,6 +363,7 @@ def _finish(job: _Job, dest: Path, format: str, *, keep: bool) -> None:
         if job.read_from is not job.source and keep:
             _rotate(job, dest, format)
         elif job.read_from is not job.source:
+            extorigin.release(job.read_from)
             run_lvm("lvremove", "-q", "-y", "-f", str(job.read_from.ref))
         Journal().finish(job.entry)
 
@@ -372,7 +378,10 @@ def _rotate(job: _Job, dest: Path, format: str) -> None:
         run_lvm("lvremove", "-q", "-y", "-f", str(job.last.ref))
     # A base is only ever read from the pool's metadata: it needs no device. (Renaming an
     # inactive LV is also much quicker: no device to suspend.)
-    run_lvm("lvchange", "-q", "-an", str(snapshot.ref))
+    if extorigin.is_outside_clone(snapshot):
+        extorigin.release(snapshot)
+    else:
+        run_lvm("lvchange", "-q", "-an", str(snapshot.ref))
     run_lvm("lvrename", "-q", snapshot.vg, snapshot.name, last.name)
     write_record(job.source.ref, next_record(job.record, job.base, last.name, snapshot.uuid,
                                              dest.resolve(), format))
@@ -387,14 +396,37 @@ def _find(name: str, lvs: list[LV], ref: VolumeRef) -> LV:
     raise NotFound(f"{ref.vg}/{name}: no such volume")
 
 
-def _snapshot(entry: Entry, source: LV) -> LV:
+def _snapshot(entry: Entry, source: LV, *, active: bool, pool: LV) -> LV:
     """A read-only thin snapshot carrying the operation's tag: hidden, and removed by any
     recovery until the export commits it (or removes it)."""
     ref = VolumeRef(source.vg, f"{source.name}.export-{entry.id}")
+    if extorigin.is_outside_clone(source):
+        return _outside_snapshot(entry, source, ref, active=active, pool=pool)
     # -K: active now, though LVM's activation-skip flag (kept) leaves it down after a reboot.
     run_lvm("lvcreate", "-q", "-y", "-s", str(source.ref), "-n", ref.name, "-p", "r",
             "--addtag", entry.tag, "-K")
     return lvm.lv(ref)
+
+
+def _outside_snapshot(entry: Entry, source: LV, ref: VolumeRef, *, active: bool, pool: LV
+                      ) -> LV:
+    """The same for a clone of a device outside the VG. LVM sees the clone as inactive, so it
+    would not suspend it while the pool takes the snapshot: that is done here, and LVM is told
+    to skip the suspended device when it scans (it would wait on it). The snapshot reads the
+    same origin, so it carries the same origin tags, and comes up through extorigin."""
+    args = ["lvcreate", "-q", "-y", "-s", str(source.ref), "-n", ref.name, "-p", "r",
+            "--addtag", entry.tag, *(a for t in sorted(source.tags)
+                                     if t.startswith((tags.EXT_ORIGIN, tags.EXT_SIZE))
+                                     for a in ("--addtag", t)),
+            "--config", "devices{ignore_suspended_devices=1}"]
+    if active:
+        with DeviceMapper().suspended(extorigin.dm_name(source)):
+            run_lvm(*args)
+    else:
+        run_lvm(*args)
+    snap = lvm.lv(ref)
+    extorigin.activate(snap, pool)
+    return snap
 
 
 def _partial(dest: Path) -> Path:
@@ -476,6 +508,7 @@ def _undo(entry: Entry) -> None:
     """Roll an export back: its snapshot (whatever it was renamed to), its temporary file."""
     for lv in volumes_of(entry.vg):
         if entry.tag in lv.tags:
+            extorigin.release(lv)
             lvm.lvm("lvremove", "-q", "-y", "-f", str(lv.ref))
     Path(entry.args["partial"]).unlink(missing_ok=True)
 

@@ -41,7 +41,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from thinstack import faults, growth, lvm, recovery, tags
+from thinstack import extorigin, faults, growth, lvm, recovery, tags
 from thinstack.dm.client import DeviceMapper
 from thinstack.dm.command import CommandError, run
 from thinstack.dm.pool import Pool
@@ -407,9 +407,10 @@ recovery.HANDLERS["pool-create"] = recover
 
 def attach(vg: str | None = None) -> list[str]:
     """Attach the backing files of file-backed VGs (all registered ones, or just `vg`) to loop
-    devices and activate their volumes; for another VG, just activate it. Returns the VGs
-    activated. Tries every VG before reporting failures, so one bad VG does not keep the others
-    down at boot."""
+    devices and activate their volumes; for another VG, just activate it. Clones of devices
+    outside the VG, which LVM's activation skips, come up here over their origins. Returns the
+    VGs activated. Tries every VG (and every such clone) before reporting failures, so one bad
+    VG does not keep the others down at boot."""
     files = _registered()
     names = [vg] if vg else sorted(files)
     failed = []
@@ -423,6 +424,13 @@ def attach(vg: str | None = None) -> list[str]:
                 if not lvm.vgs(name):
                     raise NotFound(f"volume group {name} not found")
                 run_lvm("vgchange", "-q", "-ay", name)
+                lvs = lvm.lvs(name)
+                if any(extorigin.is_outside_clone(lv) for lv in lvs):
+                    errors = extorigin.activate_all(lvs, pool_of(name, lvs))
+                    if len(errors) == 1:
+                        raise errors[0]
+                    if errors:
+                        raise ThinstackError("; ".join(map(str, errors)))
         except (ThinstackError, CommandError) as e:
             if vg:
                 raise

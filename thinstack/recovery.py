@@ -15,7 +15,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from thinstack import lvm
+from thinstack import extorigin, lvm, tags
 from thinstack.journal import Entry, Journal
 from thinstack.lvm import LV
 
@@ -25,8 +25,8 @@ from thinstack.tags import OP_PREFIX as OP_TAG_PREFIX
 
 @dataclass(frozen=True)
 class Action:
-    kind: str  # remove | deltag | writable | activate
-    target: str  # VG/NAME
+    kind: str  # release | remove | deltag | writable | activate | device-writable
+    target: str  # VG/NAME, or a device's path
     arg: str = ""
 
 
@@ -41,7 +41,11 @@ def plan(entries: Iterable[Entry], lvs: list[LV], keep: frozenset[str] = frozens
 
     unfinished = [lv for lv in lvs if any(t.startswith(OP_TAG_PREFIX) and t not in committed
                                           for t in lv.tags)]
-    actions += [Action("remove", str(lv.ref)) for lv in _children_first(unfinished)]
+    for lv in _children_first(unfinished):
+        if extorigin.is_outside_clone(lv):
+            # LVM sees such a clone as inactive: its device must go before LVM removes it.
+            actions.append(Action("release", str(lv.ref), extorigin.uuid(lv)))
+        actions.append(Action("remove", str(lv.ref)))
     for lv in lvs:
         for tag in sorted(t for t in lv.tags if t in committed and t not in keep):
             actions.append(Action("deltag", str(lv.ref), tag))
@@ -56,6 +60,11 @@ def plan(entries: Iterable[Entry], lvs: list[LV], keep: frozenset[str] = frozens
             # A gold master stays read-only whatever else happened: its tag is gold's commit.
             if kind == "inactive" and lv is not None and not lv.active:
                 actions.append(Action("activate", str(lv.ref)))
+            # A device outside the VG made read-only for a clone, unless a clone still reads it.
+            if kind == "devro" and not any(
+                    tags.value(o.tags, tags.EXT_ORIGIN) == name and o.name not in removed
+                    for o in lvs):
+                actions.append(Action("device-writable", name))
             if kind == "readonly" and lv is not None and lv.readonly and TAG_GOLD not in lv.tags \
                     and not any(o.origin == name and o.name not in removed for o in lvs):
                 actions.append(Action("writable", str(lv.ref)))
@@ -90,6 +99,8 @@ _EXECUTORS: dict[str, Callable[[Action], object]] = {
     "deltag": lambda a: lvm.lvm("lvchange", "--deltag", a.arg, a.target),
     "writable": lambda a: lvm.lvm("lvchange", "-prw", a.target),
     "activate": lambda a: lvm.lvm("lvchange", "-ay", "-K", a.target),
+    "device-writable": lambda a: extorigin.set_writable(a.target),
+    "release": lambda a: extorigin.release_device(*a.target.split("/", 1), a.arg),
 }
 
 # Operations outside this module recover their own entries, before the generic volume plan.

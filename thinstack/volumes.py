@@ -9,10 +9,11 @@ them by dropping the tag.
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from thinstack import faults, lvm, recovery, tags
+from thinstack import extorigin, faults, lvm, recovery, tags
 from thinstack.errors import Exists, NoSpace, NotFound, Refused, ThinstackError
 from thinstack.journal import Entry, Journal
 from thinstack.lock import vg_lock
@@ -133,6 +134,8 @@ def snapshot(origin: VolumeRef, name: str, *, readonly: bool = False) -> LV:
         _absent(ref, op.lvs)
         if not source.is_thin:
             raise Refused(f"{origin} is not a thin volume; use `thinstack cow` for other volumes")
+        if extorigin.is_outside_clone(source):
+            raise Refused(_outside_refusal(source))
         _thin_snapshot(op, source, ref, readonly)
         faults.point("snapshot", "after-lvcreate")
     return lvm.lv(ref)
@@ -151,6 +154,8 @@ def gold(ref: VolumeRef) -> LV:
         lv = _get(ref, op.lvs)
         if not lv.is_thin:
             raise Refused(f"{ref} is not a thin volume in the pool")
+        if extorigin.is_outside_clone(lv):
+            raise Refused(_outside_refusal(lv))
         if _is_open(lv):
             raise Refused(f"{ref} is open (a VM or a mount is using it); close it first")
         _make_readonly(op, lv)
@@ -160,26 +165,72 @@ def gold(ref: VolumeRef) -> LV:
     return lvm.lv(ref)
 
 
-def clone(origin: VolumeRef, ref: VolumeRef) -> LV:
+def clone(origin: VolumeRef | str, ref: VolumeRef) -> LV:
     """A writable clone at O(1) cost. A gold master in the pool gives a thin snapshot; a read-only
-    LV of the same VG outside the pool becomes the clone's external origin."""
+    LV of the same VG outside the pool becomes the clone's external origin, and so does a block
+    device outside the VG (ORIGIN given as a /dev path; see extorigin)."""
+    if isinstance(origin, str):
+        return _clone_device(origin, ref)
     if origin.vg != ref.vg:
         raise Refused(f"clone must be in the origin's volume group ({origin.vg}); "
-                      f"import a device from elsewhere with `thinstack import` first")
+                      f"give a volume of another VG as a device path (/dev/{origin})")
     with operation("clone", ref.vg, name=ref.name, origin=origin.name) as op:
-        source = _get(origin, op.lvs)
-        _absent(ref, op.lvs)
-        if source.is_thin:
-            if tags.GOLD not in source.tags:
-                raise Refused(f"{origin} is not a gold master: run `thinstack gold {origin}` "
-                              "first, or take a `thinstack snapshot`")
-            _thin_snapshot(op, source, ref, readonly=False)
-            faults.point("clone", "after-snapshot")
-        elif source.is_thin_pool or source.is_cow_snapshot or source.internal:
-            raise Refused(f"{origin} cannot be a clone origin")
-        else:
-            _external_clone(op, source, ref)
+        _clone_lv(op, _get(origin, op.lvs), ref)
     return lvm.lv(ref)
+
+
+def _clone_lv(op: Op, source: LV, ref: VolumeRef) -> None:
+    origin = source.ref
+    _absent(ref, op.lvs)
+    if extorigin.is_outside_clone(source):
+        raise Refused(_outside_refusal(source))
+    if source.is_thin:
+        if tags.GOLD not in source.tags:
+            raise Refused(f"{origin} is not a gold master: run `thinstack gold {origin}` "
+                          "first, or take a `thinstack snapshot`")
+        _thin_snapshot(op, source, ref, readonly=False)
+        faults.point("clone", "after-snapshot")
+    elif source.is_thin_pool or source.is_cow_snapshot or source.internal:
+        raise Refused(f"{origin} cannot be a clone origin")
+    else:
+        _external_clone(op, source, ref)
+
+
+def _clone_device(path: str, ref: VolumeRef) -> LV:
+    with operation("clone", ref.vg, name=ref.name, origin=path) as op:
+        real = os.path.realpath(path)
+        same_vg = [lv for lv in _visible(op.lvs) if lv.active and real in
+                   (os.path.realpath(lv.path), os.path.realpath(lv.dm_path))]
+        if same_vg:  # a volume of this VG named by its path: LVM layers it itself
+            _clone_lv(op, same_vg[0], ref)
+        else:
+            _outside_clone(op, path, ref)
+    return lvm.lv(ref)
+
+
+def _outside_clone(op: Op, path: str, ref: VolumeRef) -> None:
+    _absent(ref, op.lvs)
+    origin = extorigin.probe(path)
+    extorigin.check_usable(origin)
+    origin_tags = extorigin.origin_tags(origin)
+    pool = pool_of(ref.vg, op.lvs)
+    if not origin.readonly:
+        op.step(f"devro:{path}")
+        extorigin.set_readonly(origin)
+    faults.point("clone", "after-origin-readonly")
+    # Inactive, and skipped by LVM's activation: only extorigin brings it up, with its origin.
+    run_lvm("lvcreate", "-q", "-y", "--type", "thin", "--thinpool", pool.name,
+            "-V", f"{origin.size}b", "-n", ref.name, "-an", "--setactivationskip", "y",
+            "--addtag", op.entry.tag, *(a for t in origin_tags for a in ("--addtag", t)), ref.vg)
+    extorigin.activate(lvm.lv(ref), pool)
+    faults.point("clone", "after-snapshot")
+    commit(op, ref)
+
+
+def _outside_refusal(lv: LV) -> str:
+    path, _ = extorigin.recorded(lv)
+    return (f"{lv.ref} reads a device outside LVM ({path}), which LVM cannot give a snapshot; "
+            f"clone {path} again instead")
 
 
 def _external_clone(op: Op, source: LV, ref: VolumeRef) -> None:
@@ -225,9 +276,27 @@ def resize(ref: VolumeRef, size: int, *, shrink_ok: bool = False) -> LV:
         if size < lv.size and not shrink_ok:
             raise Refused(f"{ref} would shrink from {lv.size} to {size} bytes, discarding its "
                           "tail: pass --yes to do that")
-        if size != lv.size:
+        if size != lv.size and extorigin.is_outside_clone(lv):
+            _resize_outside(lv, size)
+        elif size != lv.size:
             run_lvm("lvresize", "-q", "-f", "-L", f"{size}b", str(ref))
     return lvm.lv(ref)
+
+
+def _resize_outside(lv: LV, size: int) -> None:
+    """LVM records the size of a volume it sees inactive; the device here follows. Each order
+    leaves, after a crash, a device no bigger than LVM's record and no unmapped data inside it."""
+    if not extorigin.active(lv):
+        raise Refused(f"{lv.ref} is not active: `thinstack pool attach {lv.vg}` first")
+    if size > lv.size:
+        run_lvm("lvresize", "-q", "-f", "-L", f"{size}b", str(lv.ref))
+        extorigin.reload(lv, lvm.lv(lv.ref).size)
+    else:
+        extent = lvm.vgs(lv.vg)[0].extent_size  # LVM rounds up to it: so must the device
+        size = -(-size // extent) * extent
+        extorigin.discard(lv, size, lv.size - size)
+        extorigin.reload(lv, size)
+        run_lvm("lvresize", "-q", "-f", "-L", f"{size}b", str(lv.ref))
 
 
 def delete(ref: VolumeRef) -> None:
@@ -239,8 +308,14 @@ def delete(ref: VolumeRef) -> None:
         if deps:
             raise Refused(f"{ref} has dependants: {', '.join(d.name for d in deps)}; "
                           "delete them first")
-        if _is_open(lv):
+        if lv.readonly and not lv.is_thin_pool:
+            clones = extorigin.dependants(lv.path, lvm.lvs())
+            if clones:
+                raise Refused(f"{ref} is the origin of {', '.join(str(c.ref) for c in clones)}; "
+                              "delete them first")
+        if _is_open(lv) or extorigin.open_count(lv):
             raise Refused(f"{ref} is open (a VM or a mount is using it)")
+        extorigin.release(lv)  # an outside-origin clone's device, before LVM drops the LV
         # The base of its next incremental export goes with it, in the same LVM command.
         bases = [o for o in op.lvs if o.origin == lv.name and tags.LAST_EXPORT in o.tags]
         run_lvm("lvremove", "-q", "-y", *(str(b.ref) for b in bases), str(ref))
@@ -288,7 +363,7 @@ class VolumeInfo:
     path: str
     dm_path: str
     kind: str  # thin | snapshot | clone | gold | cow | volume
-    origin: str | None
+    origin: str | None  # the origin LV's name, or the path of a device outside the VG
     readonly: bool
     gold: bool
     active: bool
@@ -307,6 +382,8 @@ def _kind(lv: LV, lvs: list[LV]) -> str:
         return "gold"
     if lv.is_cow_snapshot:
         return "cow"
+    if extorigin.is_outside_clone(lv):
+        return "clone"
     if lv.is_thin and lv.origin:
         origin = next((o for o in lvs if o.name == lv.origin), None)
         if origin is not None and tags.GOLD in origin.tags:
@@ -327,10 +404,12 @@ def volume_infos(vg: str, usage: dict[int, tuple[int, int, int]] | None = None) 
             mapped, exclusive, shared = usage[lv.thin_id]
         elif lv.data_percent is not None and lv.is_thin:
             mapped = int(lv.size * lv.data_percent / 100)
+        outside = extorigin.recorded(lv)
         out.append(VolumeInfo(
             vg=lv.vg, name=lv.name, size=lv.size, path=lv.path, dm_path=lv.dm_path,
-            kind=_kind(lv, lvs), origin=lv.origin or None, readonly=lv.readonly,
-            gold=tags.GOLD in lv.tags, active=lv.active,
+            kind=_kind(lv, lvs), origin=outside[0] if outside else lv.origin or None,
+            readonly=lv.readonly, gold=tags.GOLD in lv.tags,
+            active=extorigin.active(lv) if outside else lv.active,
             dependants=[d.name for d in dependants(lv, lvs)], mapped_bytes=mapped,
             exclusive_bytes=exclusive, shared_bytes=shared, thin_id=lv.thin_id))
     return out

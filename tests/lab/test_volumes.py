@@ -6,10 +6,11 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import subprocess
 
 import pytest
 
-from tests.patterns import BLOCK, blocks_match, digest, write_blocks
+from tests.patterns import BLOCK, blocks_match, digest, pattern, read_direct, write_blocks
 from thinstack import faults
 from tests.labtools import assert_pool_consistent, lvs, sh, ts
 
@@ -143,48 +144,62 @@ def test_bad_requests_are_clear_and_change_nothing(vg):
 
 # Every fault point of every volume operation: kill there, then `recover` must converge. Each
 # scenario gets fresh names (suffix i), so one pool serves them all without cleanup in between.
+# `dev` is a loop device outside the VG, made for the scenario, holding the "ext" pattern too.
 SCENARIOS = [
-    ("create", lambda i: ["create", f"vg0/new{i}", "--size", "64M"]),
-    ("snapshot", lambda i: ["snapshot", f"vg0/vm{i}", f"new{i}"]),
-    ("clone", lambda i: ["clone", "vg0/gold", f"vg0/new{i}"]),
-    ("clone", lambda i: ["clone", f"vg0/ext{i}", f"vg0/new{i}"]),
-    ("gold", lambda i: ["gold", f"vg0/vm{i}"]),
-    ("resize", lambda i: ["resize", f"vg0/vm{i}", "96M"]),
-    ("delete", lambda i: ["delete", f"vg0/vm{i}"]),
-    ("cow", lambda i: ["cow", "vg0/gold", f"vg0/new{i}", "--store", "8M"]),
+    ("create", lambda i, dev: ["create", f"vg0/new{i}", "--size", "64M"]),
+    ("snapshot", lambda i, dev: ["snapshot", f"vg0/vm{i}", f"new{i}"]),
+    ("clone", lambda i, dev: ["clone", "vg0/gold", f"vg0/new{i}"]),
+    ("clone", lambda i, dev: ["clone", f"vg0/ext{i}", f"vg0/new{i}"]),
+    ("clone", lambda i, dev: ["clone", dev, f"vg0/new{i}"]),
+    ("gold", lambda i, dev: ["gold", f"vg0/vm{i}"]),
+    ("resize", lambda i, dev: ["resize", f"vg0/vm{i}", "96M"]),
+    ("delete", lambda i, dev: ["delete", f"vg0/vm{i}"]),
+    ("cow", lambda i, dev: ["cow", "vg0/gold", f"vg0/new{i}", "--store", "8M"]),
 ]
 
 
 @pytest.mark.lab(disks=1, disk_size="2G", timeout=900)
-def test_kill_at_every_fault_point_then_recover_converges(vg):
+def test_kill_at_every_fault_point_then_recover_converges(vg, tmp_path):
     ts("create", "vg0/gold", "--size", "64M")
     write_blocks("/dev/vg0/gold", "gold", [0])
     ts("gold", "vg0/gold")
     i = 0
-    fired = set()
+    fired, fired_outside = set(), set()
     for op, argv in SCENARIOS:
         for point in faults.POINTS[op]:
             i += 1
             ts("create", f"vg0/vm{i}", "--size", "64M")
             sh("lvcreate", "-q", "-y", "-L", "4M", "-n", f"ext{i}", "vg0")
             write_blocks(f"/dev/vg0/ext{i}", "ext", [0])
-            killed = ts(*argv(i), env={"THINSTACK_FAULT": f"{op}:{point}"}, check=False)
+            args = argv(i, None)
+            dev = None
+            if None in args:  # a scenario with a device outside the VG
+                dev = loop_device(tmp_path / f"dev{i}.img", 4 * MiB)
+                write_blocks(dev, "ext", [0])
+                args = argv(i, dev)
+            killed = ts(*args, env={"THINSTACK_FAULT": f"{op}:{point}"}, check=False)
             if killed.returncode == 0:
                 continue  # this path of the operation does not pass that point
             assert killed.returncode == -9, f"{op}:{point}: {killed.stderr}"
             fired.add((op, point))
+            if dev is not None:
+                fired_outside.add(point)
             ts("recover")
             table = lvs("vg0")
             new = table.get(f"new{i}")
             # Either fully done or not at all; never a half-made volume that looks finished.
             if new is not None:
-                assert "ts_op_" not in new["lv_tags"] and new["lv_skip_activation"] == ""
-                source = "ext" if argv(i)[1].startswith("vg0/ext") else "gold"
+                assert "ts_op_" not in new["lv_tags"]
+                # Only a clone of a device outside the VG keeps LVM from activating it.
+                assert bool(new["lv_skip_activation"]) == (dev is not None)
+                source = "gold" if args[1] == "vg0/gold" else "ext"
                 if op == "clone":
                     assert blocks_match(f"/dev/vg0/new{i}", source, [0])
             ext = table[f"ext{i}"]
             if op == "clone" and new is None:  # rolled back: the origin is as the operator had it
                 assert ext["lv_attr"][1] == "w", f"{op}:{point} left ext{i} read-only"
+                assert dev is None or not getro(dev), f"{op}:{point} left {dev} read-only"
+                assert not os.path.exists(f"/dev/mapper/vg0-new{i}")
             vm = table.get(f"vm{i}")
             if op == "gold":
                 ro, tagged = vm["lv_attr"][1] == "r", "ts_gold" in vm["lv_tags"]
@@ -192,6 +207,7 @@ def test_kill_at_every_fault_point_then_recover_converges(vg):
             assert blocks_match("/dev/vg0/gold", "gold", [0])
             assert_pool_consistent("vg0")
     declared = {(op, p) for op, _ in SCENARIOS for p in faults.POINTS[op]}
+    assert fired_outside == set(faults.POINTS["clone"]), "the device-origin clone path skipped some"
     assert fired == declared, f"never fired: {declared - fired}"
     # After all that, ordinary commands work (no stale lock or journal in the way).
     ts("create", "vg0/after", "--size", "64M")
@@ -235,3 +251,116 @@ def test_snapshot_refused_when_pool_metadata_would_run_out(lab_disks):
     refused = ts("snapshot", "vg0/vm", "s1", check=False)
     assert refused.returncode == 6 and "metadata" in refused.stderr
     assert "s1" not in lvs("vg0")
+
+
+def loop_device(path, size: int) -> str:
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return sh("losetup", "-f", "--show", str(path)).strip()
+
+
+def getro(dev: str) -> bool:
+    return sh("blockdev", "--getro", dev).strip() == "1"
+
+
+def qemu_compare(dev: str, image) -> None:
+    done = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", dev, str(image)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.lab(disks=1, disk_size="1G", timeout=600)
+def test_clone_of_a_block_device_outside_the_vg(vg, tmp_path):
+    # 90 MiB: not a whole number of LVM extents, so the clone's tail lies past the origin.
+    origin = loop_device(tmp_path / "origin.img", 90 * MiB)
+    write_blocks(origin, "ext", OFFSETS)
+    before = digest(origin, 90 * MiB)
+
+    assert ts("clone", origin, "vg0/c1").stdout.strip() == "/dev/vg0/c1"
+    assert getro(origin) and blocks_match("/dev/vg0/c1", "ext", OFFSETS)
+    assert read_direct("/dev/vg0/c1", 90 * MiB, 2 * MiB) == bytes(2 * MiB)
+    # A write smaller than a pool block: the rest of the block still reads the origin's bytes.
+    write_blocks("/dev/vg0/c1", "mine", [OFFSETS[2] + 8192], length=4096)
+    block = read_direct("/dev/vg0/c1", OFFSETS[2])
+    expected = pattern("ext", OFFSETS[2])
+    assert block[:8192] == expected[:8192] and block[12288:] == expected[12288:]
+    assert block[8192:12288] == pattern("mine", OFFSETS[2] + 8192, 4096)
+    write_blocks("/dev/vg0/c1", "mine", [OFFSETS[1]])
+    assert digest(origin, 90 * MiB) == before
+
+    info = json.loads(ts("info", "vg0/c1", "--json").stdout)
+    assert (info["kind"], info["origin"], info["active"]) == ("clone", origin, True)
+    assert info["size"] == 92 * MiB and info["mapped_bytes"] == 2 * BLOCK
+    # LVM sees the volume inactive and skipped: it never activates it without its origin.
+    row = lvs("vg0")["c1"]
+    assert row["lv_attr"][4] == "-" and row["lv_skip_activation"]
+    assert subprocess.run(["lvchange", "-ay", "-K", "vg0/c1"], capture_output=True).returncode
+    for args in (["snapshot", "vg0/c1", "s"], ["gold", "vg0/c1"]):
+        done = ts(*args, check=False)
+        assert done.returncode == 5 and "outside LVM" in done.stderr, done.stderr
+
+    # As after a reboot: device down, VG inactive, the origin writable again; attach restores.
+    sh("dmsetup", "remove", "vg0-c1")
+    sh("vgchange", "-q", "-an", "vg0")
+    sh("blockdev", "--setrw", origin)
+    ts("pool", "attach", "vg0")
+    assert getro(origin) and blocks_match("/dev/vg0/c1", "mine", [OFFSETS[1]])
+    assert blocks_match("/dev/vg0/c1", "ext", [OFFSETS[0], OFFSETS[3]])
+
+    # Another device at the origin's path (here: another file on the same loop device) keeps
+    # the clone down rather than showing it other bytes.
+    sh("dmsetup", "remove", "vg0-c1")
+    sh("losetup", "-d", origin)
+    (tmp_path / "other.img").write_bytes(bytes(64 * MiB))
+    sh("losetup", origin, str(tmp_path / "other.img"))
+    refused = ts("pool", "attach", "vg0", check=False)
+    assert refused.returncode == 5 and "was 94371840" in refused.stderr, refused.stderr
+    assert not os.path.exists("/dev/mapper/vg0-c1")
+    sh("losetup", "-d", origin)
+    sh("losetup", origin, str(tmp_path / "origin.img"))
+    ts("pool", "attach", "vg0")
+
+    # Online growth keeps the data; an export reads the origin wherever the clone maps nothing.
+    ts("resize", "vg0/c1", "128M")
+    assert int(sh("blockdev", "--getsize64", "/dev/vg0/c1")) == 128 * MiB
+    write_blocks("/dev/vg0/c1", "tail", [120 * MiB])
+    assert blocks_match("/dev/vg0/c1", "mine", [OFFSETS[1]])
+    ts("export", "vg0/c1", str(tmp_path / "a.qcow2"), "--format", "qcow2", "--incremental")
+    qemu_compare("/dev/vg0/c1", tmp_path / "a.qcow2")
+    write_blocks("/dev/vg0/c1", "more", [OFFSETS[3]])
+    sh("blkdiscard", "-o", str(OFFSETS[1]), "-l", str(BLOCK), "/dev/vg0/c1")  # origin again
+    ts("export", "vg0/c1", str(tmp_path / "b.qcow2"), "--format", "qcow2", "--incremental")
+    qemu_compare("/dev/vg0/c1", tmp_path / "b.qcow2")
+    assert blocks_match("/dev/vg0/c1", "ext", [OFFSETS[1]])
+
+    ts("resize", "vg0/c1", "64M", "--yes")
+    assert int(sh("blockdev", "--getsize64", "/dev/vg0/c1")) == 64 * MiB
+    assert blocks_match("/dev/vg0/c1", "ext", [OFFSETS[0]])
+
+    done = ts("delete", "vg0/c1")
+    assert done.returncode == 0
+    assert not os.path.exists("/dev/mapper/vg0-c1") and not os.path.lexists("/dev/vg0/c1")
+    assert "c1" not in lvs("vg0") and digest(origin, 90 * MiB) == before
+    assert_pool_consistent("vg0")
+
+
+@pytest.mark.lab(disks=1, disk_size="1G")
+def test_bad_outside_origins_are_refused_clearly(vg, tmp_path):
+    cases = [
+        (["clone", "/dev/nosuch", "vg0/c"], 3, "no such device"),
+        (["clone", "/etc/hostname", "vg0/c"], 5, "not a block device"),
+    ]
+    mounted = loop_device(tmp_path / "fs.img", 16 * MiB)
+    sh("mkfs.ext4", "-q", mounted)
+    (tmp_path / "mnt").mkdir()
+    sh("mount", mounted, str(tmp_path / "mnt"))
+    try:
+        cases.append((["clone", mounted, "vg0/c"], 5, "is mounted"))
+        before = set(lvs("vg0"))
+        for args, status, text in cases:
+            done = ts(*args, check=False)
+            assert done.returncode == status and text in done.stderr, (args, done.stderr)
+            assert len(done.stderr.strip().splitlines()) == 1
+        assert not getro(mounted) and set(lvs("vg0")) == before
+    finally:
+        sh("umount", str(tmp_path / "mnt"))

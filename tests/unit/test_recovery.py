@@ -65,3 +65,24 @@ def test_resumable_import_is_kept_until_explicitly_recovered():
     e = entry("import", name="vm1")
     assert plan([], [lv("vm1.importing", tags={e.tag})], keep=frozenset({e.tag})) == []
     assert plan([e], [lv("vm1.importing", tags={e.tag})]) == [Action("remove", "vg/vm1.importing")]
+
+
+OUTSIDE = {"ts_ext_origin=/dev/sdb", "ts_ext_size=1048576"}
+
+
+def test_an_unfinished_clone_of_an_outside_device_is_taken_down_before_lvm_removes_it():
+    e = entry("clone", steps=["devro:/dev/sdb"], name="c", origin="/dev/sdb")
+    lvs = [lv("c", tags={e.tag, *OUTSIDE})]
+    assert plan([e], lvs) == [Action("release", "vg/c", "TS-EXT-c"), Action("remove", "vg/c"),
+                              Action("device-writable", "/dev/sdb")]
+
+
+def test_an_outside_device_stays_read_only_while_a_committed_clone_reads_it():
+    e = entry("clone", steps=["devro:/dev/sdb"], name="c2", origin="/dev/sdb")
+    lvs = [lv("c1", tags=OUTSIDE), lv("c2", tags={e.tag, *OUTSIDE})]
+    assert plan([e], lvs) == [Action("release", "vg/c2", "TS-EXT-c2"), Action("remove", "vg/c2")]
+
+
+def test_a_committed_outside_clone_keeps_its_device_read_only():
+    e = entry("clone", steps=["devro:/dev/sdb", "committed"], name="c", origin="/dev/sdb")
+    assert plan([e], [lv("c", tags={e.tag, *OUTSIDE})]) == [Action("deltag", "vg/c", e.tag)]
