@@ -20,12 +20,15 @@ would send its messages; one from further back is refused (TransactionConflict).
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import re
+import time
 from collections.abc import Collection, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from thinstack.dm import tools
 from thinstack.dm.client import Device, DeviceMapper
@@ -190,11 +193,22 @@ def create_pool(dm: DeviceMapper, name: str, target: ThinPoolTarget, *, fresh: b
 
 
 class Pool:
-    """An active thin-pool device `name`."""
+    """An active thin-pool device `name`.
 
-    def __init__(self, dm: DeviceMapper, name: str):
+    `lock_dir`: where readers of the pool's one metadata snapshot coordinate. A reader killed
+    while holding the snapshot never releases it, and the kernel keeps it (in the superblock)
+    until someone does, so every later reader would be refused. With a lock_dir, a reader holds
+    an flock on `NAME.metasnap` for as long as it holds the snapshot, and a marker file says a
+    reservation is in progress; a reader that gets the lock, finds the snapshot held and the
+    marker present knows its holder was one of ours and is dead, and releases it. A snapshot
+    held without the marker belongs to someone else (an operator's thin_dump) and is left."""
+
+    def __init__(self, dm: DeviceMapper, name: str, *, lock_dir: Path | None = None,
+                 lock_timeout: float = 30.0):
         self.dm = dm
         self.name = name
+        self.lock_dir = lock_dir
+        self.lock_timeout = lock_timeout
 
     @property
     def target(self) -> ThinPoolTarget:
@@ -221,20 +235,62 @@ class Pool:
     def metadata_snap(self) -> Iterator[None]:
         """Hold a metadata snapshot for the body, so tools can read a live pool's metadata;
         released however the body ends (the pool holds only one at a time)."""
+        with self._reader_lock() as marker:
+            self._reserve(marker)
+            try:
+                yield
+            finally:
+                self.dm.message(self.name, 0, "release_metadata_snap")
+                if marker is not None:
+                    marker.unlink(missing_ok=True)
+
+    def _reserve(self, marker: Path | None) -> None:
+        stale = marker is not None and marker.exists()  # its writer died: we hold the lock
+        if marker is not None:
+            marker.touch()
         try:
-            self.dm.message(self.name, 0, "reserve_metadata_snap")
-        except CommandError:
-            held = self.status().held_metadata_root
-            if held is not None:
-                raise DmError(
-                    f"thin-pool {self.name} already holds a metadata snapshot (root {held}): "
-                    "another reader has it, or one died holding it; once nothing reads it, "
-                    f"`dmsetup message {self.name} 0 release_metadata_snap` frees it") from None
+            try:
+                self.dm.message(self.name, 0, "reserve_metadata_snap")
+            except CommandError:
+                held = self.status().held_metadata_root
+                if held is None:
+                    raise
+                if not stale:
+                    raise DmError(
+                        f"thin-pool {self.name} already holds a metadata snapshot (root {held}): "
+                        "another reader has it, or one died holding it; once nothing reads it, "
+                        f"`dmsetup message {self.name} 0 release_metadata_snap` frees it"
+                    ) from None
+                self.dm.message(self.name, 0, "release_metadata_snap")
+                self.dm.message(self.name, 0, "reserve_metadata_snap")
+        except BaseException:
+            if marker is not None and not stale:
+                marker.unlink(missing_ok=True)  # what is held, if anything, is not ours
             raise
+
+    @contextmanager
+    def _reader_lock(self) -> Iterator[Path | None]:
+        if self.lock_dir is None:
+            yield None
+            return
+        self.lock_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_dir / f"{self.name}.metasnap", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                     0o600)
         try:
-            yield
+            deadline = time.monotonic() + self.lock_timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise DmError(f"thin-pool {self.name}: another reader has held its "
+                                      f"metadata snapshot for over {self.lock_timeout:g} s") \
+                            from None
+                    time.sleep(0.05)
+            yield self.lock_dir / f"{self.name}.metasnap-held"
         finally:
-            self.dm.message(self.name, 0, "release_metadata_snap")
+            os.close(fd)
 
     def thin_ls(self) -> list[tools.ThinLsEntry]:
         with self.metadata_snap():

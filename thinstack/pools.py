@@ -51,7 +51,7 @@ from thinstack.journal import Entry, Journal
 from thinstack.lock import vg_lock
 from thinstack.lvm import LV
 from thinstack.sizes import format_size
-from thinstack.state import state_dir
+from thinstack.state import run_dir, state_dir
 from thinstack.volumes import pool_of, run_lvm
 
 POOL_LV = "pool"
@@ -594,5 +594,5 @@ def kernel_pool(pool: LV) -> Pool | None:
     name = os.path.basename(pool.dm_path)
     for candidate in (f"{name}-tpool", name):
         if dm.exists(candidate):
-            return Pool(dm, candidate)
+            return Pool(dm, candidate, lock_dir=run_dir() / "locks")
     return None

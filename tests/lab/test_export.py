@@ -397,3 +397,37 @@ def test_an_export_during_writes_holds_the_volume_at_one_instant(vg, tmp_path):
     sh("lvchange", "-an", snapshot)
     assert_pool_consistent("vg0")
 
+
+
+HOLD_AND_DIE = """
+import os, signal
+from thinstack import pools
+pool = pools.kernel_pool(pools._pool_lv("vg0"))
+held = pool.metadata_snap()  # kept referenced: a collected generator would release it
+held.__enter__()
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.lab(disks=1, disk_size="1G")
+def test_a_reader_killed_holding_the_metadata_snapshot_does_not_block_the_next(vg, tmp_path):
+    from thinstack.dm.client import DeviceMapper
+    from thinstack.dm.pool import Pool
+
+    ts("create", "vg0/vm", "--size", "64M")
+    write_blocks("/dev/vg0/vm", "v", [0, 30 * MiB])
+    died = subprocess.run([sys.executable, "-c", HOLD_AND_DIE], capture_output=True, text=True)
+    assert died.returncode == -signal.SIGKILL, died.stderr
+    tpool = Pool(DeviceMapper(), "vg0-pool-tpool")
+    assert tpool.status().held_metadata_root is not None  # the kernel kept it for the dead one
+    out = export("vg0/vm", str(tmp_path / "vm.raw"))
+    assert out["changed_blocks"] == 2
+    qemu_same("/dev/vg0/vm", tmp_path / "vm.raw", "raw")
+    assert tpool.status().held_metadata_root is None
+
+    # One the operator holds by hand is not ours to release.
+    sh("dmsetup", "message", "vg0-pool-tpool", "0", "reserve_metadata_snap")
+    refused = ts("pool", "check", "vg0", check=False)
+    assert refused.returncode != 0 and "metadata snapshot" in refused.stderr, refused.stderr
+    assert tpool.status().held_metadata_root is not None
+    sh("dmsetup", "message", "vg0-pool-tpool", "0", "release_metadata_snap")

@@ -368,3 +368,40 @@ def test_a_pool_must_be_a_thin_pool(kernel):
     k.target_status = lambda name: Failed()
     with pytest.raises(DmError, match="has failed with its pool"):
         Pool(k, "pool").thin_status("vol")
+
+
+def held_at(k, root=52):
+    real = k.target_status
+    k.target_status = lambda name: replace(real(name), held_metadata_root=root if k.held else None)
+
+
+def test_a_snapshot_left_by_a_dead_reader_of_ours_is_released_and_taken(kernel, tmp_path):
+    k = kernel(ids={0, 3})
+    k.held = True
+    held_at(k)
+    (tmp_path / "pool.metasnap-held").touch()  # a reader of ours was reserving, then died
+    assert Pool(k, "pool", lock_dir=tmp_path).device_ids() == {0, 3}
+    assert not k.held and not (tmp_path / "pool.metasnap-held").exists()
+
+
+def test_someone_elses_snapshot_is_left_and_leaves_no_marker(kernel, tmp_path):
+    k = kernel()
+    k.held = True
+    held_at(k)
+    with pytest.raises(DmError, match="already holds"):
+        Pool(k, "pool", lock_dir=tmp_path).device_ids()
+    assert k.held and not (tmp_path / "pool.metasnap-held").exists()
+
+
+def test_a_live_reader_holding_the_lock_is_waited_for_then_reported(kernel, tmp_path):
+    import fcntl
+    import os
+
+    fd = os.open(tmp_path / "pool.metasnap", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(DmError, match="another reader"):
+            Pool(kernel(), "pool", lock_dir=tmp_path, lock_timeout=0.2).device_ids()
+    finally:
+        os.close(fd)
+    assert Pool(kernel(ids={1}), "pool", lock_dir=tmp_path).device_ids() == {1}
