@@ -406,13 +406,16 @@ recovery.HANDLERS["pool-create"] = recover
 # --- attach ------------------------------------------------------------------------------------
 
 def attach(vg: str | None = None) -> list[str]:
-    """Attach the backing files of file-backed VGs (all registered ones, or just `vg`) to loop
-    devices and activate their volumes; for another VG, just activate it. Clones of devices
+    """Attach the backing files of file-backed VGs (all registered ones and those with clones of
+    outside devices, or just `vg`) to loop devices and activate their volumes; for another VG, just activate it. Clones of devices
     outside the VG, which LVM's activation skips, come up here over their origins. Returns the
     VGs activated. Tries every VG (and every such clone) before reporting failures, so one bad
     VG does not keep the others down at boot."""
     files = _registered()
-    names = [vg] if vg else sorted(files)
+    # At boot (no VG named), also every VG with clones of outside devices: LVM's own activation
+    # leaves those down, by design.
+    names = [vg] if vg else sorted(set(files) | {lv.vg for lv in lvm.lvs()
+                                                 if extorigin.is_outside_clone(lv)})
     failed = []
     for name in names:
         try:
