@@ -364,3 +364,27 @@ def test_bad_outside_origins_are_refused_clearly(vg, tmp_path):
         assert not getro(mounted) and set(lvs("vg0")) == before
     finally:
         sh("umount", str(tmp_path / "mnt"))
+
+
+@pytest.mark.lab(disks=1, disk_size="1G")
+def test_clone_of_a_volume_in_another_vg_protects_it(vg, tmp_path):
+    other = loop_device(tmp_path / "vg1.img", 64 * MiB)
+    sh("vgcreate", "-q", "vg1", other)
+    sh("lvcreate", "-q", "-y", "-L", "16M", "-n", "base", "vg1")
+    write_blocks("/dev/vg1/base", "base", [0])
+    refused = ts("clone", "/dev/vg1/base", "vg0/c", check=False)
+    assert refused.returncode == 5 and "lvchange -pr" in refused.stderr, refused.stderr
+    sh("lvchange", "-q", "-pr", "vg1/base")
+    ts("clone", "/dev/vg1/base", "vg0/c")
+    write_blocks("/dev/vg0/c", "c", [BLOCK])
+    assert blocks_match("/dev/vg0/c", "base", [0]) and blocks_match("/dev/vg1/base", "base", [0])
+    done = ts("delete", "vg1/base", check=False)
+    assert done.returncode == 5 and "vg0/c" in done.stderr, done.stderr
+    # Named by its path, a volume of the clone's own VG is an ordinary LVM external origin.
+    sh("lvcreate", "-q", "-y", "-L", "8M", "-n", "local", "vg0")
+    sh("lvchange", "-q", "-pr", "vg0/local")
+    ts("clone", "/dev/vg0/local", "vg0/c2")
+    assert lvs("vg0")["c2"]["origin"] == "local"
+    ts("delete", "vg0/c")
+    ts("delete", "vg1/base")
+    assert_pool_consistent("vg0")
