@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import os
 import shlex
+import sys
+import time
 
 import sh
 
 # Tool output is parsed, and error text is matched by callers: it must not depend on the locale.
 _ENV = {**os.environ, "LC_ALL": "C"}
 _ARGV_SHOWN = 120  # characters of the command line kept in an error message
+# THINSTACK_TRACE=1: each command and its time on stderr, to see where an operation spends it.
+_TRACE = os.environ.get("THINSTACK_TRACE") == "1"
 
 
 class CommandError(Exception):
@@ -50,6 +54,16 @@ class CommandTimeout(CommandError):
 def run(argv: list[str], *, input: bytes | str | None = None,
         timeout: float | None = None) -> str:
     """Run argv to completion and return its standard output; raise CommandError otherwise."""
+    started = time.monotonic()
+    try:
+        return _run(argv, input, timeout)
+    finally:
+        if _TRACE:
+            print(f"thinstack: {time.monotonic() - started:6.3f}s {_shown(argv)}",
+                  file=sys.stderr)
+
+
+def _run(argv: list[str], input: bytes | str | None, timeout: float | None) -> str:
     try:
         program = sh.Command(argv[0])
     except sh.CommandNotFound:

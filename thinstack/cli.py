@@ -141,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--round-to-mib", action="store_true", help="vhd-fixed: whole MiB (Azure)")
     ex.add_argument("--incremental", action="store_true",
                     help="only what changed since the last --incremental export (full if none)")
+    ex.add_argument("--full", action="store_true",
+                    help="with --incremental: a full image that starts a new chain")
     ex.add_argument("--since", metavar="SNAPNAME", help="only what changed since this snapshot")
     ex.add_argument("--parent", type=Path, metavar="IMAGE",
                     help="with --since: the image exported at SNAPNAME (parent of DEST)")
@@ -301,7 +303,8 @@ def cmd_export(args) -> int:
     summary = exports.export_volume(args.ref, args.dest, format=args.format,
                                     compress=args.compress, round_to_mib=args.round_to_mib,
                                     incremental=args.incremental, since=args.since,
-                                    parent=args.parent, progress=_progress(args))
+                                    parent=args.parent, full=args.full,
+                                    progress=_progress(args))
     if args.json:
         print(json.dumps(summary.to_json(), sort_keys=True))
     else:

@@ -68,8 +68,11 @@ MAX_PARENTS = Policy().max_chain_depth
 # --- decisions -------------------------------------------------------------------------------
 
 def check_options(format: str, *, compress: bool, round_to_mib: bool, incremental: bool,
-                  since: str | None, parent: Path | None) -> None:
+                  since: str | None, parent: Path | None, full: bool = False) -> None:
     """Refuse combinations that cannot mean anything, before anything is touched."""
+    if full and not incremental:
+        raise ExportError("--full starts a new --incremental chain: give it with --incremental "
+                          "(without it every export is full)")
     if incremental and since:
         raise ExportError("--incremental chooses its own base snapshot; drop --since")
     if parent is not None and not since:
@@ -225,10 +228,12 @@ class _Job:
 
 def export_volume(ref: VolumeRef, dest: str | os.PathLike, *, format: str = "raw",
                   compress: bool = False, round_to_mib: bool = False, incremental: bool = False,
-                  since: str | None = None, parent: Path | None = None,
+                  since: str | None = None, parent: Path | None = None, full: bool = False,
                   progress: bool = False) -> Summary:
+    """full: with incremental, a full image that starts a new chain (a weekly full, say); the
+    next --incremental export builds on it."""
     check_options(format, compress=compress, round_to_mib=round_to_mib, incremental=incremental,
-                  since=since, parent=parent)
+                  since=since, parent=parent, full=full)
     dest = Path(dest).absolute()
     if not dest.parent.is_dir():
         raise NotFound(f"{dest.parent}: no such directory")
@@ -240,7 +245,7 @@ def export_volume(ref: VolumeRef, dest: str | os.PathLike, *, format: str = "raw
         raise ExportError(f"{dest} cannot replace its own parent: {INCREMENTAL[format]} reads it")
     started = time.monotonic()
     with export_lock(ref):
-        job = _start(ref, dest, format, incremental, since, parent)
+        job = _start(ref, dest, format, incremental, since, parent, full)
         try:
             extents, mapped, unit = _extents(job)
             stats = _write(job, dest, extents, unit, format=format, compress=compress,
@@ -260,7 +265,7 @@ def export_volume(ref: VolumeRef, dest: str | os.PathLike, *, format: str = "raw
 
 
 def _start(ref: VolumeRef, dest: Path, format: str, incremental: bool, since: str | None,
-           parent: Path | None) -> _Job:
+           parent: Path | None, full: bool = False) -> _Job:
     """Step 1, under the VG lock: decide what to read and take the snapshot."""
     journal = Journal()
     with vg_lock(ref.vg):
@@ -279,6 +284,8 @@ def _start(ref: VolumeRef, dest: Path, format: str, incremental: bool, since: st
         if since:
             base, reason = since_base(_find(since, lvs, ref), source, parent, record), \
                 f"changes since {since}"
+        elif full:
+            reason = "--full: a new chain"
         elif incremental:
             exists = record is not None and Path(record.path).is_file()
             base, reason = incremental_base(format, dest.resolve(), record, last, exists)

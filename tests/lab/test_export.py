@@ -224,6 +224,17 @@ def test_incremental_chains_through_writes_and_discards(vg, tmp_path):
     switched = export_here("vg0/vm-vhd", tmp_path / "switched.qcow2", format="qcow2",
                            incremental=True)
     assert switched["base"] is None and "the last export was vhd" in switched["reason"]
+    # --full starts a new chain on the operator's schedule (a weekly full); the next night builds
+    # on it, not on the older chain.
+    scatter("/dev/vg0/vm-vhd", "sunday", blocks, 10)
+    weekly = export_here("vg0/vm-vhd", tmp_path / "weekly.qcow2", format="qcow2",
+                         incremental=True, full=True)
+    assert weekly["base"] is None and weekly["reason"] == "--full: a new chain"
+    assert weekly["changed_blocks"] * BLOCK == weekly["bytes_mapped"]
+    scatter("/dev/vg0/vm-vhd", "monday2", blocks, 10)
+    after = export_here("vg0/vm-vhd", tmp_path / "after.qcow2", format="qcow2", incremental=True)
+    assert after["parent"] == str(tmp_path / "weekly.qcow2")
+    qemu_same("/dev/vg0/vm-vhd", tmp_path / "after.qcow2", "qcow2")
     assert leftovers("vg0", tmp_path) == ([], [])
     assert_pool_consistent("vg0")
 

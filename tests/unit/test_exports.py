@@ -40,6 +40,7 @@ def test_plain_exports_of_every_format_are_fine():
         check(format)
     check("qcow2", compress=True)
     check("vhd-fixed", round_to_mib=True)
+    check("qcow2", incremental=True, full=True)
 
 
 @pytest.mark.parametrize("format", ["raw", "vhd-fixed", "gow1", "gow2"])
@@ -54,6 +55,8 @@ def test_formats_without_an_incremental_form_say_which_have_one(format):
     (dict(parent=Path("p.vhd")), "give both"),
     (dict(compress=True), "--compress is for qcow2"),
     (dict(format="raw", round_to_mib=True), "--round-to-mib is for vhd"),
+    (dict(full=True), "give it with --incremental"),
+    (dict(full=True, since="s"), "give it with --incremental"),
 ])
 def test_options_that_cannot_go_together(kw, message):
     with pytest.raises(ExportError, match=message):
