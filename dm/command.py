@@ -10,6 +10,7 @@ import os
 import shlex
 import sys
 import time
+from collections.abc import Iterator
 
 import sh
 
@@ -76,6 +77,32 @@ def _run(argv: list[str], input: bytes | str | None, timeout: float | None) -> s
         raise CommandTimeout(argv, timeout or 0) from e
     except sh.ErrorReturnCode as e:
         raise CommandError(argv, e.exit_code, _text(e.stderr), _text(e.stdout)) from None
+
+
+def stream(argv: list[str], *, timeout: float | None = None, piece: int = 1 << 20
+           ) -> Iterator[str]:
+    """Run argv and yield its standard output in pieces of about `piece` characters as it comes,
+    for output too large to hold at once; CommandError once it has ended, if it failed."""
+    started = time.monotonic()
+    try:
+        program = sh.Command(argv[0])
+    except sh.CommandNotFound:
+        raise CommandNotFound(argv) from None
+    # Every exit status is accepted here and checked below: sh would otherwise raise the failure
+    # in its reader thread too, and print it there.
+    process = program(*argv[1:], _iter=True, _out_bufsize=piece, _timeout=timeout, _env=_ENV,
+                      _tty_out=False, _decode_errors="replace", _ok_code=list(range(-64, 256)))
+    try:
+        yield from process
+        process.wait()
+    except sh.TimeoutException as e:
+        raise CommandTimeout(argv, timeout or 0) from e
+    finally:
+        if _TRACE:
+            print(f"thinstack: {time.monotonic() - started:6.3f}s {_shown(argv)}",
+                  file=sys.stderr)
+    if process.exit_code != 0:
+        raise CommandError(argv, process.exit_code, _text(process.stderr))
 
 
 def summary(output: str) -> str:

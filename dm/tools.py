@@ -10,11 +10,12 @@ All block numbers and lengths are in pool data blocks of `data_block_size` secto
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+from xml.parsers import expat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 
-from thinstack.dm.command import CommandError, CommandNotFound, CommandTimeout, run
+from thinstack.dm.command import CommandError, CommandNotFound, CommandTimeout, run, stream
 from thinstack.dm.errors import ParseError
 
 # thin_dump of a large pool runs for a while; it still must not hang forever.
@@ -125,6 +126,86 @@ def thin_dump(metadata_dev: str, *, metadata_snap: bool = True,
     dev = ["--dev-id", str(dev_id)] if dev_id is not None else []
     return parse_thin_dump(run(["thin_dump", *_snap(metadata_snap), *dev, metadata_dev],
                                timeout=TIMEOUT))
+
+
+@dataclass(frozen=True)
+class ThinRanges:
+    """What a reader of one thin device's content needs: which virtual blocks it maps, as
+    coalesced ranges. thin_dump lists every mapping with its data block; for a fragmented
+    volume that is millions of lines, held here as one range per run of mapped blocks."""
+
+    data_block_size: int  # sectors
+    dev_id: int
+    mapped_blocks: int
+    ranges: tuple[BlockRange, ...]
+
+
+def thin_ranges(metadata_dev: str, dev_id: int, *, metadata_snap: bool = True
+                ) -> ThinRanges | None:
+    """Device `dev_id`'s mapped ranges, read from thin_dump as it streams (in constant memory
+    but for the ranges themselves); None if the pool has no such device."""
+    return parse_thin_ranges(
+        stream(["thin_dump", *_snap(metadata_snap), "--dev-id", str(dev_id), metadata_dev],
+               timeout=TIMEOUT), dev_id)
+
+
+def parse_thin_ranges(pieces: Iterable[str], dev_id: int) -> ThinRanges | None:
+    # expat's callbacks, not a tree: a fragmented volume's dump has millions of elements.
+    parser = expat.ParserCreate()
+    found: dict[str, int] = {}
+    ranges: list[BlockRange] = []
+    run = [0, 0]  # the open run of mapped blocks: begin, end
+    inside = [False]  # within the <device> asked for
+
+    def take(begin: int, length: int) -> None:
+        # thin_dump lists a device's mappings in virtual block order: runs merge as they come.
+        if begin == run[1] and run[1] > run[0]:
+            run[1] += length
+            return
+        if begin < run[1]:
+            raise ParseError(f"thin_dump: mappings of device {dev_id} out of order at {begin}")
+        if run[1] > run[0]:
+            ranges.append(BlockRange(run[0], run[1] - run[0]))
+        run[:] = [begin, begin + length]
+
+    def start(tag: str, attrs: dict[str, str]) -> None:
+        try:
+            if tag == "single_mapping":
+                mapped = (int(attrs["origin_block"]), 1) if inside[0] else None
+            elif tag == "range_mapping":
+                mapped = (int(attrs["origin_begin"]), int(attrs["length"])) if inside[0] else None
+            else:
+                mapped = None
+                if tag == "device":
+                    inside[0] = int(attrs["dev_id"]) == dev_id
+                    if inside[0]:
+                        found["mapped_blocks"] = int(attrs["mapped_blocks"])
+                elif tag == "superblock":
+                    found["data_block_size"] = int(attrs["data_block_size"])
+        except (KeyError, ValueError):
+            raise ParseError(f"thin_dump: <{tag}> lacks a numeric attribute: {attrs}") from None
+        if mapped is not None:
+            take(*mapped)
+
+    def end(tag: str) -> None:
+        if tag == "device":
+            inside[0] = False
+
+    parser.StartElementHandler = start
+    parser.EndElementHandler = end
+    try:
+        for piece in pieces:
+            parser.Parse(piece, False)
+        parser.Parse("", True)
+    except expat.ExpatError as e:
+        raise ParseError(f"thin_dump output is not XML: {e}") from None
+    if "data_block_size" not in found:
+        raise ParseError("thin_dump: no <superblock> in the output")
+    if "mapped_blocks" not in found:
+        return None
+    if run[1] > run[0]:
+        ranges.append(BlockRange(run[0], run[1] - run[0]))
+    return ThinRanges(found["data_block_size"], dev_id, found["mapped_blocks"], tuple(ranges))
 
 
 def thin_delta(metadata_dev: str, snap1: int, snap2: int, *,

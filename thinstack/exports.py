@@ -173,14 +173,14 @@ def source_kind(source: LV, lvs: list[LV]) -> str:
                   f"export) nor read-only: nothing would keep it from changing while it is read")
 
 
-def volume_extents(kind: str, size: int, dump: tools.ThinDump | None, thin_id: int | None,
+def volume_extents(kind: str, size: int, mapped: tools.ThinRanges | None,
                    delta: tools.ThinDelta | None) -> list[Extent]:
     """What to copy: the changes since the base when there is a delta, else the whole volume
     (a thin one as its mapping has it)."""
     if delta is not None:
         return list(mapping.changed_extents(delta, size, unmapped_reads_zero=kind == "thin"))
     if kind == "thin":
-        return list(mapping.mapped_extents(dump, thin_id, size))
+        return list(mapping.mapped_extents(mapped, size))
     return [Extent(0, size, Kind.DATA)]
 
 
@@ -318,12 +318,11 @@ def _extents(job: _Job) -> tuple[list[Extent], int, int]:
     (the chunk the copy works in)."""
     size = job.read_from.size
     if job.kind == "plain":
-        return volume_extents(job.kind, size, None, None, None), size, PLAIN_CHUNK
+        return volume_extents(job.kind, size, None, None), size, PLAIN_CHUNK
     thin_id = job.read_from.thin_id
-    dump, delta = mapping.read(job.pool, thin_id, job.base.thin_id if job.base else None)
-    unit = mapping.block_size(dump)
-    mapped = dump.devices[thin_id].mapped_blocks * unit
-    return volume_extents(job.kind, size, dump, thin_id, delta), mapped, unit
+    ranges, delta = mapping.read(job.pool, thin_id, job.base.thin_id if job.base else None)
+    unit = mapping.block_size(ranges)
+    return volume_extents(job.kind, size, ranges, delta), ranges.mapped_blocks * unit, unit
 
 
 def _write(job: _Job, dest: Path, extents: list[Extent], unit: int, *, format: str,

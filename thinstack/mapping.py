@@ -33,16 +33,16 @@ _DELTA_KINDS = {tools.DeltaKind.DIFFERENT: Kind.DATA, tools.DeltaKind.RIGHT_ONLY
                 tools.DeltaKind.LEFT_ONLY: Kind.ZERO}
 
 
-def block_size(report: tools.ThinDump | tools.ThinDelta) -> int:
+def block_size(report: tools.ThinRanges | tools.ThinDelta) -> int:
     """The pool's block size in bytes."""
     return report.data_block_size * SECTOR
 
 
-def mapped_extents(dump: tools.ThinDump, thin_id: int, size: int) -> Iterator[Extent]:
-    """[0, size) of thin device `thin_id`: DATA where it maps blocks, HOLE elsewhere."""
-    unit = block_size(dump)
+def mapped_extents(mapped: tools.ThinRanges, size: int) -> Iterator[Extent]:
+    """[0, size) of the thin device: DATA where it maps blocks, HOLE elsewhere."""
+    unit = block_size(mapped)
     return fill_gaps((Extent(r.begin * unit, r.length * unit, Kind.DATA)
-                      for r in dump.devices[thin_id].virtual_ranges()), size)
+                      for r in mapped.ranges), size)
 
 
 def changed_extents(delta: tools.ThinDelta, size: int, *, unmapped_reads_zero: bool = True
@@ -70,7 +70,7 @@ def block_count(extents: list[Extent], unit: int) -> int:
 # --- reading the pool's metadata ---------------------------------------------------------------
 
 def read(pool: LV, thin_id: int, base_id: int | None = None
-         ) -> tuple[tools.ThinDump, tools.ThinDelta | None]:
+         ) -> tuple[tools.ThinRanges, tools.ThinDelta | None]:
     """Thin device `thin_id`'s mappings and, given a base, how it differs from thin device
     `base_id`: both from one metadata snapshot of the live pool."""
     device = pools.kernel_pool(pool)
@@ -82,7 +82,7 @@ def read(pool: LV, thin_id: int, base_id: int | None = None
     while True:
         try:
             with device.metadata_snap():
-                dump = tools.thin_dump(metadata, dev_id=thin_id)
+                mapped = tools.thin_ranges(metadata, thin_id)
                 delta = None if base_id is None else tools.thin_delta(metadata, base_id, thin_id)
             break
         except (CommandError, DmError) as e:
@@ -95,6 +95,6 @@ def read(pool: LV, thin_id: int, base_id: int | None = None
             if time.monotonic() > deadline:
                 raise Refused(str(e)) from None
         time.sleep(0.2)
-    if thin_id not in dump.devices:
+    if mapped is None:
         raise ThinstackError(f"{pool.ref}: thin device {thin_id} is not in the pool")
-    return dump, delta
+    return mapped, delta

@@ -167,10 +167,10 @@ def test_how_volumes_are_read():
 
 
 K = 64 << 10
-DUMP = tools.parse_thin_dump(
+DUMP = tools.parse_thin_ranges([
     '<superblock uuid="" time="1" transaction="2" data_block_size="128" nr_data_blocks="0">'
     '<device dev_id="3" mapped_blocks="1" transaction="0" creation_time="0" snap_time="0">'
-    '<single_mapping origin_block="1" data_block="0" time="0"/></device></superblock>')
+    '<single_mapping origin_block="1" data_block="0" time="0"/></device></superblock>'], 3)
 DELTA = tools.parse_thin_delta(
     '<superblock uuid="" time="1" transaction="2" data_block_size="128" nr_data_blocks="0">'
     '<diff left="2" right="3"><left_only begin="0" length="1"/>'
@@ -179,14 +179,14 @@ DELTA = tools.parse_thin_delta(
 
 def test_what_is_copied():
     H, D, Z = Kind.HOLE, Kind.DATA, Kind.ZERO
-    assert exports.volume_extents("thin", 3 * K, DUMP, 3, None) == [
+    assert exports.volume_extents("thin", 3 * K, DUMP, None) == [
         Extent(0, K, H), Extent(K, K, D), Extent(2 * K, K, H)]
-    assert exports.volume_extents("thin", 3 * K, DUMP, 3, DELTA) == [
+    assert exports.volume_extents("thin", 3 * K, DUMP, DELTA) == [
         Extent(0, K, Z), Extent(K, K, D), Extent(2 * K, K, H)]
     # Over an external origin, unmapped is not zero: all of it, or all changes, are data.
-    assert exports.volume_extents("external", 3 * K, DUMP, 3, None) == [Extent(0, 3 * K, D)]
-    assert exports.volume_extents("external", 3 * K, DUMP, 3, DELTA)[0] == Extent(0, 2 * K, D)
-    assert exports.volume_extents("plain", 3 * K, None, None, None) == [Extent(0, 3 * K, D)]
+    assert exports.volume_extents("external", 3 * K, DUMP, None) == [Extent(0, 3 * K, D)]
+    assert exports.volume_extents("external", 3 * K, DUMP, DELTA)[0] == Extent(0, 2 * K, D)
+    assert exports.volume_extents("plain", 3 * K, None, None) == [Extent(0, 3 * K, D)]
 
 
 # --- state: the record, the lock, recovery -------------------------------------------------------

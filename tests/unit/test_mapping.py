@@ -9,6 +9,7 @@ import pytest
 
 from thinstack import mapping
 from thinstack.dm import tools
+from thinstack.dm.errors import ParseError
 from thinstack.extents import Extent, Kind
 
 K = 64 << 10  # the pool's block size
@@ -60,9 +61,13 @@ def ext(begin, length, kind):
 D, Z, H = Kind.DATA, Kind.ZERO, Kind.HOLE
 
 
-@pytest.fixture
-def dump():
-    return tools.parse_thin_dump(THIN_DUMP)
+def pieces(text: str, size: int = 7) -> list[str]:
+    """thin_dump's output as a stream delivers it: cut anywhere, even inside a tag."""
+    return [text[i:i + size] for i in range(0, len(text), size)]
+
+
+def ranges(dev_id: int, text: str = THIN_DUMP) -> tools.ThinRanges:
+    return tools.parse_thin_ranges(pieces(text), dev_id)
 
 
 @pytest.fixture
@@ -70,35 +75,56 @@ def delta():
     return tools.parse_thin_delta(THIN_DELTA)
 
 
-def test_block_size_comes_from_the_tools_in_sectors(dump, delta):
-    assert mapping.block_size(dump) == mapping.block_size(delta) == K
+def test_block_size_comes_from_the_tools_in_sectors(delta):
+    assert mapping.block_size(ranges(1)) == mapping.block_size(delta) == K
 
 
-def test_mapped_blocks_are_data_and_the_rest_holes(dump):
-    assert list(mapping.mapped_extents(dump, 1, SIZE)) == [
+def test_mapped_blocks_are_data_and_the_rest_holes():
+    assert list(mapping.mapped_extents(ranges(1), SIZE)) == [
         ext(0, 1, H), ext(1, 3, D), ext(4, 6, H), ext(10, 1, D), ext(11, 19, H), ext(30, 1, D),
         ext(31, 9, H), ext(40, 1, D), ext(41, 21, H), ext(62, 1, D), ext(63, 1, H)]
 
 
-def test_ranges_and_single_mappings_read_alike(dump):
-    assert list(mapping.mapped_extents(dump, 2, SIZE)) == [
+def test_ranges_and_single_mappings_read_alike():
+    assert list(mapping.mapped_extents(ranges(2), SIZE)) == [
         ext(0, 1, H), ext(1, 3, D), ext(4, 6, H), ext(10, 1, D), ext(11, 9, H), ext(20, 2, D),
         ext(22, 40, H), ext(62, 2, D)]
 
 
-def test_mappings_past_the_end_of_a_shrunk_device_are_clipped(dump):
-    assert list(mapping.mapped_extents(dump, 2, 21 * K)) == [
+def test_mappings_past_the_end_of_a_shrunk_device_are_clipped():
+    assert list(mapping.mapped_extents(ranges(2), 21 * K)) == [
         ext(0, 1, H), ext(1, 3, D), ext(4, 6, H), ext(10, 1, D), ext(11, 9, H), ext(20, 1, D)]
     # A size that is not a whole number of blocks ends inside the last one.
-    assert list(mapping.mapped_extents(dump, 2, 2 * K + 512))[-1] == Extent(K, K + 512, D)
+    assert list(mapping.mapped_extents(ranges(2), 2 * K + 512))[-1] == Extent(K, K + 512, D)
 
 
 def test_an_empty_device_is_one_hole():
-    empty = tools.parse_thin_dump(
+    empty = ranges(7,
         '<superblock uuid="" time="0" transaction="1" data_block_size="256" nr_data_blocks="0">'
         '<device dev_id="7" mapped_blocks="0" transaction="0" creation_time="0" snap_time="0"/>'
         '</superblock>')
-    assert list(mapping.mapped_extents(empty, 7, SIZE)) == [Extent(0, SIZE, H)]
+    assert list(mapping.mapped_extents(empty, SIZE)) == [Extent(0, SIZE, H)]
+
+
+def test_the_streamed_ranges_are_the_full_dumps_coalesced():
+    full = tools.parse_thin_dump(THIN_DUMP)
+    for dev_id, device in full.devices.items():
+        streamed = ranges(dev_id)
+        assert list(streamed.ranges) == device.virtual_ranges()
+        assert (streamed.mapped_blocks, streamed.data_block_size) == \
+            (device.mapped_blocks, full.data_block_size)
+    assert ranges(99) is None  # no such device
+
+
+def test_a_broken_or_disordered_dump_is_a_parse_error():
+    with pytest.raises(ParseError, match="not XML"):
+        ranges(1, THIN_DUMP[:-20] + "<<")
+    with pytest.raises(ParseError, match="out of order"):
+        ranges(1, '<superblock uuid="" time="0" transaction="1" data_block_size="128" '
+                  'nr_data_blocks="0"><device dev_id="1" mapped_blocks="2" transaction="0" '
+                  'creation_time="0" snap_time="0"><single_mapping origin_block="5" '
+                  'data_block="0" time="0"/><single_mapping origin_block="2" data_block="1" '
+                  'time="0"/></device></superblock>')
 
 
 def test_changes_are_data_discards_are_zero_the_rest_stands(delta):

@@ -1,6 +1,7 @@
 import pytest
 
-from thinstack.dm.command import CommandError, CommandNotFound, CommandTimeout, run, summary
+from thinstack.dm.command import (CommandError, CommandNotFound, CommandTimeout, run, stream,
+                                  summary)
 
 
 def test_returns_standard_output():
@@ -59,3 +60,19 @@ def test_a_long_command_line_is_shortened_in_the_message():
 ])
 def test_summary_picks_the_telling_line(output, line):
     assert summary(output) == line
+
+
+def test_stream_yields_large_output_in_pieces_and_reports_failure_at_the_end(capfd):
+    pieces = list(stream(["seq", "1", "300000"], piece=1 << 16))
+    assert len(pieces) > 10 and "".join(pieces) == "".join(f"{i}\n" for i in range(1, 300001))
+    seen = []
+    with pytest.raises(CommandError) as caught:
+        for piece in stream(["sh", "-c", "echo early; echo 'bad metadata' >&2; exit 2"]):
+            seen.append(piece)
+    assert seen == ["early\n"] and caught.value.exit_status == 2
+    assert str(caught.value).endswith("exit 2: bad metadata")
+    assert capfd.readouterr().err == ""  # nothing printed behind the caller's back
+    with pytest.raises(CommandNotFound):
+        list(stream(["thinstack-no-such-program"]))
+    with pytest.raises(CommandTimeout):
+        list(stream(["sleep", "10"], timeout=0.2))
