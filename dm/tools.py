@@ -210,9 +210,10 @@ def parse_thin_ranges(pieces: Iterable[str], dev_id: int) -> ThinRanges | None:
 
 def thin_delta(metadata_dev: str, snap1: int, snap2: int, *,
                metadata_snap: bool = True) -> ThinDelta:
-    """How device `snap2`'s mappings differ from device `snap1`'s."""
-    return parse_thin_delta(run(["thin_delta", *_snap(metadata_snap), "--snap1", str(snap1),
-                                 "--snap2", str(snap2), metadata_dev], timeout=TIMEOUT))
+    """How device `snap2`'s mappings differ from device `snap1`'s (read as it streams: two
+    fragmented volumes differ in millions of ranges)."""
+    return parse_thin_delta(stream(["thin_delta", *_snap(metadata_snap), "--snap1", str(snap1),
+                                    "--snap2", str(snap2), metadata_dev], timeout=TIMEOUT))
 
 
 def thin_ls(metadata_dev: str, *, metadata_snap: bool = True) -> list[ThinLsEntry]:
@@ -273,19 +274,45 @@ def parse_thin_dump(text: str) -> ThinDump:
     return ThinDump(_int(root, "data_block_size"), _int(root, "transaction"), devices)
 
 
-def parse_thin_delta(text: str) -> ThinDelta:
-    root = _xml(text, "thin_delta")
-    diff = root.find("diff")
-    if diff is None:
-        raise ParseError("thin_delta: no <diff> in the output")
+def parse_thin_delta(output: str | Iterable[str]) -> ThinDelta:
+    """thin_delta's output, whole or in pieces."""
+    parser = expat.ParserCreate()
     kinds = {k.value: k for k in DeltaKind}
-    ranges = []
-    for r in diff:
-        if r.tag not in kinds:
-            raise ParseError(f"thin_delta: unexpected <{r.tag}>")
-        ranges.append(DeltaRange(kinds[r.tag], _int(r, "begin"), _int(r, "length")))
-    return ThinDelta(_int(root, "data_block_size"), _int(diff, "left"), _int(diff, "right"),
-                     tuple(ranges))
+    head: dict[str, int] = {}
+    ranges: list[DeltaRange] = []
+    depth = [0]  # 1 within <diff>
+
+    def start(tag: str, attrs: dict[str, str]) -> None:
+        if depth[0] and tag not in kinds:
+            raise ParseError(f"thin_delta: unexpected <{tag}>")
+        try:
+            if tag == "superblock":
+                head["data_block_size"] = int(attrs["data_block_size"])
+            elif tag == "diff":
+                head["left"], head["right"] = int(attrs["left"]), int(attrs["right"])
+                depth[0] = 1
+            elif depth[0]:
+                ranges.append(DeltaRange(kinds[tag], int(attrs["begin"]), int(attrs["length"])))
+        except (KeyError, ValueError):
+            raise ParseError(f"thin_delta: <{tag}> lacks a numeric attribute: {attrs}") from None
+
+    def end(tag: str) -> None:
+        if tag == "diff":
+            depth[0] = 0
+
+    parser.StartElementHandler = start
+    parser.EndElementHandler = end
+    try:
+        for piece in [output] if isinstance(output, str) else output:
+            parser.Parse(piece, False)
+        parser.Parse("", True)
+    except expat.ExpatError as e:
+        raise ParseError(f"thin_delta output is not XML: {e}") from None
+    if "left" not in head:
+        raise ParseError("thin_delta: no <diff> in the output")
+    if "data_block_size" not in head:
+        raise ParseError("thin_delta: no <superblock> in the output")
+    return ThinDelta(head["data_block_size"], head["left"], head["right"], tuple(ranges))
 
 
 def parse_thin_ls(text: str) -> list[ThinLsEntry]:

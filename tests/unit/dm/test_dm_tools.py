@@ -34,8 +34,10 @@ def test_thin_dump_of_one_device_of_an_inactive_pool(run):
     assert run.call_args.args[0] == ["thin_dump", "--dev-id", "1", "/dev/md1"]
 
 
-def test_thin_delta_between_a_snapshot_and_its_origin(run):
-    run.return_value = text("thin_delta.xml")
+def test_thin_delta_between_a_snapshot_and_its_origin(mocker):
+    output = text("thin_delta.xml")
+    run = mocker.patch("thinstack.dm.tools.stream",
+                       return_value=[output[i:i + 5] for i in range(0, len(output), 5)])
     delta = tools.thin_delta("/dev/m", 1, 0)
     assert run.call_args.args[0] == ["thin_delta", "--metadata-snap", "--snap1", "1",
                                      "--snap2", "0", "/dev/m"]
@@ -44,6 +46,15 @@ def test_thin_delta_between_a_snapshot_and_its_origin(run):
                             DeltaRange(DeltaKind.SAME, 7, 1),
                             DeltaRange(DeltaKind.RIGHT_ONLY, 20, 1))
     assert delta.changed() == [BlockRange(6, 1), BlockRange(20, 1)]
+
+
+def test_thin_ranges_of_one_device_read_as_thin_dump_streams(mocker):
+    stream = mocker.patch("thinstack.dm.tools.stream", return_value=[text("thin_dump.xml")])
+    mapped = tools.thin_ranges("/dev/block/98:16", 0)
+    assert stream.call_args.args[0] == ["thin_dump", "--metadata-snap", "--dev-id", "0",
+                                        "/dev/block/98:16"]
+    assert (mapped.data_block_size, mapped.mapped_blocks) == (128, 4)
+    assert mapped.ranges == (BlockRange(5, 3), BlockRange(20, 1))
 
 
 def test_thin_ls(run):
