@@ -36,10 +36,11 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from thinstack import extorigin, faults, lvm, mapping, tags
+from thinstack import extorigin, faults, lvm, mapping, pools, tags
 from thinstack.copy import CopyStats, copy_extents, data_bytes
 from thinstack.dm import tools
 from thinstack.dm.client import DeviceMapper
+from thinstack.dm.pool import Pool
 from thinstack.errors import NoSpace, NotFound, Refused, ThinstackError
 from thinstack.exporters import ExportError, driver
 from thinstack.extents import Extent, Kind
@@ -224,6 +225,7 @@ class _Job:
     keep: bool  # rotate the snapshot into NAME.last-export at the end
     last: LV | None  # the NAME.last-export it replaces then
     record: Record | None  # and the record of that one
+    kernel: Pool | None = None  # the pool's kernel device, once looked up
 
 
 def export_volume(ref: VolumeRef, dest: str | os.PathLike, *, format: str = "raw",
@@ -298,11 +300,12 @@ def _start(ref: VolumeRef, dest: Path, format: str, incremental: bool, since: st
                               partial=str(_partial(dest)))
         try:
             faults.point("export", "after-intent")
-            read_from = source
+            read_from, kernel = source, None
             # A read-only volume cannot change under the copy; --incremental keeps a snapshot
             # even of one, as the next export's base.
             if incremental or not source.readonly:
-                check_metadata_room(pool)
+                kernel = pools.kernel_pool(pool)
+                check_metadata_room(pool, kernel)
                 read_from = _snapshot(entry, source, active=active, pool=pool)
                 faults.point("export", "after-snapshot")
         except BaseException:
@@ -310,7 +313,7 @@ def _start(ref: VolumeRef, dest: Path, format: str, incremental: bool, since: st
             journal.finish(entry)
             raise
         return _Job(entry, source, kind, read_from, pool, base, reason, keep=incremental,
-                    last=last, record=record)
+                    last=last, record=record, kernel=kernel)
 
 
 def _extents(job: _Job) -> tuple[list[Extent], int, int]:
@@ -320,7 +323,8 @@ def _extents(job: _Job) -> tuple[list[Extent], int, int]:
     if job.kind == "plain":
         return volume_extents(job.kind, size, None, None), size, PLAIN_CHUNK
     thin_id = job.read_from.thin_id
-    ranges, delta = mapping.read(job.pool, thin_id, job.base.thin_id if job.base else None)
+    ranges, delta = mapping.read(job.pool, thin_id, job.base.thin_id if job.base else None,
+                                 device=job.kernel)
     unit = mapping.block_size(ranges)
     return volume_extents(job.kind, size, ranges, delta), ranges.mapped_blocks * unit, unit
 

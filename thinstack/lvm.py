@@ -65,6 +65,7 @@ class LV:
     metadata_size: int
     skip_activation: bool
     when_full: str
+    vg_free: int = 0  # the VG's free bytes when this was read: a pool's room to grow
 
     @property
     def ref(self) -> VolumeRef:
@@ -124,7 +125,7 @@ def lvm(*args: str, timeout: float = 300) -> str:
 
 _LV_FIELDS = ("lv_name,vg_name,lv_uuid,lv_attr,lv_size,segtype,pool_lv,origin,data_percent,"
               "metadata_percent,lv_tags,lv_path,lv_dm_path,thin_id,chunk_size,lv_metadata_size,"
-              "lv_skip_activation,lv_when_full")
+              "lv_skip_activation,lv_when_full,vg_free")
 
 
 def _report(command: str, fields: str, key: str, *args: str) -> list[dict[str, str]]:
@@ -156,7 +157,8 @@ def _lv(row: dict[str, str]) -> LV:
               path=row["lv_path"], dm_path=row["lv_dm_path"],
               thin_id=int(row["thin_id"]) if row["thin_id"] else None,
               chunk_size=_int(row["chunk_size"]), metadata_size=_int(row["lv_metadata_size"]),
-              skip_activation=row["lv_skip_activation"] == "1", when_full=row["lv_when_full"])
+              skip_activation=row["lv_skip_activation"] == "1", when_full=row["lv_when_full"],
+              vg_free=_int(row.get("vg_free", "")))
 
 
 def lvs(vg: str | None = None, *, all_: bool = False) -> list[LV]:

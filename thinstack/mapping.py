@@ -69,11 +69,12 @@ def block_count(extents: list[Extent], unit: int) -> int:
 
 # --- reading the pool's metadata ---------------------------------------------------------------
 
-def read(pool: LV, thin_id: int, base_id: int | None = None
+def read(pool: LV, thin_id: int, base_id: int | None = None, *, device=None
          ) -> tuple[tools.ThinRanges, tools.ThinDelta | None]:
     """Thin device `thin_id`'s mappings and, given a base, how it differs from thin device
-    `base_id`: both from one metadata snapshot of the live pool."""
-    device = pools.kernel_pool(pool)
+    `base_id`: both from one metadata snapshot of the live pool. `device`: the pool's kernel
+    device (pools.kernel_pool), if the caller has it already."""
+    device = device or pools.kernel_pool(pool)
     if device is None:
         raise Refused(f"{pool.ref} is not active: activate it (`thinstack pool attach "
                       f"{pool.vg}`) first")

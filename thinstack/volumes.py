@@ -321,17 +321,18 @@ def delete(ref: VolumeRef) -> None:
         run_lvm("lvremove", "-q", "-y", *(str(b.ref) for b in bases), str(ref))
 
 
-def refuse_if_metadata_would_run_out(pool: LV) -> None:
+def refuse_if_metadata_would_run_out(pool: LV, kernel=None) -> None:
     """A pool whose metadata fills turns read-only for every volume in it; one more snapshot
-    is not worth that. Refuse it while there is still time for the operator to act."""
+    is not worth that. Refuse it while there is still time for the operator to act.
+    `kernel`: the pool's kernel device (pools.kernel_pool), if the caller has it already."""
     from thinstack import growth, pools
     from thinstack.dm.status import ThinPoolStatus
 
-    kernel = pools.kernel_pool(pool)
+    kernel = kernel or pools.kernel_pool(pool)
     status = kernel.status() if kernel is not None else None
     if not isinstance(status, ThinPoolStatus):
         return  # an inactive or failed pool: LVM itself will refuse
-    room = lvm.vgs(pool.vg)[0].free
+    room = pool.vg_free  # read with the pool: no need to ask LVM again
     if not growth.metadata_projection_ok(status, chunk=pool.chunk_size, room=room):
         raise NoSpace(f"pool {pool.vg}/{pool.name}: metadata is projected to run out if another "
                       "snapshot shares its blocks; grow it (`lvextend --poolmetadatasize`) or "
