@@ -51,8 +51,9 @@ class Origin:
     size: int
     readonly: bool
     is_dm: bool
-    holders: tuple[str, ...]  # kernel devices stacked on it (dm-3, md0, ...), not our clones
-    mounted: bool
+    holders: tuple[str, ...]  # kernel devices stacked on it or on a partition of it (dm-3,
+    #                            md0, ...), not our clones
+    mounted: bool  # it, or a partition of it (writes there change the origin too)
 
 
 def recorded(lv: LV) -> tuple[str, int] | None:
@@ -93,11 +94,14 @@ def probe(path: str) -> Origin:
         size = os.lseek(fd, 0, os.SEEK_END)
     finally:
         os.close(fd)
-    holders = tuple(sorted(h.name for h in (sys / "holders").iterdir() if not _is_clone(h))) \
-        if (sys / "holders").is_dir() else ()
+    # A whole disk's partitions are its own bytes: a mount or a holder there writes the origin.
+    parts = [p for p in sys.resolve().iterdir() if (p / "partition").exists()]
+    devnos = [f"{major}:{minor}", *((p / "dev").read_text().strip() for p in parts)]
+    holders = tuple(sorted(h.name for d in [sys, *parts] if (d / "holders").is_dir()
+                           for h in (d / "holders").iterdir() if not _is_clone(h)))
     return Origin(path=path, devno=f"{major}:{minor}", size=size,
                   readonly=(sys / "ro").read_text().strip() == "1", is_dm=(sys / "dm").is_dir(),
-                  holders=holders, mounted=_mounted(f"{major}:{minor}"))
+                  holders=holders, mounted=_mounted(devnos))
 
 
 def _is_clone(holder: Path) -> bool:
@@ -105,15 +109,16 @@ def _is_clone(holder: Path) -> bool:
     return uuid_file.exists() and uuid_file.read_text().startswith(UUID_PREFIX)
 
 
-def _mounted(devno: str) -> bool:
+def _mounted(devnos: list[str]) -> bool:
     with open("/proc/self/mountinfo") as f:
-        return any(line.split()[2] == devno for line in f)
+        return any(line.split()[2] in devnos for line in f)
 
 
 def check_usable(origin: Origin) -> None:
     """Refuse an origin something else may be writing (other clones may read it too)."""
     if origin.mounted:
-        raise Refused(f"{origin.path} is mounted; unmount it: a clone's origin must not change")
+        raise Refused(f"{origin.path} (or a partition of it) is mounted; unmount it: a clone's "
+                      "origin must not change")
     if origin.holders:
         raise Refused(f"{origin.path} is in use by {', '.join(origin.holders)}; a clone's "
                       "origin must not change")

@@ -356,6 +356,16 @@ def test_bad_outside_origins_are_refused_clearly(vg, tmp_path):
     sh("mount", mounted, str(tmp_path / "mnt"))
     try:
         cases.append((["clone", mounted, "vg0/c"], 5, "is mounted"))
+        # A disk whose partition is mounted: writes through the partition change the disk.
+        image = tmp_path / "disk.img"
+        image.write_bytes(bytes(32 * MiB))
+        subprocess.run(["sfdisk", "-q", str(image)], input="start=2048, size=20480\n",
+                       text=True, check=True, capture_output=True)
+        disk = sh("losetup", "-f", "--show", "-P", str(image)).strip()
+        sh("mkfs.ext4", "-q", disk + "p1")
+        (tmp_path / "mnt2").mkdir()
+        sh("mount", disk + "p1", str(tmp_path / "mnt2"))
+        cases.append((["clone", disk, "vg0/c"], 5, "a partition of it) is mounted"))
         before = set(lvs("vg0"))
         for args, status, text in cases:
             done = ts(*args, check=False)
@@ -364,6 +374,8 @@ def test_bad_outside_origins_are_refused_clearly(vg, tmp_path):
         assert not getro(mounted) and set(lvs("vg0")) == before
     finally:
         sh("umount", str(tmp_path / "mnt"))
+        if (tmp_path / "mnt2").exists():
+            sh("umount", str(tmp_path / "mnt2"))
 
 
 @pytest.mark.lab(disks=1, disk_size="1G")
