@@ -20,13 +20,11 @@ would send its messages; one from further back is refused (TransactionConflict).
 
 from __future__ import annotations
 
-import fcntl
 import mmap
 import os
 import re
-import time
-from collections.abc import Collection, Iterable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Collection, Iterable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -195,20 +193,20 @@ def create_pool(dm: DeviceMapper, name: str, target: ThinPoolTarget, *, fresh: b
 class Pool:
     """An active thin-pool device `name`.
 
-    `lock_dir`: where readers of the pool's one metadata snapshot coordinate. A reader killed
+    `reader_lock`: how readers of the pool's one metadata snapshot coordinate. A reader killed
     while holding the snapshot never releases it, and the kernel keeps it (in the superblock)
-    until someone does, so every later reader would be refused. With a lock_dir, a reader holds
-    an flock on `NAME.metasnap` for as long as it holds the snapshot, and a marker file says a
-    reservation is in progress; a reader that gets the lock, finds the snapshot held and the
-    marker present knows its holder was one of ours and is dead, and releases it. A snapshot
-    held without the marker belongs to someone else (an operator's thin_dump) and is left."""
+    until someone does, so every later reader would be refused. With a reader_lock (a context
+    manager a process holds exclusively, yielding a marker file's path), a reader holds it for
+    as long as it holds the snapshot, and the marker says a reservation is in progress; a reader
+    that gets the lock, finds the snapshot held and the marker present knows its holder was one
+    of ours and is dead, and releases it. A snapshot held without the marker belongs to someone
+    else (an operator's thin_dump) and is left."""
 
-    def __init__(self, dm: DeviceMapper, name: str, *, lock_dir: Path | None = None,
-                 lock_timeout: float = 30.0):
+    def __init__(self, dm: DeviceMapper, name: str, *,
+                 reader_lock: Callable[[], AbstractContextManager[Path]] | None = None):
         self.dm = dm
         self.name = name
-        self.lock_dir = lock_dir
-        self.lock_timeout = lock_timeout
+        self.reader_lock = reader_lock
 
     @property
     def target(self) -> ThinPoolTarget:
@@ -235,7 +233,7 @@ class Pool:
     def metadata_snap(self) -> Iterator[None]:
         """Hold a metadata snapshot for the body, so tools can read a live pool's metadata;
         released however the body ends (the pool holds only one at a time)."""
-        with self._reader_lock() as marker:
+        with self.reader_lock() if self.reader_lock else nullcontext() as marker:
             self._reserve(marker)
             try:
                 yield
@@ -267,30 +265,6 @@ class Pool:
             if marker is not None and not stale:
                 marker.unlink(missing_ok=True)  # what is held, if anything, is not ours
             raise
-
-    @contextmanager
-    def _reader_lock(self) -> Iterator[Path | None]:
-        if self.lock_dir is None:
-            yield None
-            return
-        self.lock_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_dir / f"{self.name}.metasnap", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                     0o600)
-        try:
-            deadline = time.monotonic() + self.lock_timeout
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise DmError(f"thin-pool {self.name}: another reader has held its "
-                                      f"metadata snapshot for over {self.lock_timeout:g} s") \
-                            from None
-                    time.sleep(0.05)
-            yield self.lock_dir / f"{self.name}.metasnap-held"
-        finally:
-            os.close(fd)
 
     def thin_ls(self) -> list[tools.ThinLsEntry]:
         with self.metadata_snap():

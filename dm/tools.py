@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 from xml.parsers import expat
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -149,9 +149,21 @@ def thin_ranges(metadata_dev: str, dev_id: int, *, metadata_snap: bool = True
                timeout=TIMEOUT), dev_id)
 
 
-def parse_thin_ranges(pieces: Iterable[str], dev_id: int) -> ThinRanges | None:
-    # expat's callbacks, not a tree: a fragmented volume's dump has millions of elements.
+def _expat(pieces: Iterable[str], start: Callable[[str, dict[str, str]], None],
+           end: Callable[[str], None], tool: str) -> None:
+    """Feed a tool's XML output, in pieces, to start/end element callbacks: no tree is built,
+    as a fragmented volume's output has millions of elements."""
     parser = expat.ParserCreate()
+    parser.StartElementHandler, parser.EndElementHandler = start, end
+    try:
+        for piece in pieces:
+            parser.Parse(piece, False)
+        parser.Parse("", True)
+    except expat.ExpatError as e:
+        raise ParseError(f"{tool} output is not XML: {e}") from None
+
+
+def parse_thin_ranges(pieces: Iterable[str], dev_id: int) -> ThinRanges | None:
     found: dict[str, int] = {}
     ranges: list[BlockRange] = []
     run = [0, 0]  # the open run of mapped blocks: begin, end
@@ -191,14 +203,7 @@ def parse_thin_ranges(pieces: Iterable[str], dev_id: int) -> ThinRanges | None:
         if tag == "device":
             inside[0] = False
 
-    parser.StartElementHandler = start
-    parser.EndElementHandler = end
-    try:
-        for piece in pieces:
-            parser.Parse(piece, False)
-        parser.Parse("", True)
-    except expat.ExpatError as e:
-        raise ParseError(f"thin_dump output is not XML: {e}") from None
+    _expat(pieces, start, end, "thin_dump")
     if "data_block_size" not in found:
         raise ParseError("thin_dump: no <superblock> in the output")
     if "mapped_blocks" not in found:
@@ -276,7 +281,6 @@ def parse_thin_dump(text: str) -> ThinDump:
 
 def parse_thin_delta(output: str | Iterable[str]) -> ThinDelta:
     """thin_delta's output, whole or in pieces."""
-    parser = expat.ParserCreate()
     kinds = {k.value: k for k in DeltaKind}
     head: dict[str, int] = {}
     ranges: list[DeltaRange] = []
@@ -300,14 +304,7 @@ def parse_thin_delta(output: str | Iterable[str]) -> ThinDelta:
         if tag == "diff":
             depth[0] = 0
 
-    parser.StartElementHandler = start
-    parser.EndElementHandler = end
-    try:
-        for piece in [output] if isinstance(output, str) else output:
-            parser.Parse(piece, False)
-        parser.Parse("", True)
-    except expat.ExpatError as e:
-        raise ParseError(f"thin_delta output is not XML: {e}") from None
+    _expat([output] if isinstance(output, str) else output, start, end, "thin_delta")
     if "left" not in head:
         raise ParseError("thin_delta: no <diff> in the output")
     if "data_block_size" not in head:

@@ -46,7 +46,7 @@ from thinstack.exporters import ExportError, driver
 from thinstack.extents import Extent, Kind
 from thinstack.importers import Policy
 from thinstack.journal import Entry, Journal
-from thinstack.lock import vg_lock
+from thinstack.lock import held, vg_lock
 from thinstack.lvm import LV, VolumeRef
 from thinstack.progress import Bar
 from thinstack.state import run_dir, state_dir
@@ -291,8 +291,7 @@ def _start(ref: VolumeRef, dest: Path, format: str, incremental: bool, since: st
         elif incremental:
             exists = record is not None and Path(record.path).is_file()
             base, reason = incremental_base(format, dest.resolve(), record, last, exists)
-        active = extorigin.active(source) if extorigin.is_outside_clone(source) \
-            else source.active
+        active = extorigin.active(source)
         if not (incremental or source.readonly or active):
             raise Refused(f"{ref} is not active: activate it to export it")
         pool = next((lv for lv in lvs if lv.name == source.pool), None)
@@ -495,17 +494,7 @@ def export_lock(ref: VolumeRef):
 
 
 def _running(ref: VolumeRef) -> bool:
-    try:
-        fd = os.open(lock_path(ref), os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
+    return held(lock_path(ref))
 
 
 def _earlier_exports(ref: VolumeRef, journal: Journal) -> list[Entry]:

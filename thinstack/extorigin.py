@@ -160,20 +160,14 @@ def set_writable(path: str) -> None:
 
 
 def active(lv: LV, dm: DeviceMapper | None = None) -> bool:
+    """Whether the volume's device is up: LVM knows for every volume but these clones."""
     if not is_outside_clone(lv):
-        return False
+        return lv.active
     info = (dm or DeviceMapper()).info(dm_name(lv))
     return info is not None and info.uuid == uuid(lv)
 
 
-def open_count(lv: LV) -> int:
-    if not is_outside_clone(lv):
-        return 0
-    info = DeviceMapper().info(dm_name(lv))
-    return info.open_count if info is not None and info.uuid == uuid(lv) else 0
-
-
-def activate(lv: LV, pool: LV, *, link: bool = True) -> str:
+def activate(lv: LV, pool: LV) -> str:
     """Bring the clone up over its origin; returns its /dev/mapper path. An already active
     clone is left as it is."""
     dm = DeviceMapper()
@@ -194,8 +188,7 @@ def activate(lv: LV, pool: LV, *, link: bool = True) -> str:
             raise Refused(f"{pool.vg}/{pool.name}: the thin pool did not come up")
     device = dm.create(dm_name(lv), table(lv, tpool.device.devno, origin.devno), uuid=uuid(lv),
                        readonly=lv.readonly)
-    if link:
-        _link(lv, f"../dm-{device.minor}")
+    _link(lv, f"../dm-{device.minor}")
     return device.path
 
 

@@ -38,6 +38,7 @@ pool is not active):
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -48,7 +49,7 @@ from thinstack.dm.pool import Pool
 from thinstack.dm.status import Failed, ThinPoolStatus
 from thinstack.errors import Exists, NoSpace, NotFound, Refused, ThinstackError
 from thinstack.journal import Entry, Journal
-from thinstack.lock import vg_lock
+from thinstack.lock import flocked, vg_lock
 from thinstack.lvm import LV
 from thinstack.sizes import format_size
 from thinstack.state import run_dir, state_dir
@@ -590,6 +591,19 @@ def _pool_lv(vg: str) -> LV:
     return pool_of(vg, lvm.lvs(vg))
 
 
+# A reader holding the metadata snapshot for longer than this is stuck, not slow.
+METADATA_READER_WAIT = 30.0
+
+
+@contextmanager
+def _metadata_reader(name: str):
+    """Pool.reader_lock for thin-pool device `name`: see Pool."""
+    path = run_dir() / "locks" / f"{name}.metasnap"
+    with flocked(path, METADATA_READER_WAIT, f"thin-pool {name}: another reader has held its "
+                 f"metadata snapshot for over {METADATA_READER_WAIT:g} s"):
+        yield path.with_name(f"{name}.metasnap-held")
+
+
 def kernel_pool(pool: LV) -> Pool | None:
     """The kernel's thin-pool device of an LVM pool, or None when it is not active. LVM stacks
     it as VG-pool-tpool once thin volumes use the pool, and as VG-pool itself before."""
@@ -597,5 +611,5 @@ def kernel_pool(pool: LV) -> Pool | None:
     name = os.path.basename(pool.dm_path)
     for candidate in (f"{name}-tpool", name):
         if dm.exists(candidate):
-            return Pool(dm, candidate, lock_dir=run_dir() / "locks")
+            return Pool(dm, candidate, reader_lock=lambda: _metadata_reader(candidate))
     return None

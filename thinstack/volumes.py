@@ -313,7 +313,7 @@ def delete(ref: VolumeRef) -> None:
             if clones:
                 raise Refused(f"{ref} is the origin of {', '.join(str(c.ref) for c in clones)}; "
                               "delete them first")
-        if _is_open(lv) or extorigin.open_count(lv):
+        if _is_open(lv):  # (an open outside-origin clone: release below refuses)
             raise Refused(f"{ref} is open (a VM or a mount is using it)")
         extorigin.release(lv)  # an outside-origin clone's device, before LVM drops the LV
         # The base of its next incremental export goes with it, in the same LVM command.
@@ -410,7 +410,7 @@ def volume_infos(vg: str, usage: dict[int, tuple[int, int, int]] | None = None) 
             vg=lv.vg, name=lv.name, size=lv.size, path=lv.path, dm_path=lv.dm_path,
             kind=_kind(lv, lvs), origin=outside[0] if outside else lv.origin or None,
             readonly=lv.readonly, gold=tags.GOLD in lv.tags,
-            active=extorigin.active(lv) if outside else lv.active,
+            active=extorigin.active(lv),
             dependants=[d.name for d in dependants(lv, lvs)], mapped_bytes=mapped,
             exclusive_bytes=exclusive, shared_bytes=shared, thin_id=lv.thin_id))
     return out

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -23,6 +24,7 @@ from tests.patterns import BLOCK, pattern, read_direct, write_blocks
 from thinstack import exports, faults, imports
 from thinstack.errors import Refused
 from thinstack.importers import gow, open_image
+from thinstack.lock import held
 from thinstack.lvm import VolumeRef
 
 MiB = 1 << 20
@@ -287,15 +289,7 @@ def test_a_killed_export_leaves_dest_as_it_was_and_recover_cleans_up(vg, tmp_pat
 
 
 def vg_lock_free(vg_name: str) -> bool:
-    fd = os.open(os.path.join(os.environ["THINSTACK_RUN_DIR"], "locks", f"{vg_name}.lock"),
-                 os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)
+    return not held(Path(os.environ["THINSTACK_RUN_DIR"], "locks", f"{vg_name}.lock"))
 
 
 def pause_mid_copy(process: subprocess.Popen, dest_dir) -> None:

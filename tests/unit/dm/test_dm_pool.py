@@ -370,38 +370,56 @@ def test_a_pool_must_be_a_thin_pool(kernel):
         Pool(k, "pool").thin_status("vol")
 
 
+@pytest.fixture
+def reader_lock(tmp_path, monkeypatch):
+    """thinstack's reader lock for the pool, its files under tmp_path/locks."""
+    from thinstack import pools
+
+    monkeypatch.setenv("THINSTACK_RUN_DIR", str(tmp_path))
+    return lambda: pools._metadata_reader("pool")
+
+
 def held_at(k, root=52):
     real = k.target_status
     k.target_status = lambda name: replace(real(name), held_metadata_root=root if k.held else None)
 
 
-def test_a_snapshot_left_by_a_dead_reader_of_ours_is_released_and_taken(kernel, tmp_path):
+def test_a_snapshot_left_by_a_dead_reader_of_ours_is_released_and_taken(kernel, tmp_path,
+                                                                         reader_lock):
     k = kernel(ids={0, 3})
     k.held = True
     held_at(k)
-    (tmp_path / "pool.metasnap-held").touch()  # a reader of ours was reserving, then died
-    assert Pool(k, "pool", lock_dir=tmp_path).device_ids() == {0, 3}
-    assert not k.held and not (tmp_path / "pool.metasnap-held").exists()
+    marker = tmp_path / "locks" / "pool.metasnap-held"
+    marker.parent.mkdir()
+    marker.touch()  # a reader of ours was reserving, then died
+    assert Pool(k, "pool", reader_lock=reader_lock).device_ids() == {0, 3}
+    assert not k.held and not marker.exists()
 
 
-def test_someone_elses_snapshot_is_left_and_leaves_no_marker(kernel, tmp_path):
+def test_someone_elses_snapshot_is_left_and_leaves_no_marker(kernel, tmp_path, reader_lock):
     k = kernel()
     k.held = True
     held_at(k)
     with pytest.raises(DmError, match="already holds"):
-        Pool(k, "pool", lock_dir=tmp_path).device_ids()
-    assert k.held and not (tmp_path / "pool.metasnap-held").exists()
+        Pool(k, "pool", reader_lock=reader_lock).device_ids()
+    assert k.held and not (tmp_path / "locks" / "pool.metasnap-held").exists()
 
 
-def test_a_live_reader_holding_the_lock_is_waited_for_then_reported(kernel, tmp_path):
+def test_a_live_reader_holding_the_lock_is_waited_for_then_reported(kernel, tmp_path,
+                                                                     reader_lock, monkeypatch):
     import fcntl
     import os
 
-    fd = os.open(tmp_path / "pool.metasnap", os.O_RDWR | os.O_CREAT)
+    from thinstack import pools
+    from thinstack.lock import LockTimeout
+
+    monkeypatch.setattr(pools, "METADATA_READER_WAIT", 0.2)
+    (tmp_path / "locks").mkdir()
+    fd = os.open(tmp_path / "locks" / "pool.metasnap", os.O_RDWR | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_EX)
     try:
-        with pytest.raises(DmError, match="another reader"):
-            Pool(kernel(), "pool", lock_dir=tmp_path, lock_timeout=0.2).device_ids()
+        with pytest.raises(LockTimeout, match="another reader"):
+            Pool(kernel(), "pool", reader_lock=reader_lock).device_ids()
     finally:
         os.close(fd)
-    assert Pool(kernel(ids={1}), "pool", lock_dir=tmp_path).device_ids() == {1}
+    assert Pool(kernel(ids={1}), "pool", reader_lock=reader_lock).device_ids() == {1}
