@@ -2,20 +2,28 @@
 change, marks each step as it completes, and removes the record at the end. An entry left behind
 is an operation that was interrupted; `recover` reads it and completes or rolls back.
 
-Each entry is one small JSON file, replaced atomically (write, fsync, rename, fsync the folder),
-so a crash leaves either the old or the new version, never a torn one.
+Each entry is one small JSON file, `VG.ID.json`, replaced atomically (write, fsync, rename, fsync
+the folder), so a crash leaves either the old or the new version, never a torn one.
+
+An entry that cannot be read all the same (a disk that lied about a flush, a hand edit, a field of
+the wrong type) is never acted on, and never dropped in silence: `pending()` leaves it out and
+says so on stderr, `damaged()` lists it, and recovery leaves alone the volumes tagged with its
+operation's tag (the id is in the file's name) until the operator has looked.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from thinstack.state import state_dir
+from thinstack.tags import OP_PREFIX
 
 
 @dataclass
@@ -31,10 +39,130 @@ class Entry:
     @property
     def tag(self) -> str:
         """The LVM tag that marks volumes this operation made and has not yet committed."""
-        return f"ts_op_{self.id}"
+        return f"{OP_PREFIX}{self.id}"
 
     def done(self, step: str) -> bool:
         return step in self.steps
+
+    def value(self, kind: str) -> str | None:
+        """The target of the last step `kind:TARGET`, or None."""
+        found = None
+        for step in self.steps:
+            k, sep, target = step.partition(":")
+            if sep and k == kind:
+                found = target
+        return found
+
+
+@dataclass(frozen=True)
+class Damaged:
+    """A journal file that cannot be trusted: its operation's volumes are left as they are."""
+    path: Path
+    vg: str  # from the file's name; "" when even the name is not ours
+    id: str
+    reason: str
+
+    @property
+    def tag(self) -> str:
+        return f"{OP_PREFIX}{self.id}" if self.id else ""
+
+    def __str__(self) -> str:
+        tagged = f"; volumes tagged {self.tag} are left as they are" if self.tag else ""
+        return f"journal entry {self.path} cannot be used ({self.reason}){tagged}"
+
+    def advice(self) -> str:
+        """What the operator does about it: one line."""
+        look = (f"look at the volumes tagged {self.tag} (`lvs -o+tags @{self.tag}`), remove them "
+                f"or keep them (`lvchange --deltag {self.tag} VG/NAME`), then " if self.tag else "")
+        return f"{self}: {look}delete {self.path}"
+
+
+# The name thinstack gives entries: the VG (LVM's name rules), the id (hex).
+_FILE_NAME = re.compile(r"(?P<vg>[A-Za-z0-9+_.][A-Za-z0-9+_.-]*)\.(?P<id>[0-9a-f]{1,64})\.json")
+
+# Every field with the type a reader relies on; `int` never admits a bool.
+_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "id": str, "op": str, "vg": str, "args": dict, "steps": list, "started": (int, float),
+    "pid": int}
+# Arguments that code reads back from an entry, with their types, where they appear.
+_ARGS: dict[str, type | tuple[type, ...]] = {
+    "name": str, "origin": str, "size": (int, type(None)), "path": str, "source": dict,
+    "dest": str, "partial": str, "file": str, "devices": list, "raid1": bool,
+    "chunk": int}
+# Arguments an operation's recovery cannot do without.
+_REQUIRED_ARGS = {"import": ("name", "size", "source"), "export": ("name", "partial")}
+# Steps whose target is read as a number.
+_NUMERIC_STEPS = ("copied",)
+
+_reported: set[Path] = set()  # damaged entries this process has already reported
+
+
+def _typed(value: object, kind: type | tuple[type, ...]) -> bool:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool):  # a bool is an int to isinstance; never to a reader
+        return bool in kinds
+    return isinstance(value, kinds)
+
+
+def check(data: object, vg: str, id: str) -> str | None:
+    """What is wrong with a loaded entry that should be `VG.ID.json`, or None."""
+    if not isinstance(data, dict):
+        return "not a JSON object"
+    if set(data) != set(_FIELDS):
+        missing, extra = sorted(set(_FIELDS) - set(data)), sorted(set(data) - set(_FIELDS))
+        return ", ".join([f"missing {k}" for k in missing] + [f"unknown field {k}" for k in extra])
+    for key, kind in _FIELDS.items():
+        if not _typed(data[key], kind):
+            return f"{key}: {type(data[key]).__name__} where {_type_name(kind)} belongs"
+    if (data["vg"], data["id"]) != (vg, id):
+        return f"it names {data['vg']}.{data['id']}, not its file's {vg}.{id}"
+    for key, value in data["args"].items():
+        if key in _ARGS and not _typed(value, _ARGS[key]):
+            return f"args.{key}: {type(value).__name__} where {_type_name(_ARGS[key])} belongs"
+    for key in _REQUIRED_ARGS.get(data["op"], ()):
+        if key not in data["args"]:
+            return f"args.{key} is missing"
+    for step in data["steps"]:
+        if not isinstance(step, str):
+            return f"steps: {type(step).__name__} where str belongs"
+        kind, _, target = step.partition(":")
+        if kind in _NUMERIC_STEPS and not target.isdigit():
+            return f"step {step!r} is not {kind}:NUMBER"
+    return None
+
+
+def _type_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """os.write until every byte is written: a write may be short (a signal, a full disk that
+    frees up), and a journal with half an entry is no journal."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def sync_dir(folder: Path) -> None:
+    """fsync a folder, so the names made, renamed or removed in it survive a crash."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_dir(folder: Path, mode: int = 0o700) -> None:
+    """mkdir -p whose new folders survive a crash (each parent fsynced after its child)."""
+    if folder.is_dir():
+        return
+    make_dir(folder.parent, mode)
+    try:
+        folder.mkdir(mode)
+    except FileExistsError:
+        return
+    sync_dir(folder.parent)
 
 
 class Journal:
@@ -53,40 +181,62 @@ class Journal:
 
     def finish(self, entry: Entry) -> None:
         self._path(entry).unlink(missing_ok=True)
-        self._sync_dir()
+        sync_dir(self.root)
 
     def pending(self, vg: str | None = None) -> list[Entry]:
+        """The readable entries (of `vg`), oldest first. A damaged one is reported on stderr,
+        once per process, and left out: see damaged()."""
+        entries, damaged = self._load(vg)
+        for d in damaged:
+            if d.path not in _reported:
+                _reported.add(d.path)
+                print(f"thinstack: {d} (see `thinstack recover`)", file=sys.stderr, flush=True)
+        return entries
+
+    def damaged(self, vg: str | None = None) -> list[Damaged]:
+        """The entries (of `vg`, and those whose name names no VG) that cannot be used."""
+        return self._load(vg)[1]
+
+    def damaged_tags(self, vg: str) -> frozenset[str]:
+        """The operation tags of damaged entries in `vg`: recovery keeps their volumes."""
+        return frozenset(d.tag for d in self.damaged(vg) if d.tag)
+
+    def _load(self, vg: str | None) -> tuple[list[Entry], list[Damaged]]:
         if not self.root.is_dir():
-            return []
-        entries = []
+            return [], []
+        entries, damaged = [], []
         for f in sorted(self.root.glob("*.json")):
+            named = _FILE_NAME.fullmatch(f.name)
+            file_vg, file_id = (named["vg"], named["id"]) if named else ("", "")
+            if vg is not None and file_vg not in (vg, ""):
+                continue
             try:
-                entry = Entry(**json.loads(f.read_text()))
-            except (OSError, ValueError, TypeError):
-                continue  # a stray file: not ours to interpret
-            if vg is None or entry.vg == vg:
-                entries.append(entry)
-        return sorted(entries, key=lambda e: e.started)
+                data = json.loads(f.read_bytes())
+                problem = check(data, file_vg, file_id) if named else \
+                    "its name is not VG.ID.json"
+            except OSError as e:
+                problem = e.strerror or str(e)
+            except ValueError as e:  # not JSON, not UTF-8: torn or overwritten
+                problem = f"not valid JSON: {e}"
+            if problem:
+                damaged.append(Damaged(f, file_vg, file_id, problem))
+            else:
+                entries.append(Entry(**data))
+        return sorted(entries, key=lambda e: e.started), damaged
 
     def _path(self, entry: Entry) -> Path:
         return self.root / f"{entry.vg}.{entry.id}.json"
 
     def _write(self, entry: Entry) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+        make_dir(self.root)
         path = self._path(entry)
         tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
         try:
-            os.write(fd, json.dumps(asdict(entry)).encode())
+            write_all(fd, json.dumps(asdict(entry)).encode())
             os.fsync(fd)
         finally:
             os.close(fd)
         os.rename(tmp, path)
-        self._sync_dir()
-
-    def _sync_dir(self) -> None:
-        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        sync_dir(self.root)
