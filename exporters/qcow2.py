@@ -263,7 +263,7 @@ def _open_parent(child: Path, parent: Path):
     it: relative to the child's directory, with QEMU's name for its format."""
     try:
         driver = detect(parent)
-        image = open_image(parent)
+        image = open_image(parent, format=driver)  # named, so its own backing file is followed
     except ImageError as e:
         raise ExportError(f"cannot use {parent} as the parent: {e.message}") from None
     qemu_format = getattr(image, "qemu_format", None) or fmt.DRIVER_TO_QEMU_FORMAT.get(driver)
