@@ -50,7 +50,7 @@ def assert_like_qemu(path: Path, policy: Policy = Policy()) -> None:
     ref = path.with_name("ref.raw")
     run("qemu-img", "convert", "-O", "raw", path, ref)
     expected = ref.read_bytes()
-    image = open_image(path, policy)
+    image = open_image(path, policy, "qemu")
     try:
         assert image.format == "qemu" and image.virtual_size == len(expected)
         got = bytearray(image.virtual_size)
@@ -99,8 +99,10 @@ def test_temporary_copy_left_nowhere(source, tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     image = open_image(convert(source, "vdi"))
     assert image.read(0, 10) == source.read_bytes()[:10]
-    assert list(scratch.iterdir()) == []  # the converted copy lives only as an open descriptor
+    # The converted copy lives only as an open descriptor; the private folder holds symlinks.
+    assert all(p.is_symlink() or p.is_dir() for p in scratch.rglob("*"))
     image.close()
+    assert list(scratch.iterdir()) == []
 
 
 def _descriptor(tmp_path: Path, extent: str) -> Path:
@@ -119,8 +121,8 @@ def test_descriptor_extent_in_dir(tmp_path):
 
 
 @pytest.mark.parametrize("extent, words", [
-    ("/etc/passwd", "outside"),
-    ("../secret.bin", "outside"),
+    ("/etc/passwd", "absolute"),
+    ("../secret.bin", r"'\.\.'"),
     ("nbd:localhost:10809", "protocol"),
     ("json:{\"driver\": \"file\"}", "protocol"),
 ])
@@ -130,7 +132,7 @@ def test_descriptor_extent_refused(tmp_path, monkeypatch, extent, words):
     path = _descriptor(tmp_path / "vm", extent)
     monkeypatch.setattr(qemu, "_qemu_img", lambda *a, **k: pytest.fail("qemu-img ran"))
     with pytest.raises(ImageError, match=words):
-        open_image(path)
+        open_image(path, Policy(), "qemu")
 
 
 def test_backing_in_dir(source, tmp_path):
@@ -144,7 +146,7 @@ def test_backing_in_dir(source, tmp_path):
     ("../elsewhere/base.raw", "outside"),
     ("json:{\"file.filename\": \"src.raw\"}", "protocol"),
     ("nbd:localhost:10809", "protocol"),
-    ("gone.raw", "backing file gone.raw not found"),
+    ("gone.raw", "backing file gone.raw.*no such file"),
 ])
 def test_backing_refused(tmp_path, monkeypatch, backing, words):
     (tmp_path / "elsewhere").mkdir()
@@ -154,7 +156,7 @@ def test_backing_refused(tmp_path, monkeypatch, backing, words):
     run("qemu-img", "create", "-f", "qed", child, "1M")
     run("qemu-img", "rebase", "-u", "-f", "qed", "-b", backing, "-F", "raw", child)
     with pytest.raises(ImageError, match=words):
-        open_image(child)
+        open_image(child, Policy(), "qemu")
 
 
 def test_backing_allowed_dir(tmp_path):
@@ -172,7 +174,7 @@ def test_backing_loop(tmp_path):
     run("qemu-img", "create", "-f", "qed", "-b", "a.qed", "-F", "qed", b, "1M")
     run("qemu-img", "rebase", "-u", "-f", "qed", "-b", "b.qed", "-F", "qed", a)
     with pytest.raises(ImageError, match="loops"):
-        open_image(b)
+        open_image(b, Policy(), "qemu")
 
 
 def test_chain_depth(tmp_path):
@@ -180,9 +182,9 @@ def test_chain_depth(tmp_path):
     for i in range(1, 4):
         run("qemu-img", "create", "-f", "qed", "-b", f"{i - 1}.qed", "-F", "qed",
             tmp_path / f"{i}.qed", "1M")
-    open_image(tmp_path / "3.qed", Policy(max_chain_depth=3)).close()
+    open_image(tmp_path / "3.qed", Policy(max_chain_depth=3), "qemu").close()
     with pytest.raises(ImageError, match="deeper"):
-        open_image(tmp_path / "3.qed", Policy(max_chain_depth=2))
+        open_image(tmp_path / "3.qed", Policy(max_chain_depth=2), "qemu")
 
 
 def test_size_limit(source):
