@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 from thinstack.dm.command import CommandError, run
 
-__all__ = ["CommandError", "LV", "VG", "PV", "VolumeRef", "lvm", "lvs", "vgs", "pvs", "lv", "find_lv"]
+__all__ = ["CommandError", "LV", "VG", "PV", "VolumeRef", "check_name", "check_user_name", "lvm",
+           "lvs", "vgs", "pvs", "lv", "find_lv"]
 
 # LVM refuses these itself, but with messages an operator has to decode; ours name the rule.
 _NAME = re.compile(r"[A-Za-z0-9+_.][A-Za-z0-9+_.-]{0,126}")
@@ -29,6 +30,22 @@ def check_name(name: str, what: str = "name") -> str:
     return name
 
 
+# The names thinstack gives its own volumes: NAME.importing (an import in progress),
+# NAME.export-ID (an export's snapshot), NAME.last-export (the next incremental export's base).
+# An operator's volume by such a name would be taken for thinstack's and used or removed.
+_OWN = re.compile(r".*(\.importing|\.last-export|\.export-.*)")
+
+
+def check_user_name(name: str, what: str = "name") -> str:
+    """check_name, and none of the names thinstack makes for itself: for every name an operator
+    gives (thinstack builds its own through check_name)."""
+    check_name(name, what)
+    if _OWN.fullmatch(name):
+        raise BadName(f"invalid {what} {name!r}: names ending in '.importing' or '.last-export' "
+                      "or with '.export-' are thinstack's own")
+    return name
+
+
 @dataclass(frozen=True)
 class VolumeRef:
     vg: str
@@ -39,7 +56,7 @@ class VolumeRef:
         vg, sep, name = text.partition("/")
         if not sep or "/" in name:
             raise BadName(f"expected VG/NAME, got {text!r}")
-        return cls(check_name(vg, "volume group name"), check_name(name, "volume name"))
+        return cls(check_name(vg, "volume group name"), check_user_name(name, "volume name"))
 
     def __str__(self) -> str:
         return f"{self.vg}/{self.name}"
