@@ -1,7 +1,8 @@
 """Image exporters: one module per format, each exposing `create(path, virtual_size, **options)
 -> Writer`. The caller feeds extents in offset order; the writer produces a complete, valid file
 only at `close()` (written to a temporary beside the path, fsynced, renamed) and `abort()` leaves
-the destination as it was.
+the destination as it was. Every `create` takes `partial=NAME`, the temporary file's name (see
+atomic.partial_name; a fresh random one when not given), and makes it 0600 with O_EXCL.
 """
 
 from __future__ import annotations

@@ -25,7 +25,8 @@ _EMPTY = bytes(_BLOCK)
 
 
 def create(path: str | os.PathLike, virtual_size: int, *, format: str = "gow3",
-           parent: str | os.PathLike | None = None, **_) -> GowWriter:
+           parent: str | os.PathLike | None = None, partial: str | None = None, **_
+           ) -> GowWriter:
     if format not in FORMATS:
         raise ExportError(f"not a GOW format: {format!r}")
     version = FORMATS[format]
@@ -34,11 +35,13 @@ def create(path: str | os.PathLike, virtual_size: int, *, format: str = "gow3",
         raise ExportError(f"{format} holds 1 to {limit} bytes, not {virtual_size}")
     if parent is not None and version != 3:
         raise ExportError(f"{format} has no sessions, so it cannot be written over a parent")
-    return GowWriter(Path(path), virtual_size, version, None if parent is None else Path(parent))
+    return GowWriter(Path(path), virtual_size, version, None if parent is None else Path(parent),
+                     partial)
 
 
 class GowWriter(FileWriter):
-    def __init__(self, path: Path, size: int, version: int, parent: Path | None):
+    def __init__(self, path: Path, size: int, version: int, parent: Path | None,
+                 partial: str | None = None):
         self.parent = None if parent is None else _open_parent(parent)
         session = self.parent.session + 1 if self.parent else (1 if version == 3 else 0)
         self.header = fmt.Header(version, size, session)
@@ -49,7 +52,7 @@ class GowWriter(FileWriter):
         self.block = -1  # the block being assembled in self.buffer
         self.buffer = bytearray()
         self.settled = 0  # blocks before this one are final
-        super().__init__(path, size)
+        super().__init__(path, size, partial)
 
     def write(self, offset: int, data: bytes) -> None:
         self._advance(offset, len(data))

@@ -33,13 +33,14 @@ COMPRESSED_SECTOR_SHIFT = 62 - (CLUSTER_BITS - 8)
 
 
 def create(path: str | os.PathLike, virtual_size: int, *, format: str = "qcow2",
-           parent: str | os.PathLike | None = None, compress: bool = False, **_) -> Qcow2Writer:
+           parent: str | os.PathLike | None = None, compress: bool = False,
+           partial: str | None = None, **_) -> Qcow2Writer:
     if format != "qcow2":
         raise ExportError(f"not a qcow2 format: {format!r}")
     if virtual_size < 0:
         raise ExportError(f"negative virtual size {virtual_size}")
     return Qcow2Writer(Path(path), virtual_size, None if parent is None else Path(parent),
-                       compress)
+                       compress, partial)
 
 
 class Qcow2Writer(FileWriter):
@@ -47,14 +48,15 @@ class Qcow2Writer(FileWriter):
     partly written takes the parent's bytes for the rest, and a whole cluster marked zero gets
     the zero flag instead of letting the parent show through."""
 
-    def __init__(self, path: Path, virtual_size: int, parent: Path | None, compress: bool):
+    def __init__(self, path: Path, virtual_size: int, parent: Path | None, compress: bool,
+                 partial: str | None = None):
         self.compress = compress
         self.parent = None
         self.backing: tuple[bytes, bytes] | None = None  # name relative to the child, format
         if parent is not None:
             self.parent, self.backing = _open_parent(path, parent)
         # QEMU counts a disk in sectors; a size between sectors would lose its tail there.
-        super().__init__(path, -(-virtual_size // fmt.SECTOR) * fmt.SECTOR)
+        super().__init__(path, -(-virtual_size // fmt.SECTOR) * fmt.SECTOR, partial)
         self.end = CLUSTER  # where the next append lands; cluster 0 waits for the header
         self.packed_at = self.packed_end = 0  # free bytes for compressed clusters
         self.out = bytearray()  # appended bytes not yet written, from end - len(out)

@@ -14,10 +14,11 @@ ZERO_CHUNK = 64 << 10
 _ZEROS = bytes(ZERO_CHUNK)
 
 
-def create(path: str | os.PathLike, virtual_size: int, **_) -> RawWriter:
+def create(path: str | os.PathLike, virtual_size: int, *, partial: str | None = None, **_
+           ) -> RawWriter:
     if virtual_size < 0:
         raise ExportError(f"negative virtual size {virtual_size}")
-    return RawWriter(Path(path), virtual_size)
+    return RawWriter(Path(path), virtual_size, partial)
 
 
 class RawWriter(FileWriter):

@@ -32,7 +32,8 @@ _SECTOR = fmt.SECTOR
 
 
 def create(path: str | os.PathLike, virtual_size: int, *, format: str = "vhd",
-           parent: str | os.PathLike | None = None, round_to_mib: bool = False, **_):
+           parent: str | os.PathLike | None = None, round_to_mib: bool = False,
+           partial: str | None = None, **_):
     if round_to_mib:
         virtual_size = -(-virtual_size // (1 << 20)) << 20
     if virtual_size % _SECTOR or not 0 < virtual_size <= MAX_SIZE:
@@ -41,12 +42,13 @@ def create(path: str | os.PathLike, virtual_size: int, *, format: str = "vhd",
     if format == "vhd-fixed":
         if parent is not None:
             raise ExportError("a fixed VHD cannot have a parent")
-        return FixedWriter(Path(path), virtual_size)
+        return FixedWriter(Path(path), virtual_size, partial)
     if format != "vhd":
         raise ExportError(f"not a VHD format: {format!r}")
     if parent is not None and Path(parent).resolve() == Path(path).resolve():
         raise ExportError(f"{path} cannot be its own parent")
-    return DynamicWriter(Path(path), virtual_size, None if parent is None else Path(parent))
+    return DynamicWriter(Path(path), virtual_size, None if parent is None else Path(parent),
+                         partial)
 
 
 def geometry(size: int) -> tuple[int, int, int]:
@@ -104,7 +106,7 @@ class DynamicWriter(FileWriter):
     sector partly written takes the parent's bytes for the rest, and a range marked zero where
     the parent has data is stored as zeros."""
 
-    def __init__(self, path: Path, size: int, parent: Path | None):
+    def __init__(self, path: Path, size: int, parent: Path | None, partial: str | None = None):
         self.bitmap_bytes = fmt.bitmap_size(BLOCK_SIZE)
         self.bat = array("I", [fmt.UNALLOCATED]) * -(-size // BLOCK_SIZE)
         self.table_offset = fmt.FOOTER_SIZE + fmt.HEADER_SIZE
@@ -124,7 +126,7 @@ class DynamicWriter(FileWriter):
         self.next_block = end
         self.block = -1  # the block whose bitmap is being filled
         self.bitmap = bytearray(self.bitmap_bytes)
-        super().__init__(path, size)
+        super().__init__(path, size, partial)
 
     def write(self, offset: int, data: bytes) -> None:
         self._advance(offset, len(data))
