@@ -13,12 +13,21 @@ An export runs in three steps, because the copy may take hours and must not hold
      next export (NAME.last-export), and close the journal entry.
 An export killed anywhere leaves DEST as it was (or complete, after the rename); `thinstack
 recover` then removes its snapshot and the writer's temporary file (HANDLERS["export"]), and so
-does the next export of the same volume, whose export lock proves the earlier one dead.
+do the next export of the same volume and any command of the VG, once the export lock proves the
+export dead. A clone of an outside device is suspended around its snapshot: that step is
+journalled first, and the rollback resumes the device, so a kill there leaves no VM frozen.
+
+The folder DEST is in may be writable by others: the image is built under a random name made
+with O_EXCL|O_NOFOLLOW relative to the folder (exporters.atomic), 0600 or DEST's own mode.
+Every image records its format (the JSON summary, the --incremental record, and the
+`user.thinstack.format` attribute where the file system keeps one), which restoring it names:
+`thinstack import --format FMT IMAGE VG/NAME`.
 
 Incremental: `--since SNAP` writes only what changed between SNAP and now (thin_delta), as an
 image whose parent is the image exported at SNAP: a differencing VHD, a qcow2 overlay, or a GOW3
 image whose changed blocks carry a new session number. `--incremental` keeps that bookkeeping
-itself: one read-only snapshot per volume, NAME.last-export, and a record of the image exported
+itself: one read-only snapshot per volume, NAME.last-export (used and removed only while it
+carries tags.LAST_EXPORT and is a snapshot of the volume), and a record of the image exported
 from it and of the chain of images that one needs (state_dir()/exports/VG/NAME.json, valid only
 while it names that snapshot's LVM uuid). It exports in full when there is no sound base, and
 when the chain has as many images as readers follow; and it never writes over an image the
@@ -43,6 +52,7 @@ from thinstack.dm.client import DeviceMapper
 from thinstack.dm.pool import Pool
 from thinstack.errors import NoSpace, NotFound, Refused, ThinstackError
 from thinstack.exporters import ExportError, driver
+from thinstack.exporters.atomic import partial_name, remove_partial
 from thinstack.extents import Extent, Kind
 from thinstack.importers import Policy
 from thinstack.journal import Entry, Journal
@@ -61,6 +71,10 @@ INCREMENTAL = {"vhd": "a differencing VHD", "qcow2": "a qcow2 overlay",
 # An incremental image of these is a full image: it may replace the very file it builds on.
 SELF_CONTAINED = {"gow3"}
 LAST_EXPORT = ".last-export"  # NAME.last-export: the base of the next --incremental export
+FORMAT_XATTR = "user.thinstack.format"  # on every image: the --format that restores it
+# Journal steps around the suspension of an outside device's clone: "suspend:DM_NAME DM_UUID"
+# before it, "resumed:DM_NAME" after.
+SUSPEND, RESUMED = "suspend:", "resumed:"
 # Readers follow so many parents and no more (thinstack's importers by default, and QEMU's own
 # limits are of that order): --incremental starts a new chain with a full export before that.
 MAX_PARENTS = Policy().max_chain_depth
@@ -142,6 +156,32 @@ def incremental_base(format: str, dest: Path, record: Record | None, last: LV | 
     if Path(record.path) == dest and format not in SELF_CONTAINED:
         return None, f"DEST is the last export, which {INCREMENTAL[format]} needs as its parent"
     return Base(last.name, last.thin_id, Path(record.path)), f"changes since {last.name}"
+
+
+def last_export(source: LV, lvs: list[LV]) -> LV | None:
+    """NAME.last-export, the base snapshot --incremental keeps, if there is one. Its name alone
+    proves nothing: it is thinstack's only with the tag its export added at the commit, as a thin
+    snapshot of the volume. Any other volume of that name is refused, never used nor removed."""
+    found = next((lv for lv in lvs if lv.name == source.name + LAST_EXPORT), None)
+    if found is None:
+        return None
+    if tags.LAST_EXPORT in found.tags and found.is_thin and found.origin == source.name:
+        return found
+    raise Refused(f"{found.ref} is not the base snapshot thinstack keeps for {source.ref} (it "
+                  f"lacks thinstack's tag or is no snapshot of it); rename it to export "
+                  f"--incremental")
+
+
+def suspended_devices(steps: list[str]) -> list[tuple[str, str]]:
+    """The devices (dm name, dm uuid) an export suspended and did not record as resumed."""
+    resumed = {s[len(RESUMED):] for s in steps if s.startswith(RESUMED)}
+    found = []
+    for s in steps:
+        if s.startswith(SUSPEND):
+            name, _, uuid = s[len(SUSPEND):].partition(" ")
+            if name not in resumed:
+                found.append((name, uuid))
+    return found
 
 
 def since_base(snap: LV, source: LV, parent: Path | None, record: Record | None) -> Base:
@@ -281,7 +321,7 @@ def _start(ref: VolumeRef, dest: Path, format: str, incremental: bool, since: st
             raise Refused(f"{ref} is not a thin volume: only thin volumes export incrementally")
         record = read_record(ref)
         check_dest(dest.resolve(), record)
-        last = next((lv for lv in lvs if lv.name == ref.name + LAST_EXPORT), None)
+        last = last_export(source, lvs) if incremental else None
         base, reason = None, "full export"
         if since:
             base, reason = since_base(_find(since, lvs, ref), source, parent, record), \
@@ -344,8 +384,10 @@ def _write(job: _Job, dest: Path, extents: list[Extent], unit: int, *, format: s
     try:
         writer = driver(format).create(dest, size, format=format, compress=compress,
                                        round_to_mib=round_to_mib,
-                                       parent=job.base.parent if job.base else None)
+                                       parent=job.base.parent if job.base else None,
+                                       partial=Path(job.entry.args["partial"]).name)
         try:
+            writer.file.set_xattr(FORMAT_XATTR, format)
             fd = os.open(job.read_from.path, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 stats = copy_extents(extents, lambda offset, length: os.pread(fd, length, offset),
@@ -383,7 +425,9 @@ def _rotate(job: _Job, dest: Path, format: str) -> None:
     export is a full one."""
     snapshot = job.read_from
     last = VolumeRef(snapshot.vg, job.source.name + LAST_EXPORT)
-    if job.last is not None:
+    # Still the base checked at the start (the VG lock was let go meanwhile): the same LV.
+    current = lvm.find_lv(job.last.ref) if job.last is not None else None
+    if current is not None and current.uuid == job.last.uuid:
         run_lvm("lvremove", "-q", "-y", "-f", str(job.last.ref))
     # A base is only ever read from the pool's metadata: it needs no device. (Renaming an
     # inactive LV is also much quicker: no device to suspend.)
@@ -429,8 +473,14 @@ def _outside_snapshot(entry: Entry, source: LV, ref: VolumeRef, *, active: bool,
                                      for a in ("--addtag", t)),
             "--config", "devices{ignore_suspended_devices=1}"]
     if active:
-        with DeviceMapper().suspended(extorigin.dm_name(source)):
+        name = extorigin.dm_name(source)
+        # Journalled before: a kill while it is suspended would leave its VM frozen, and LVM
+        # commands would hang on it; the rollback resumes it.
+        Journal().step(entry, f"{SUSPEND}{name} {extorigin.uuid(source)}")
+        with DeviceMapper().suspended(name):
+            faults.point("export", "after-suspend")
             run_lvm(*args)
+        Journal().step(entry, f"{RESUMED}{name}")
     else:
         run_lvm(*args)
     snap = lvm.lv(ref)
@@ -439,8 +489,9 @@ def _outside_snapshot(entry: Entry, source: LV, ref: VolumeRef, *, active: bool,
 
 
 def _partial(dest: Path) -> Path:
-    """The temporary file the writer builds DEST in (exporters.atomic.AtomicFile's name)."""
-    return dest.with_name(f".{dest.name}.partial-{os.getpid()}")
+    """A new name for the temporary file the writer builds DEST in: journalled before the file
+    exists, and given to the writer."""
+    return dest.with_name(partial_name(dest))
 
 
 # --- the record of the last incremental export -----------------------------------------------
@@ -503,19 +554,37 @@ def _earlier_exports(ref: VolumeRef, journal: Journal) -> list[Entry]:
             if e.op == "export" and e.args.get("name") == ref.name]
 
 
+def resume_devices(entry: Entry) -> None:
+    """Resume a device the export left suspended (killed while its snapshot was taken): first,
+    since LVM's scans would wait on it. Only the very device suspended (same dm uuid)."""
+    dm = DeviceMapper()
+    for name, uuid in suspended_devices(entry.steps):
+        info = dm.info(name)
+        if info is not None and info.suspended and info.uuid == uuid:
+            dm.resume(name)
+
+
 def _undo(entry: Entry) -> None:
-    """Roll an export back: its snapshot (whatever it was renamed to), its temporary file."""
+    """Roll an export back: a device it suspended, its snapshot (whatever it was renamed to:
+    the one carrying its tag, a snapshot of the exported volume), its temporary file."""
+    resume_devices(entry)
     for lv in volumes_of(entry.vg):
-        if entry.tag in lv.tags:
+        if entry.tag in lv.tags and lv.origin == entry.args["name"]:
             extorigin.release(lv)
             lvm.lvm("lvremove", "-q", "-y", "-f", str(lv.ref))
-    Path(entry.args["partial"]).unlink(missing_ok=True)
+    remove_partial(entry.args["partial"])
 
 
 def recover(entry: Entry) -> None:
     """recovery.HANDLERS["export"]. An export runs outside the VG lock, so its entry may belong
     to one still running: that one is left alone, and the recovery refused until it ends."""
-    ref = VolumeRef(entry.vg, entry.args["name"])
-    if _running(ref):
-        raise Refused(f"an export of {ref} is running; recover when it has finished")
+    if running(entry):
+        raise Refused(f"an export of {entry.vg}/{entry.args['name']} is running; recover when it "
+                      f"has finished")
     _undo(entry)
+
+
+def running(entry: Entry) -> bool:
+    """recovery.LIVE["export"]: whether the export of this entry may still be running (its
+    volume's export lock is held). A dead one is rolled back by any recovery of its VG."""
+    return _running(VolumeRef(entry.vg, entry.args["name"]))

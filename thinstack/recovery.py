@@ -25,7 +25,8 @@ from thinstack.tags import OP_PREFIX as OP_TAG_PREFIX
 
 @dataclass(frozen=True)
 class Action:
-    kind: str  # release | remove | deltag | writable | activate | device-writable
+    kind: str  # release | remove | deltag | writable | activate | device-writable; undo (done
+    # by the operation's own handler: reported, not applied)
     target: str  # VG/NAME, or a device's path
     arg: str = ""
 
@@ -112,37 +113,53 @@ HANDLERS: dict[str, str | Callable[[Entry], None]] = {
 }
 
 
-def _handler(op: str) -> Callable[[Entry], None] | None:
-    found = HANDLERS.get(op)
+def _resolve(found):
     if isinstance(found, str):
         module, _, name = found.partition(":")
         found = getattr(importlib.import_module(module), name)
     return found
 
 
+def _handler(op: str) -> Callable[[Entry], None] | None:
+    return _resolve(HANDLERS.get(op))
+
+
 # Operations whose entries the recovery at the start of other commands leaves alone: an
 # interrupted import may still be resumed (`import --resume`), and an export copies outside the
 # VG lock, so its entry may belong to a live process. Only an explicit `thinstack recover`
-# rolls them back (and the export's handler refuses while its export is still running).
+# rolls back an import. An export's entry is left alone only while LIVE says it may be running
+# (its export lock is held): a dead export is rolled back by any recovery of its VG, since it
+# may have left a VM's device suspended (and its handler refuses while it still runs).
 DEFERRED = {"import", "export"}
+LIVE: dict[str, str | Callable[[Entry], bool]] = {"export": "thinstack.exports:running"}
+
+
+def deferred(entry: Entry, explicit: bool) -> bool:
+    """Whether this recovery leaves the entry for later."""
+    if explicit or entry.op not in DEFERRED or entry.done("committed"):
+        return False
+    live = _resolve(LIVE.get(entry.op))
+    return live is None or live(entry)
 
 
 def recover_vg(vg: str, journal: Journal | None = None, *, explicit: bool = False,
                lvs: list[LV] | None = None) -> list[Action]:
     """Complete or roll back everything interrupted in this VG. Caller holds the VG lock.
-    `lvs`, when the caller has just read them, saves reading them again."""
+    `lvs`, when the caller has just read them, saves reading them again. The volumes of a
+    damaged journal entry (Journal.damaged) are left alone: nothing says what they are."""
     journal = journal or Journal()
     pending = journal.pending(vg)
-    deferred = [e for e in pending if e.op in DEFERRED and not e.done("committed") and not explicit]
-    entries = [e for e in pending if e not in deferred]
+    later = [e for e in pending if deferred(e, explicit)]
+    entries = [e for e in pending if e not in later]
     for e in entries:
         if e.op in HANDLERS:
             _handler(e.op)(e)
     if lvs is None or any(e.op in HANDLERS for e in entries):
         lvs = lvm.lvs(vg) if lvm.vgs(vg) else []
     actions = plan([e for e in entries if e.op not in HANDLERS], lvs,
-                   keep=frozenset(e.tag for e in deferred))
+                   keep=frozenset(e.tag for e in later) | journal.damaged_tags(vg))
     apply(actions)
     for e in entries:
         journal.finish(e)
-    return actions
+    # What the handlers did shows too: callers re-read the volumes when anything was done.
+    return actions + [Action("undo", e.op, e.id) for e in entries if e.op in HANDLERS]

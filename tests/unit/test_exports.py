@@ -245,14 +245,58 @@ def test_recovery_removes_the_snapshot_and_the_temporary_file(dirs, mocker):
     assert not partial.exists()
 
 
-def test_recovery_knows_the_writers_temporary_file(tmp_path):
-    from thinstack.exporters.atomic import AtomicFile
+def test_the_writer_builds_dest_under_the_journalled_name(tmp_path):
+    from thinstack.exporters import driver
 
-    file = AtomicFile(tmp_path / "x.vhd")
-    try:
-        assert exports._partial(tmp_path / "x.vhd") == file.tmp
-    finally:
-        file.discard()
+    dest = tmp_path / "x.raw"
+    partial = exports._partial(dest)
+    assert partial.parent == tmp_path and partial.name.startswith(".x.raw.partial-")
+    assert exports._partial(dest) != partial  # drawn afresh: nobody can plant it beforehand
+    writer = driver("raw").create(dest, 4096, partial=partial.name)
+    assert partial.is_file()
+    writer.abort()
+    assert not partial.exists()
+
+
+def test_a_foreign_last_export_is_never_the_base(dirs):
+    """Finding 5: NAME.last-export is used (and later removed) only when thinstack made it."""
+    ours = lv("vm1.last-export", origin="vm1", attr=RO, tags={"ts_last_export"})
+    assert exports.last_export(SOURCE, [SOURCE, ours]) == ours
+    assert exports.last_export(SOURCE, [SOURCE]) is None
+    for foreign in (lv("vm1.last-export", attr=RW),  # `thinstack create` before names were checked
+                    lv("vm1.last-export", origin="vm1", attr=RO),  # a snapshot made by hand
+                    lv("vm1.last-export", origin="vm2", attr=RO, tags={"ts_last_export"})):
+        with pytest.raises(Refused, match="vg/vm1.last-export is not the base snapshot"):
+            exports.last_export(SOURCE, [SOURCE, foreign])
+
+
+def test_rollback_removes_only_a_snapshot_of_the_exported_volume(dirs, mocker):
+    entry = Entry(id="abc", op="export", vg="vg", args=dict(
+        name="vm1", dest=str(dirs / "d.vhd"), partial=str(dirs / ".d.vhd.partial-1")))
+    mocker.patch("thinstack.lvm.lvs", return_value=[
+        SOURCE, lv("other", origin="vm2", tags={entry.tag}), lv("vm1.export-abc", origin="vm1")])
+    run = mocker.patch("thinstack.lvm.lvm")
+    exports.recover(entry)
+    run.assert_not_called()
+
+
+def test_a_device_suspended_and_not_resumed_is_known_from_the_journal():
+    steps = ["suspend:vg-c1 TS-EXT-u1"]
+    assert exports.suspended_devices(steps) == [("vg-c1", "TS-EXT-u1")]
+    assert exports.suspended_devices(steps + ["resumed:vg-c1"]) == []
+    assert exports.suspended_devices([]) == []
+
+
+def test_a_dead_export_is_rolled_back_by_any_recovery_a_live_one_by_none(dirs):
+    """Finding 9: the recovery at the start of every command rolls back a dead export (which may
+    have left a device suspended); a running export's entry is left to it."""
+    entry = Entry(id="abc", op="export", vg="vg", args=dict(name="vm1", dest="/b/d", partial="/b/.d"))
+    assert not recovery.deferred(entry, explicit=False)
+    with exports.export_lock(REF):
+        assert recovery.deferred(entry, explicit=False)
+    importing = Entry(id="def", op="import", vg="vg", args={})
+    assert recovery.deferred(importing, explicit=False)  # kept for --resume
+    assert not recovery.deferred(importing, explicit=True)
 
 
 def test_the_summary_is_one_json_object():
@@ -265,3 +309,17 @@ def test_the_summary_is_one_json_object():
     assert json.loads(line)["path"] == "/b/x.vhd"
     assert {"bytes_mapped", "bytes_written", "changed_blocks", "seconds", "path", "format",
             "base"} <= set(summary.to_json())
+
+
+def test_the_units_create_files_for_root_only():
+    """Finding 6: every unit runs with UMask=0077, and the export folder is made 0700."""
+    import configparser
+
+    units = Path(exports.__file__).with_name("units")
+    for path in sorted(units.glob("*.service")):
+        unit = configparser.ConfigParser(strict=False, interpolation=None)
+        unit.read(path)
+        assert unit["Service"]["UMask"] == "0077", path.name
+    export = configparser.ConfigParser(strict=False, interpolation=None)
+    export.read(units / "thinstack-export@.service")
+    assert export["Service"]["ExecStartPre"].split()[:4] == ["/bin/mkdir", "-m", "0700", "-p"]
