@@ -7,7 +7,10 @@ thinstack/growth.py what to do, and runs the lvm commands it decides on. Passes 
 (the threshold), out of space, a mode change. A thread per pool blocks in the event wait.
 
 The monitor takes no VG lock: a thinstack operation may hold one for minutes (an import) while a
-pool fills. LVM serialises its own commands, and growth commutes with every operation.
+pool fills. LVM serialises its own commands, and growth commutes with every operation. Growth
+itself is serialised per pool and CoW volume (a flock under the run folder), so two monitors
+(the service and a `monitor --once`) never both decide on the same reading and both grow: the
+one that finds the lock held leaves that device to the other for this pass.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from thinstack.dm.client import DeviceMapper
 from thinstack.dm.errors import DmError
 from thinstack.dm.status import Failed
 from thinstack.errors import Alert
+from thinstack.lock import LockTimeout, flocked
 from thinstack.growth import (CowView, PoolView, Reading, Space, lvm_threshold, plan_cow,
                               plan_pool, settings, spaces, write_rate)
 from thinstack.lvm import LV, CommandError
@@ -51,6 +55,7 @@ class Report:
     error_if_no_space: bool | None = None
     growths: int = 0
     alert: str | None = None
+    busy: bool = False  # another monitor was looking after it: nothing read or done this pass
 
 
 @dataclass
@@ -101,9 +106,13 @@ class Monitor:
         return reports
 
     def _guarded(self, lv: LV, kind: str, check, *args) -> tuple[Report, int]:
-        """A failure on one device is that device's alert; the others are still looked after."""
+        """A failure on one device is that device's alert; the others are still looked after.
+        A device another monitor is looking after now is skipped."""
         try:
-            return check(*args)
+            with flocked(growth_lock(lv), 0, "busy"):
+                return check(*args)
+        except LockTimeout:
+            return Report(kind, lv.vg, lv.name, busy=True), 0
         except (CommandError, DmError) as e:
             return Report(kind, lv.vg, lv.name, alert=f"cannot check or grow it: {e}"), 0
 
@@ -193,6 +202,11 @@ class Monitor:
         for ref in self.alerts - now.keys():
             log(f"{ref}: alert cleared")
         self.alerts = set(now)
+
+
+def growth_lock(lv: LV) -> Path:
+    """The lock a monitor holds while it reads, decides on and grows `lv`."""
+    return run_dir() / "locks" / "grow" / lv.vg / f"{lv.name}.lock"
 
 
 def invalid(cow: LV) -> bool:

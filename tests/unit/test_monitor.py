@@ -313,3 +313,43 @@ def test_systemd_unit_runs_the_monitor_and_always_restarts_it():
     assert unit["Service"]["ExecStart"].split()[:2] == ["thinstack", "monitor"]
     assert unit["Service"]["Restart"] == "always"
     assert unit["Unit"]["StartLimitIntervalSec"] == "0"
+
+
+def test_two_monitors_never_grow_the_same_pool_at_once(env, mocker):
+    """Issue 8, 13c: growth is serialised per pool by a flock (per open file description, so a
+    second monitor in this same process conflicts as one in another process would)."""
+    from thinstack.lock import flocked
+
+    setup(mocker, [pool_lv()], [vg()])
+    dm = FakeDM(**{"vg-pool-tpool": (status(3000), ARMED)})
+    with flocked(monitor.growth_lock(pool_lv()), 1, "held"):  # the other monitor, mid-growth
+        [report] = one_pass(dm)
+    assert commands(env) == [] and report.busy and report.alert is None
+    [report] = one_pass(dm)  # the lock released: this monitor grows it
+    assert [c[0] for c in commands(env)] == ["lvextend"] and not report.busy
+
+
+def test_concurrent_passes_grow_once(env, mocker):
+    """Two monitors (threads here) in a pass over the same pool at the same time, both having
+    read it over its threshold: one lvextend, not two."""
+    import threading
+
+    setup(mocker, [pool_lv()], [vg()])
+    dm = FakeDM(**{"vg-pool-tpool": (status(3000), ARMED)})
+    together = threading.Barrier(2, timeout=1)
+    real = monitor.Monitor.check_pool
+
+    def check_pool(self, *args):
+        try:
+            together.wait()  # both in their pass at once, unless the lock keeps one out
+        except threading.BrokenBarrierError:
+            pass
+        return real(self, *args)
+    mocker.patch.object(monitor.Monitor, "check_pool", check_pool)
+    with mock.patch("thinstack.pools.DeviceMapper", return_value=dm):
+        threads = [threading.Thread(target=monitor.Monitor(5.0).check_all) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert [c[0] for c in commands(env)] == ["lvextend"]
