@@ -247,14 +247,21 @@ def cmd_recover(args) -> int:
     from thinstack.journal import Journal
     from thinstack.lock import vg_lock
 
+    journal = Journal()
+    # Entries that cannot be read are the operator's to look at: say what to do with each (and
+    # recovery leaves their volumes alone).
+    damaged = [d for d in journal.damaged() if args.vg in (None, d.vg)]
+    for d in damaged:
+        journal.reported(d)
+        print(f"thinstack: {d.advice()}", file=sys.stderr)
     # A pool creation killed before its VG existed is known only to the journal.
     vgs = [args.vg] if args.vg else sorted({v.name for v in lvm.vgs()} |
-                                          {e.vg for e in Journal().pending()})
+                                          {e.vg for e in journal.pending()})
     for vg in vgs:
         with vg_lock(vg):
-            for action in recovery.recover_vg(vg, explicit=True):
+            for action in recovery.recover_vg(vg, journal, explicit=True):
                 print(f"{vg}: {action.kind} {action.target} {action.arg}".rstrip(), file=sys.stderr)
-    return 0
+    return 1 if damaged else 0  # not all recovered: each line above says what is left
 
 
 def cmd_pool(args) -> int:

@@ -189,9 +189,14 @@ class Journal:
         entries, damaged = self._load(vg)
         for d in damaged:
             if d.path not in _reported:
-                _reported.add(d.path)
+                self.reported(d)
                 print(f"thinstack: {d} (see `thinstack recover`)", file=sys.stderr, flush=True)
         return entries
+
+    @staticmethod
+    def reported(d: Damaged) -> None:
+        """Note that the operator has been told about `d` (pending() stays quiet about it)."""
+        _reported.add(d.path)
 
     def damaged(self, vg: str | None = None) -> list[Damaged]:
         """The entries (of `vg`, and those whose name names no VG) that cannot be used."""

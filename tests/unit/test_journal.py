@@ -150,3 +150,21 @@ def test_recovery_leaves_the_volumes_of_a_damaged_entry_alone(tmp_path, capsys, 
     assert [(a.kind, a.target) for a in actions] == [("remove", "vg0/x")]
     assert all("vm1.importing" not in " ".join(c.args) for c in run.call_args_list)
     assert path.exists() and j.pending() == []
+
+
+def test_recover_tells_the_operator_what_to_do_with_a_damaged_entry(tmp_path, capsys, mocker,
+                                                                     monkeypatch):
+    from thinstack import cli
+
+    monkeypatch.setenv("THINSTACK_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("THINSTACK_RUN_DIR", str(tmp_path / "run"))
+    j, e, path = torn(tmp_path / "state" / "journal", capsys)
+    mocker.patch("thinstack.lvm.vgs", return_value=[])
+    mocker.patch("thinstack.lvm.lvs", return_value=[])
+    mocker.patch("thinstack.lvm.lvm")
+    assert cli.main(["recover"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert str(path) in line and f"delete {path}" in line and f"@ts_op_{e.id}" in line
+    assert path.exists()
+    path.unlink()
+    assert cli.main(["recover"]) == 0
