@@ -34,7 +34,7 @@ from thinstack.copy import BlockDeviceSink, CopyStats, copy_extents, data_bytes
 from thinstack.dm.client import DeviceMapper
 from thinstack.dm.status import ThinStatus
 from thinstack.errors import Exists, NoSpace, NotFound, Refused, ThinstackError
-from thinstack.extents import Extent
+from thinstack.extents import Extent, Kind
 from thinstack.importers import Image, ImageError, Policy, open_image
 from thinstack.journal import Entry, Journal
 from thinstack.lock import vg_lock
@@ -119,6 +119,20 @@ def resumable(error: BaseException, entry: Entry) -> bool:
     return any(s.startswith("created:") for s in entry.steps) and not isinstance(error, ImageError)
 
 
+def direct(image: Image, pool_attr: str, pool: str = "VG/POOL") -> bool:
+    """Whether the image writes itself into the volume (`convert_into`: formats read through
+    qemu-img, which thinstack does not copy chunk by chunk). Such a writer leaves chunks partly
+    written, which only a pool that zeroes new chunks (lv_attr[7] 'z') shows as zeros around
+    the data; in any other pool that would expose what its disk held before, so it is refused."""
+    if not hasattr(image, "convert_into"):
+        return False
+    if pool_attr[7:8] != "z":
+        raise Refused(f"this image's format is written by qemu-img, which needs a pool that "
+                      f"zeroes new chunks; pool {pool} does not (turn zeroing on with `lvchange "
+                      f"-Zy {pool}`)")
+    return True
+
+
 def temp_ref(ref: VolumeRef) -> VolumeRef:
     return VolumeRef(ref.vg, lvm.check_name(ref.name + TEMP_SUFFIX, "volume name"))
 
@@ -197,8 +211,10 @@ def _run(op: volumes.Op, ref: VolumeRef, image: Image, extents: list[Extent],
     pool = volumes.pool_of(ref.vg, op.lvs)
     # The volume this import made before it was interrupted, if any: NAME.importing, or NAME if
     # it was renamed already. A journalled position counts only on that volume.
+    by_image = direct(image, pool.attr, f"{ref.vg}/{pool.name}")  # refused, if it must be, before anything is made
     made = next((lv for lv in op.lvs if op.entry.tag in lv.tags), None)
-    start = copied(op.entry) if made else 0
+    # A direct writer cannot start midway: a resumed one writes everything again.
+    start = copied(op.entry) if made and not by_image else 0
     if made is None:
         taken = [lv.name for lv in op.lvs if lv.name in (ref.name, temp.name)]
         if taken:
@@ -239,6 +255,8 @@ def _check_space(vg: str, pool: LV, needed: int) -> None:
 def _copy(op: volumes.Op, temp: VolumeRef, image: Image, extents: list[Extent], start: int,
           chunk: int, progress: bool) -> CopyStats:
     size = image.virtual_size
+    if hasattr(image, "convert_into"):
+        return _convert(op, temp, image, extents)
     bar = Bar(f"import {op.entry.vg}/{op.entry.args['name']}",
               data_bytes(extents, size=size, chunk=chunk, start=start)) if progress else None
     sink = BlockDeviceSink(device_path(temp))
@@ -267,6 +285,24 @@ def _copy(op: volumes.Op, temp: VolumeRef, image: Image, extents: list[Extent], 
     if bar is not None:
         bar.finish(stats.bytes_read)
     return stats
+
+
+def _convert(op: volumes.Op, temp: VolumeRef, image: Image, extents: list[Extent]
+             ) -> CopyStats:
+    """The image writes itself straight into the fresh volume (no copy in $TMPDIR); what it
+    skips reads as zeros there. It flushes the volume before it returns."""
+    where = f"{op.entry.vg}/{op.entry.args['name']}"
+    try:
+        image.convert_into(device_path(temp))
+    except ImageError as e:
+        if "No space left on device" not in e.message:
+            raise
+        raise NoSpace(f"import into {where} stopped: no space left on device; continue it with "
+                      f"`thinstack import --resume` or roll it back with `thinstack recover "
+                      f"{op.entry.vg}`") from None
+    _journal_position(op, image.virtual_size)
+    data = sum(e.length for e in extents if e.kind is Kind.DATA)
+    return CopyStats(bytes_read=data, bytes_written=data, position=image.virtual_size)
 
 
 def _journal_position(op: volumes.Op, position: int) -> None:

@@ -369,3 +369,70 @@ def test_recover_removes_an_interrupted_import_and_errors_mid_copy_keep_it_or_no
     assert content(Path("/dev/vg1/full"), size)[0] == want
     assert summary["chunks_allocated"] == nonzero
     assert journal_entries(state_dirs) == []
+
+
+# --- formats read through qemu-img --------------------------------------------------------------
+
+@pytest.mark.lab(disks=1, disk_size="1G", timeout=600)
+def test_qemu_formats_convert_straight_into_the_volume(lab_disks, state_dirs, tmp_path):
+    """VMDK (its subformats), VHDX, VDI, QED with a backing file, qcow v1, Parallels: qemu-img
+    writes into the volume itself, with $TMPDIR a 1 MiB tmpfs that could not hold a copy of
+    the 8 MiB of data; the bytes are qemu's and exactly the non-zero chunks are allocated. A
+    pool that does not zero new chunks is refused, and a killed import resumes."""
+    make_vg(lab_disks[0], "600M")
+    raw = write_raw(tmp_path / "source.raw", SIZE, PIECES)
+    small = tmp_path / "tmp"
+    small.mkdir()
+    sh("mount", "-t", "tmpfs", "-o", "size=1M,mode=1777", "tmpfs", str(small))
+    env = {"TMPDIR": str(small)}
+
+    def convert(name: str, fmt: str, *options: str) -> Path:
+        out = tmp_path / name
+        sh("qemu-img", "convert", "-q", "-f", "raw", "-O", fmt, *options, str(raw), str(out))
+        return out
+
+    base = tmp_path / "base.raw"
+    base.write_bytes(raw.read_bytes())
+    child = tmp_path / "child.qed"
+    sh("qemu-img", "create", "-q", "-f", "qed", "-b", "base.raw", "-F", "raw", str(child),
+       str(SIZE))
+    sh("qemu-io", "-f", "qed", "-c", "write -P 0x5a 1028k 100k", "-c", "write -P 0 33M 64k",
+       str(child))
+    images = {
+        "vmdk": convert("mono.vmdk", "vmdk"),
+        "stream": convert("stream.vmdk", "vmdk", "-o", "subformat=streamOptimized"),
+        "split": convert("split.vmdk", "vmdk", "-o", "subformat=twoGbMaxExtentSparse"),
+        "flat": convert("flat.vmdk", "vmdk", "-o", "subformat=monolithicFlat"),
+        "vhdx": convert("d.vhdx", "vhdx"),
+        "vdi": convert("d.vdi", "vdi"),
+        "qcow": convert("d.qcow", "qcow"),
+        "parallels": convert("d.hds", "parallels"),
+        "qed": child,
+    }
+    for name, image in images.items():
+        summary = json.loads(ts("import", str(image), f"vg0/{name}", "--format", "qemu",
+                                "--json", env=env).stdout)
+        assert summary["format"] == "qemu"
+        assert_imported(image, name, qemu_raw(image, tmp_path / "x.raw"), summary)
+        assert list(small.iterdir()) == [], name  # no copy and no private folder left
+    assert journal_entries(state_dirs) == []
+
+    # qemu-img leaves partial chunks: a pool that does not zero new ones would show stale bytes.
+    sh("lvchange", "-q", "-Zn", "vg0/pool")
+    one_line_failure(ts("import", str(images["vdi"]), "vg0/nozero", "--format", "qemu",
+                        check=False), 5, "zeroes new chunks", "lvchange -Zy vg0/pool")
+    assert "nozero.importing" not in volume_names() and journal_entries(state_dirs) == []
+    sh("lvchange", "-q", "-Zy", "vg0/pool")
+
+    # Killed after the volume was made or after the convert: --resume converts again.
+    for point in ("after-lvcreate", "after-copy"):
+        name = point.replace("-", "")
+        killed = ts("import", str(images["split"]), f"vg0/{name}", "--format", "qemu",
+                    env={**env, "THINSTACK_FAULT": f"import:{point}"}, check=False)
+        assert killed.returncode == -signal.SIGKILL, (point, killed.stderr)
+        summary = json.loads(ts("import", "--resume", str(images["split"]), f"vg0/{name}",
+                                "--format", "qemu", "--json", env=env).stdout)
+        assert_imported(images["split"], name, qemu_raw(images["split"], tmp_path / "x.raw"),
+                        summary)
+    assert journal_entries(state_dirs) == []
+    sh("umount", str(small))

@@ -154,3 +154,15 @@ def test_the_bar_redraws_at_most_every_interval_and_ends_its_line():
     assert len(frames) == 3
     assert " 10% " in frames[0] and " 30% " in frames[1] and frames[2].endswith("\n")
     assert frames[2].rstrip().endswith("done")
+
+
+class _Direct:
+    def convert_into(self, device: str) -> None: ...
+
+
+def test_images_that_write_themselves_need_a_pool_that_zeroes_new_chunks():
+    """qemu-img writes partial chunks: only a zeroing pool keeps stale bytes from showing."""
+    assert imports.direct(_Direct(), "twi-aotz--") is True
+    assert imports.direct(object(), "twi-aot---") is False  # thinstack's copy loop: any pool
+    with pytest.raises(Refused, match="zeroes new chunks; pool vg0/pool .*lvchange -Zy"):
+        imports.direct(_Direct(), "twi-aot---", "vg0/pool")
