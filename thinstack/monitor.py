@@ -29,9 +29,9 @@ from thinstack.dm.client import DeviceMapper
 from thinstack.dm.errors import DmError
 from thinstack.dm.status import Failed
 from thinstack.errors import Alert
-from thinstack.lock import LockTimeout, flocked
 from thinstack.growth import (CowView, PoolView, Reading, Space, lvm_threshold, plan_cow,
                               plan_pool, settings, spaces, write_rate)
+from thinstack.lock import LockTimeout, flocked
 from thinstack.lvm import LV, CommandError
 from thinstack.sizes import format_size
 from thinstack.state import run_dir

@@ -7,8 +7,12 @@ A pool is the LV `pool` of its VG, tagged `ts_pool`, with its growth policy in t
 `ts_file=PATH`; since no tag can be read before the file is attached, the path is also kept in a
 small registry under the state folder: one symlink per VG, `backing-files/VG -> PATH`.
 
-Creation is journalled: each resource is recorded as a step before it is made, and an
-interrupted or failed creation is rolled back in reverse order (see `rollback_plan`).
+Creation is journalled: each resource is recorded as a step before it is made, and its
+identity (VG and pool uuids, the file's device and inode) once it exists; the VG carries the
+operation's tag (`ts_op_<id>`) until the commit. An interrupted or failed creation is rolled back
+in reverse order (see `rollback_plan`), but only what is still what it made: a VG that lost the
+tag, changed uuid or holds volumes it did not make is left as it is (the creation is adopted),
+and a file is unlinked only if it is still the one it created.
 
 `thinstack pool status --json` and `thinstack pool list --json` print a JSON array of objects,
 one per pool, with exactly these keys (sizes in bytes; null where the kernel must be asked and the
@@ -37,7 +41,10 @@ pool is not active):
 
 from __future__ import annotations
 
+import json
 import os
+import stat
+import sys
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,7 +55,7 @@ from thinstack.dm.command import CommandError, run
 from thinstack.dm.pool import Pool
 from thinstack.dm.status import Failed, ThinPoolStatus
 from thinstack.errors import Exists, NoSpace, NotFound, Refused, ThinstackError
-from thinstack.journal import Entry, Journal
+from thinstack.journal import Entry, Journal, sync_dir
 from thinstack.lock import flocked, vg_lock
 from thinstack.lvm import LV
 from thinstack.sizes import format_size
@@ -156,19 +163,85 @@ def pool_tags(grow_threshold: float, grow_step: int) -> list[str]:
 class Undo:
     kind: str  # registry | pool | vg | pv | md | md-member | loop | file
     target: str
+    check: str = ""  # what it must still be: an LVM selection (pool, vg), DEV:INO (loop, file)
 
 
-def rollback_plan(steps: list[str]) -> list[Undo]:
+@dataclass(frozen=True)
+class Rollback:
+    undos: list[Undo]
+    kept: str | None = None  # why the VG is left as it is: the creation is adopted
+
+
+# Steps that record what a resource is once it exists, rather than a resource to undo.
+IDENTITY_STEPS = ("vg-uuid", "pool-uuid", "file-id")
+
+
+def _recorded(steps: list[str], kind: str) -> str | None:
+    found = None
+    for step in steps:
+        k, sep, value = step.partition(":")
+        if sep and k == kind:
+            found = value
+    return found
+
+
+def foreign(steps: list[str], tag: str, vg: lvm.VG, lvs: list[LV]) -> str | None:
+    """Why the existing VG `vg` (with its visible volumes `lvs`) is not, or no longer only, what
+    the creation that recorded `steps` made; None when it is. The creation tags the VG right
+    after making it and then records its uuid: a VG without the tag is its own only if it was
+    killed in between and the VG is still empty."""
+    uuid = _recorded(steps, "vg-uuid")
+    if f"vg:{vg.name}" not in steps:
+        return f"{vg.name} was made by someone else while the creation had not yet made it"
+    if uuid is not None and vg.uuid != uuid:
+        return f"{vg.name} is another volume group now (uuid {vg.uuid}, not {uuid})"
+    if tag not in vg.tags and (uuid is not None or lvs):
+        return f"{vg.name} no longer carries the creation's tag {tag}"
+    pool_uuid = _recorded(steps, "pool-uuid")
+    made_pool = f"pool:{vg.name}/{POOL_LV}" in steps
+    others = [lv.name for lv in lvs if not (
+        made_pool and lv.name == POOL_LV and lv.is_thin_pool
+        and pool_uuid in (None, lv.uuid))]
+    if others:
+        return f"{vg.name} holds volumes the creation did not make ({', '.join(sorted(others))})"
+    return None
+
+
+def rollback_plan(steps: list[str], tag: str = "", vg: lvm.VG | None = None,
+                  lvs: list[LV] = ()) -> Rollback:
     """What undoes a creation that recorded `steps` (`kind:target`, each recorded before its
-    resource was made): the reverse order, so each resource goes before what it was built on.
-    A committed creation is kept whole."""
+    resource was made), given the VG of its name as it is now (`vg`, or None) and its visible
+    volumes: the reverse order, so each resource goes before what it was built on, each undo
+    checking that its target is still what the creation made. A committed creation is kept
+    whole, and so is one whose VG is now someone's (see `foreign`)."""
     if "committed" in steps:
-        return []
+        return Rollback([])
+    if vg is not None:
+        why = foreign(steps, tag, vg, lvs)
+        if why:
+            return Rollback([], why)
+    file_id = _recorded(steps, "file-id") or ""
+    pool = next((lv for lv in lvs if lv.name == POOL_LV), None)
     undos = []
     for step in reversed(steps):
         kind, _, target = step.partition(":")
-        undos.append(Undo(kind, target))
-    return undos
+        if kind in IDENTITY_STEPS or kind == "committed":
+            continue
+        if kind == "pool":
+            if pool is not None:
+                undos.append(Undo(kind, target, f"lv_uuid={pool.uuid}"))
+        elif kind == "vg":
+            if vg is not None:
+                # Checked again by LVM itself, under its lock: the same VG, and empty.
+                undos.append(Undo(kind, target, f"vg_uuid={vg.uuid} && lv_count=0"))
+        elif kind in ("loop", "file"):
+            # A file is known by its identity, not its name: in a folder others can write, the
+            # name may have been given to another file. Unknown identity: leave it.
+            if file_id:
+                undos.append(Undo(kind, target, file_id))
+        else:
+            undos.append(Undo(kind, target))
+    return Rollback(undos)
 
 
 def creation_steps(vg: str, pvs: list[str], md_members: list[str], file: Path | None) -> list[str]:
@@ -199,14 +272,13 @@ def create(vg: str, *, devices: list[str] = (), file: Path | None = None, raid1:
         recovery.recover_vg(vg, journal)
         if lvm.vgs(vg):
             raise Exists(f"volume group {vg} already exists")
-        if file is not None:
-            _check_new_file(vg, file)
+        reuse = file is not None and _check_new_file(vg, file)
         entry = journal.begin("pool-create", vg, devices=devices, file=str(file or ""),
                               raid1=raid1, size=size, chunk=chunk)
         faults.point("pool-create", "after-intent")
         try:
             _create(journal, entry, devices, file, raid1, size, chunk,
-                    pool_tags(grow_threshold, grow_step))
+                    pool_tags(grow_threshold, grow_step), reuse)
         except BaseException:
             recovery.recover_vg(vg, journal)
             raise
@@ -215,21 +287,25 @@ def create(vg: str, *, devices: list[str] = (), file: Path | None = None, raid1:
 
 
 def _create(journal: Journal, entry: Entry, devices: list[str], file: Path | None, raid1: bool,
-            size: int | None, chunk: int, pool_tag_list: list[str]) -> None:
+            size: int | None, chunk: int, pool_tag_list: list[str], reuse: bool = False) -> None:
     from thinstack import provision
 
     vg = entry.vg
     if file is not None:
         journal.step(entry, f"file:{file}")
-        _make_sparse_file(file, size)
+        journal.step(entry, f"file-id:{_make_sparse_file(file, size, reuse)}")
         journal.step(entry, f"loop:{file}")
         devices = [_attach_loop(file)]
     prepared = provision.prepare_vg(vg, devices, md_name=md_name(vg) if raid1 else None)
     for step in creation_steps(vg, prepared.pvs, devices if raid1 else [], file):
         journal.step(entry, step)
     prepared.create()
+    # The VG is the creation's until the commit, and a rollback checks it still is: by this tag,
+    # and by its uuid.
+    backing = ["--addtag", tags.kv(tags.BACKING_FILE, file)] if file is not None else []
+    run_lvm("vgchange", "-q", "--addtag", entry.tag, *backing, vg)
+    journal.step(entry, f"vg-uuid:{lvm.vgs(vg)[0].uuid}")
     if file is not None:
-        run_lvm("vgchange", "-q", "--addtag", tags.kv(tags.BACKING_FILE, file), vg)
         journal.step(entry, f"registry:{vg}")
         _register(vg, file)
     faults.point("pool-create", "after-vg")
@@ -243,17 +319,20 @@ def _create(journal: Journal, entry: Entry, devices: list[str], file: Path | Non
     run_lvm("lvcreate", "-q", "-y", "--type", "thin-pool", "-L", f"{sizes.data}b",
          "--chunksize", f"{chunk}b", "--poolmetadatasize", f"{sizes.metadata}b", "-Zy",
          *[a for t in pool_tag_list for a in ("--addtag", t)], "-n", POOL_LV, vg)
+    journal.step(entry, f"pool-uuid:{lvm.lv(lvm.VolumeRef(vg, POOL_LV)).uuid}")
     faults.point("pool-create", "after-pool")
+    run_lvm("vgchange", "-q", "--deltag", entry.tag, vg)
     journal.step(entry, "committed")
 
 
-def _check_new_file(vg: str, file: Path) -> None:
+def _check_new_file(vg: str, file: Path) -> bool:
     """thinstack creates the backing file itself: an existing one is refused unless it is this
-    VG's own (per the registry) and holds nothing, as an interrupted creation may leave it."""
+    VG's own (per the registry) and holds nothing, as an interrupted creation may leave it.
+    Whether that file is there to be reused."""
     if not os.path.lexists(file):
-        return
+        return False
     if _registered().get(vg) == file and _signature(file) is None:
-        return
+        return True
     raise Exists(f"{file} already exists; thinstack creates the backing file itself "
                  "(choose a new path, or remove it if it is not needed)")
 
@@ -268,15 +347,24 @@ def _signature(path: Path) -> str | None:
         raise
 
 
-def _make_sparse_file(file: Path, size: int) -> None:
+def _make_sparse_file(file: Path, size: int, reuse: bool = False) -> str:
+    """The backing file: new, never one planted under its name (O_EXCL, O_NOFOLLOW), or with
+    `reuse` the blank one an interrupted creation of this VG left (_check_new_file). Returns its
+    identity, DEV:INO, for a rollback to check."""
     file.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(file, flags if reuse else flags | os.O_CREAT | os.O_EXCL, 0o600)
     try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise Exists(f"{file} is not a regular file")
+        os.ftruncate(fd, 0)
         os.ftruncate(fd, size)  # a hole of `size` bytes: the file takes space as the pool fills
         os.fsync(fd)
     finally:
         os.close(fd)
-    _sync_dir(file.parent)
+    sync_dir(file.parent)
+    return f"{st.st_dev}:{st.st_ino}"
 
 
 def _attach_loop(file: Path) -> str:
@@ -323,59 +411,60 @@ def _register(vg: str, file: Path) -> None:
     tmp.unlink(missing_ok=True)
     os.symlink(file, tmp)
     os.rename(tmp, folder / vg)  # atomic: the entry is either absent or whole
-    _sync_dir(folder)
+    sync_dir(folder)
 
 
 def _unregister(vg: str) -> None:
     folder = _registry_dir()
     (folder / vg).unlink(missing_ok=True)
     if folder.is_dir():
-        _sync_dir(folder)
-
-
-def _sync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        sync_dir(folder)
 
 
 # --- rollback ----------------------------------------------------------------------------------
 
 def recover(entry: Entry) -> None:
-    """recovery.HANDLERS["pool-create"]: roll back an uncommitted creation."""
-    for undo in rollback_plan(entry.steps):
-        _UNDO[undo.kind](entry.vg, undo.target)
+    """recovery.HANDLERS["pool-create"]: roll back an uncommitted creation, or adopt it when its
+    VG has become someone's (said on stderr: nothing of it is removed)."""
+    found = lvm.vgs(entry.vg)
+    vg = found[0] if found else None
+    plan = rollback_plan(entry.steps, entry.tag, vg, lvm.lvs(entry.vg) if vg else [])
+    if plan.kept:
+        if vg is not None and entry.tag in vg.tags:
+            lvm.lvm("vgchange", "-q", "--deltag", entry.tag, entry.vg)
+        print(f"thinstack: pool create of {entry.vg} (journal entry {entry.id}) was interrupted; "
+              f"{plan.kept}, so it is kept as it is", file=sys.stderr, flush=True)
+    for undo in plan.undos:
+        _UNDO[undo.kind](entry.vg, undo)
 
 
-def _undo_pool(vg: str, target: str) -> None:
-    if lvm.vgs(vg) and lvm.find_lv(lvm.VolumeRef(vg, POOL_LV)) is not None:
-        lvm.lvm("lvremove", "-q", "-y", "-f", target)
+def _undo_pool(vg: str, undo: Undo) -> None:
+    # By uuid, under LVM's lock: only the pool the plan found, never another of that name.
+    lvm.lvm("lvremove", "-q", "-y", "-f", "-S", undo.check, vg)
 
 
-def _undo_vg(vg: str, target: str) -> None:
-    if lvm.vgs(target):
-        lvm.lvm("vgchange", "-q", "-an", target)
-        lvm.lvm("vgremove", "-q", "-y", "-ff", target)
+def _undo_vg(vg: str, undo: Undo) -> None:
+    # LVM selects the VG only while it is still the one the plan found, and empty.
+    lvm.lvm("vgremove", "-q", "-y", "-f", "-S", undo.check)
 
 
-def _undo_pv(vg: str, target: str) -> None:
+def _undo_pv(vg: str, undo: Undo) -> None:
     # Only a PV that belongs to no VG: device names can change across a reboot, and a PV that
     # is someone else's must never be wiped.
-    real = os.path.realpath(target)
+    real = os.path.realpath(undo.target)
     if any(os.path.realpath(pv.name) == real and not pv.vg for pv in lvm.pvs()):
-        lvm.lvm("pvremove", "-q", "-y", "-ff", target)
+        lvm.lvm("pvremove", "-q", "-y", "-ff", undo.target)
 
 
-def _undo_md(vg: str, target: str) -> None:
-    device = f"/dev/md/{target}"
+def _undo_md(vg: str, undo: Undo) -> None:
+    device = f"/dev/md/{undo.target}"
     if os.path.exists(device):
         run(["mdadm", "--stop", device])
 
 
-def _undo_md_member(vg: str, target: str) -> None:
+def _undo_md_member(vg: str, undo: Undo) -> None:
     # Only a superblock of our array (by name), for the same reason as PVs above.
+    target = undo.target
     try:
         out = run(["mdadm", "--examine", "--export", target])
     except CommandError:
@@ -385,20 +474,54 @@ def _undo_md_member(vg: str, target: str) -> None:
         run(["mdadm", "--zero-superblock", target])
 
 
-def _undo_loop(vg: str, target: str) -> None:
-    for device in _loops_of(Path(target)):
-        run(["losetup", "--detach", device])
+def _undo_loop(vg: str, undo: Undo) -> None:
+    """Detach the loop devices over the file the creation made (by identity: whatever file the
+    name leads to now)."""
+    for name in loops_by_identity(run(["losetup", "--list", "--json", "--output",
+                                       "NAME,BACK-MAJ:MIN,BACK-INO"]), undo.check):
+        run(["losetup", "--detach", name])
+
+
+def loops_by_identity(listing: str, identity: str) -> list[str]:
+    """The loop devices, in `losetup --list --json` output, whose backing file is DEV:INO."""
+    found = []
+    for loop in json.loads(listing or "{}").get("loopdevices", []):
+        major, _, minor = str(loop.get("back-maj:min") or "").strip().partition(":")
+        ino = str(loop.get("back-ino") or "").strip()
+        if major.isdigit() and minor.isdigit() and \
+                f"{os.makedev(int(major), int(minor))}:{ino}" == identity:
+            found.append(loop["name"])
+    return found
+
+
+def _undo_file(vg: str, undo: Undo) -> None:
+    """Unlink the file only if the name still leads to the file the creation made: looked up
+    and unlinked relative to its folder's descriptor, never following a link."""
+    path = Path(undo.target)
+    try:
+        folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        st = os.stat(path.name, dir_fd=folder, follow_symlinks=False)
+        if f"{st.st_dev}:{st.st_ino}" == undo.check and stat.S_ISREG(st.st_mode):
+            os.unlink(path.name, dir_fd=folder)
+            os.fsync(folder)
+    except FileNotFoundError:
+        pass
+    finally:
+        os.close(folder)
 
 
 _UNDO = {
-    "registry": lambda vg, target: _unregister(target),
+    "registry": lambda vg, undo: _unregister(undo.target),
     "pool": _undo_pool,
     "vg": _undo_vg,
     "pv": _undo_pv,
     "md": _undo_md,
     "md-member": _undo_md_member,
     "loop": _undo_loop,
-    "file": lambda vg, target: Path(target).unlink(missing_ok=True),
+    "file": _undo_file,
 }
 
 recovery.HANDLERS["pool-create"] = recover

@@ -273,6 +273,8 @@ def resize(ref: VolumeRef, size: int, *, shrink_ok: bool = False) -> LV:
         lv = _get(ref, op.lvs)
         if tags.GOLD in lv.tags:
             raise Refused(f"{ref} is a gold master; its clones depend on its content")
+        if size != lv.size:
+            _refuse_if_outside_origin(lv)
         if size < lv.size and not shrink_ok:
             raise Refused(f"{ref} would shrink from {lv.size} to {size} bytes, discarding its "
                           "tail: pass --yes to do that")
@@ -308,17 +310,23 @@ def delete(ref: VolumeRef) -> None:
         if deps:
             raise Refused(f"{ref} has dependants: {', '.join(d.name for d in deps)}; "
                           "delete them first")
-        if lv.readonly and not lv.is_thin_pool:
-            clones = extorigin.dependants(lv.path, lvm.lvs())
-            if clones:
-                raise Refused(f"{ref} is the origin of {', '.join(str(c.ref) for c in clones)}; "
-                              "delete them first")
+        _refuse_if_outside_origin(lv)
         if _is_open(lv):  # (an open outside-origin clone: release below refuses)
             raise Refused(f"{ref} is open (a VM or a mount is using it)")
         extorigin.release(lv)  # an outside-origin clone's device, before LVM drops the LV
         # The base of its next incremental export goes with it, in the same LVM command.
         bases = [o for o in op.lvs if o.origin == lv.name and tags.LAST_EXPORT in o.tags]
         run_lvm("lvremove", "-q", "-y", *(str(b.ref) for b in bases), str(ref))
+
+
+def _refuse_if_outside_origin(lv: LV) -> None:
+    """A read-only LV that clones in other VGs read as their device origin must keep its size
+    and content while they exist (they read it block for block, up to their recorded size)."""
+    if lv.readonly and not lv.is_thin_pool:
+        clones = extorigin.dependants(lv.path, lvm.lvs())
+        if clones:
+            raise Refused(f"{lv.ref} is the origin of "
+                          f"{', '.join(str(c.ref) for c in clones)}; delete them first")
 
 
 def refuse_if_metadata_would_run_out(pool: LV, kernel=None) -> None:

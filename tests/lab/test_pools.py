@@ -126,3 +126,23 @@ def test_kill_at_each_creation_step_then_recover_leaves_nothing(lab_disks, tmp_p
     failed = ts("pool", "create", "vg0", lab_disks[0], "--size", "1G", check=False)
     assert failed.returncode == 6 and "free" in failed.stderr
     assert_nothing_left(lab_disks)
+
+
+@pytest.mark.lab(disks=1, disk_size="512M")
+def test_a_vg_taken_into_use_after_a_killed_creation_is_never_removed(lab_disks):
+    """Finding 8 of issue 8: a creation killed once its VG existed, the VG then used by hand.
+    The next thinstack command in it and `recover` adopt the VG instead of removing it."""
+    killed = ts("pool", "create", "vg0", lab_disks[0], env={"THINSTACK_FAULT":
+                                                              "pool-create:after-vg"}, check=False)
+    assert killed.returncode == -9, killed.stderr
+    sh("lvcreate", "-q", "-y", "-L", "16M", "-n", "data", "vg0")
+    write_blocks("/dev/vg0/data", "data", [0, 100 * BLOCK])
+    later = ts("create", "vg0/x", "--size", "16M", check=False)  # no pool: fails, after recovery
+    assert later.returncode == 3 and "kept as it is" in later.stderr, later.stderr
+    assert "(data)" in later.stderr
+    ts("recover")
+    assert blocks_match("/dev/vg0/data", "data", [0, 100 * BLOCK])
+    assert sh("lvs", "--noheadings", "-o", "lv_name", "vg0").split() == ["data"]
+    assert "ts_op_" not in sh("vgs", "--noheadings", "-o", "vg_tags", "vg0")
+    state = Path(os.environ["THINSTACK_STATE_DIR"])
+    assert list((state / "journal").glob("*.json")) == []

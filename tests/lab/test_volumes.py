@@ -392,6 +392,12 @@ def test_clone_of_a_volume_in_another_vg_protects_it(vg, tmp_path):
     assert blocks_match("/dev/vg0/c", "base", [0]) and blocks_match("/dev/vg1/base", "base", [0])
     done = ts("delete", "vg1/base", check=False)
     assert done.returncode == 5 and "vg0/c" in done.stderr, done.stderr
+    # Nor resized under it (issue 8, 13b): the clone reads it block for block.
+    for size in ("32M", "8M"):
+        resized = ts("resize", "vg1/base", size, "--yes", check=False)
+        assert resized.returncode == 5 and "vg0/c" in resized.stderr, resized.stderr
+    assert sh("lvs", "--noheadings", "--units", "m", "-o", "lv_size", "vg1/base").strip() == \
+        "16.00m"
     # Named by its path, a volume of the clone's own VG is an ordinary LVM external origin.
     sh("lvcreate", "-q", "-y", "-L", "8M", "-n", "local", "vg0")
     sh("lvchange", "-q", "-pr", "vg0/local")

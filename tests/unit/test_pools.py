@@ -4,6 +4,7 @@ around them with the system calls mocked out."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from pathlib import Path
 
@@ -154,22 +155,120 @@ def test_creation_steps_on_disks_md_and_file():
     assert pools.creation_steps("vg0", ["/dev/loop3"], [], Path("/p.img")) == ["vg:vg0"]
 
 
-def test_rollback_undoes_in_reverse_order():
+TAG = "ts_op_abc"
+
+
+def ours(name="vg0", uuid="u"):
+    return vg(name, tags=[TAG]) if uuid == "u" else dataclasses.replace(vg(name, tags=[TAG]),
+                                                                        uuid=uuid)
+
+
+def plan(steps, found=None, lvs=()):
+    return pools.rollback_plan(steps, TAG, found, list(lvs))
+
+
+def test_rollback_undoes_in_reverse_order_checking_each_target():
     steps = ["md-member:/dev/sdb", "md-member:/dev/sdc", "md:ts-vg0", "pv:/dev/md/ts-vg0",
-             "vg:vg0", "pool:vg0/pool"]
-    assert [(u.kind, u.target) for u in pools.rollback_plan(steps)] == [
-        ("pool", "vg0/pool"), ("vg", "vg0"), ("pv", "/dev/md/ts-vg0"), ("md", "ts-vg0"),
-        ("md-member", "/dev/sdc"), ("md-member", "/dev/sdb")]
+             "vg:vg0", "vg-uuid:u", "pool:vg0/pool", "pool-uuid:p1"]
+    pool = dataclasses.replace(lv(), uuid="p1")
+    rollback = plan(steps, ours(), [pool])
+    assert rollback.kept is None
+    assert [(u.kind, u.target, u.check) for u in rollback.undos] == [
+        ("pool", "vg0/pool", "lv_uuid=p1"), ("vg", "vg0", "vg_uuid=u && lv_count=0"),
+        ("pv", "/dev/md/ts-vg0", ""), ("md", "ts-vg0", ""), ("md-member", "/dev/sdc", ""),
+        ("md-member", "/dev/sdb", "")]
+    # The VG already gone: what lay under it is still undone, each undo checking its target.
+    assert [u.kind for u in plan(steps).undos] == ["pv", "md", "md-member", "md-member"]
 
 
-def test_rollback_of_a_file_backed_pool_deletes_the_file_last():
-    steps = ["file:/var/lib/p:1.img", "loop:/var/lib/p:1.img", "vg:vg0", "registry:vg0"]
-    assert [u.kind for u in pools.rollback_plan(steps)] == ["registry", "vg", "loop", "file"]
-    assert pools.rollback_plan(steps)[-1].target == "/var/lib/p:1.img"  # colons in paths survive
+def test_rollback_of_a_file_backed_pool_deletes_the_file_it_made_last():
+    steps = ["file:/var/lib/p:1.img", "file-id:2049:77", "loop:/var/lib/p:1.img", "vg:vg0",
+             "vg-uuid:u", "registry:vg0"]
+    undos = plan(steps, ours()).undos
+    assert [u.kind for u in undos] == ["registry", "vg", "loop", "file"]
+    assert (undos[-1].target, undos[-1].check) == ("/var/lib/p:1.img", "2049:77")  # colons survive
+    assert undos[-2].check == "2049:77"  # loops by the file's identity, not its name
+    # Killed before the file's identity was recorded: the file and its name are left alone.
+    assert plan(["file:/p.img"]).undos == []
 
 
 def test_committed_creation_is_kept():
-    assert pools.rollback_plan(["vg:vg0", "pool:vg0/pool", "committed"]) == []
+    assert plan(["vg:vg0", "pool:vg0/pool", "committed"], ours(), [lv()]) == pools.Rollback([])
+
+
+def test_a_vg_taken_into_use_is_adopted_never_removed():
+    """Finding 8: killed after the VG existed, then used by hand: nothing of it is undone."""
+    steps = ["pv:/dev/sdb", "vg:vg0", "vg-uuid:u"]
+    data = lv("data", attr="-wi-a-----", tags=())
+    for found, lvs, why in [
+            (ours(), [data], "holds volumes the creation did not make (data)"),
+            (vg(), [], "no longer carries the creation's tag ts_op_abc"),
+            (ours(uuid="other"), [], "another volume group now"),
+            # A pool of that name the creation never got to make, or another one than it made.
+            (ours(), [lv()], "holds volumes the creation did not make (pool)"),
+    ]:
+        rollback = plan(steps, found, lvs)
+        assert rollback.undos == [] and why in rollback.kept, (found, lvs)
+    rollback = plan([*steps, "pool:vg0/pool", "pool-uuid:p1"], ours(), [lv()])
+    assert rollback.undos == [] and "(pool)" in rollback.kept
+    assert "made by someone else" in plan(["pv:/dev/sdb"], ours()).kept
+
+
+def test_killed_between_making_the_vg_and_tagging_it_removes_it_only_while_empty():
+    steps = ["pv:/dev/sdb", "vg:vg0"]
+    assert [u.kind for u in plan(steps, vg()).undos] == ["vg", "pv"]
+    assert plan(steps, vg(), [lv("data", attr="-wi-a-----", tags=())]).undos == []
+    # Tagged but its uuid not yet recorded: the tag is the creation's own.
+    assert [u.kind for u in plan(steps, ours()).undos] == ["vg", "pv"]
+
+
+def test_recover_adopts_a_vg_in_use_and_says_so(mocker, capsys):
+    entry = Journal().begin("pool-create", "vg0")
+    for step in ["pv:/dev/sdb", "vg:vg0", "vg-uuid:u"]:
+        Journal().step(entry, step)
+    mocker.patch("thinstack.lvm.vgs", return_value=[dataclasses.replace(
+        vg(), tags=frozenset([entry.tag]))])
+    mocker.patch("thinstack.lvm.lvs", return_value=[lv("data", attr="-wi-a-----", tags=())])
+    run = mocker.patch("thinstack.lvm.lvm")
+    pools.recover(entry)
+    run.assert_called_once_with("vgchange", "-q", "--deltag", entry.tag, "vg0")
+    err = capsys.readouterr().err
+    assert "kept as it is" in err and entry.id in err and "(data)" in err
+
+
+def test_undo_file_unlinks_only_the_file_the_creation_made(tmp_path):
+    made = tmp_path / "pool.img"
+    ident = pools._make_sparse_file(made, GiB)
+    assert made.stat().st_size == GiB and made.stat().st_mode & 0o777 == 0o600
+    made.rename(tmp_path / "moved.img")
+    made.write_bytes(b"someone else's")  # the name given to another file
+    pools._undo_file("vg0", pools.Undo("file", str(made), ident))
+    assert made.read_bytes() == b"someone else's"
+    made.unlink()
+    made.symlink_to(tmp_path / "target")
+    (tmp_path / "target").write_bytes(b"kept")
+    pools._undo_file("vg0", pools.Undo("file", str(made), ident))
+    assert (tmp_path / "target").read_bytes() == b"kept" and made.is_symlink()
+    made.unlink()
+    ident = pools._make_sparse_file(made, MiB)
+    pools._undo_file("vg0", pools.Undo("file", str(made), ident))
+    assert not made.exists()
+    pools._undo_file("vg0", pools.Undo("file", str(made), ident))  # gone already: fine
+
+
+def test_the_backing_file_is_never_one_planted_under_its_name(tmp_path):
+    planted = tmp_path / "pool.img"
+    planted.symlink_to(tmp_path / "victim")
+    with pytest.raises(FileExistsError):
+        pools._make_sparse_file(planted, GiB)
+    assert not (tmp_path / "victim").exists()
+    planted.unlink()
+    planted.write_bytes(b"data")
+    with pytest.raises(FileExistsError):
+        pools._make_sparse_file(planted, GiB)
+    assert planted.read_bytes() == b"data"
+    pools._make_sparse_file(planted, MiB, reuse=True)  # the interrupted creation's own
+    assert planted.stat().st_size == MiB and planted.read_bytes()[:4] == bytes(4)
 
 
 def test_the_handler_is_registered_for_recovery():
@@ -243,31 +342,51 @@ def system(mocker):
         return FakePrepared(name, [f"/dev/md/{md_name}"] if md_name else devices)
 
     mocker.patch("thinstack.provision.prepare_vg", side_effect=prepare)
-    mocker.patch.dict(pools._UNDO, {kind: (lambda kind: lambda vg_, target: state["undone"].append(
-        (kind, target)))(kind) for kind in pools._UNDO})
+    mocker.patch.dict(pools._UNDO, {kind: (lambda kind: lambda vg_, undo: state["undone"].append(
+        (kind, undo.target)))(kind) for kind in pools._UNDO})
     return state
 
 
+def fake_lvm(system, fail=None):
+    """run_lvm: tags the fake VGs as vgchange would, raises `fail` on lvcreate."""
+    def run(*argv):
+        system["lvm"].append(argv)
+        if argv[0] == "vgchange" and argv[2] in ("--addtag", "--deltag"):
+            name = argv[-1]
+            for i, v in enumerate(system["vgs"]):
+                if v.name == name:
+                    change = {argv[3]} if argv[2] == "--addtag" else set()
+                    kept = v.tags - {argv[3]} if argv[2] == "--deltag" else v.tags
+                    system["vgs"][i] = dataclasses.replace(v, tags=frozenset(kept | change))
+        if argv[0] == "lvcreate" and fail:
+            raise fail
+    return run
+
+
 def test_failed_creation_rolls_back_in_reverse_and_clears_the_journal(system, mocker):
-    def lvm_cmd(*argv):
-        if argv[0] == "lvcreate":
-            raise ThinstackError("lvcreate failed")
-    mocker.patch("thinstack.pools.run_lvm", side_effect=lvm_cmd)
+    mocker.patch("thinstack.pools.run_lvm",
+                 side_effect=fake_lvm(system, ThinstackError("lvcreate failed")))
     with pytest.raises(ThinstackError, match="lvcreate failed"):
         pools.create("vg0", devices=["/dev/sdb", "/dev/sdc"], raid1=True)
-    assert system["undone"] == [("pool", "vg0/pool"), ("vg", "vg0"), ("pv", "/dev/md/ts-vg0"),
+    # No pool was made, so none is removed; the VG still carries the creation's tag: it goes.
+    assert system["undone"] == [("vg", "vg0"), ("pv", "/dev/md/ts-vg0"),
                                 ("md", "ts-vg0"), ("md-member", "/dev/sdc"),
                                 ("md-member", "/dev/sdb")]
     assert Journal().pending() == []
 
 
 def test_pool_is_created_with_zeroing_chunk_and_tags(system, mocker):
-    calls = []
-    mocker.patch("thinstack.pools.run_lvm", side_effect=lambda *a: calls.append(a))
+    mocker.patch("thinstack.pools.run_lvm", side_effect=fake_lvm(system))
+    mocker.patch("thinstack.lvm.lv", return_value=lv())
     mocker.patch("thinstack.pools.status", return_value=["status"])
     assert pools.create("vg0", devices=["/dev/sdb"], chunk=128 * KiB, grow_threshold=60,
                         grow_step=GiB) == "status"
-    (lvcreate,) = calls
+    (lvcreate,) = [c for c in system["lvm"] if c[0] == "lvcreate"]
+    # The VG carries the operation's tag from its creation to the commit.
+    tag = [c for c in system["lvm"] if c[0] == "vgchange"][0][3]
+    assert tag.startswith("ts_op_") and system["lvm"][-1] == ("vgchange", "-q", "--deltag", tag,
+                                                             "vg0")
+    assert system["vgs"][0].tags == frozenset()
     assert lvcreate[:4] == ("lvcreate", "-q", "-y", "--type")
     text = " ".join(lvcreate)
     assert "-L 1056964608b" in text  # 1020 MiB less 3 x 4 MiB of metadata
@@ -407,16 +526,26 @@ def test_undo_pv_only_wipes_a_pv_that_belongs_to_no_vg(mocker):
     mocker.patch("thinstack.lvm.pvs", return_value=[PV("/dev/sdb", "", GiB, GiB),
                                                     PV("/dev/sdc", "theirs", GiB, GiB)])
     run = mocker.patch("thinstack.lvm.lvm")
-    pools._undo_pv("vg0", "/dev/sdc")
+    pools._undo_pv("vg0", pools.Undo("pv", "/dev/sdc"))
     run.assert_not_called()
-    pools._undo_pv("vg0", "/dev/sdb")
+    pools._undo_pv("vg0", pools.Undo("pv", "/dev/sdb"))
     run.assert_called_once_with("pvremove", "-q", "-y", "-ff", "/dev/sdb")
 
 
 def test_undo_md_member_only_zeroes_our_arrays_superblock(mocker):
     run = mocker.patch("thinstack.pools.run", return_value="MD_LEVEL=raid1\nMD_NAME=host:other\n")
-    pools._undo_md_member("vg0", "/dev/sdb")
+    pools._undo_md_member("vg0", pools.Undo("md-member", "/dev/sdb"))
     assert run.call_count == 1
     run.return_value = "MD_LEVEL=raid1\nMD_NAME=(none):ts-vg0\n"
-    pools._undo_md_member("vg0", "/dev/sdb")
+    pools._undo_md_member("vg0", pools.Undo("md-member", "/dev/sdb"))
     run.assert_called_with(["mdadm", "--zero-superblock", "/dev/sdb"])
+
+
+def test_loops_are_found_by_their_backing_files_identity():
+    listing = """{"loopdevices": [
+        {"name": "/dev/loop0", "back-maj:min": "       0:18 ", "back-ino": 2152684},
+        {"name": "/dev/loop1", "back-maj:min": "8:1", "back-ino": "2152684"},
+        {"name": "/dev/loop2", "back-maj:min": null, "back-ino": null}]}"""
+    assert pools.loops_by_identity(listing, "18:2152684") == ["/dev/loop0"]
+    assert pools.loops_by_identity(listing, f"{os.makedev(8, 1)}:2152684") == ["/dev/loop1"]
+    assert pools.loops_by_identity("", "18:1") == []
