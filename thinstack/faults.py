@@ -17,7 +17,8 @@ POINTS: dict[str, tuple[str, ...]] = {
     "cow": ("after-intent", "after-lvcreate"),
     "pool-create": ("after-intent", "after-vg", "after-pool"),
     "import": ("after-intent", "after-lvcreate", "mid-copy", "after-copy", "after-rename"),
-    "export": ("after-intent", "after-snapshot", "mid-copy", "after-write"),
+    # after-suspend: only an export of a clone of a device outside the VG suspends it.
+    "export": ("after-intent", "after-suspend", "after-snapshot", "mid-copy", "after-write"),
 }
 
 
