@@ -225,6 +225,8 @@ def open(target: str | os.PathLike | Source, policy: Policy = Policy()) -> QemuI
         if fmt is None:
             raise ImageError(source.path, "not a format this driver hands to qemu-img")
         nodes = _chain(source, fmt, policy, pins)
+        for at in range(len(nodes)):
+            _check(nodes[at].source.path, _spec(nodes[at:]), pins)
         size = nodes[0].info["virtual-size"]
         if size > policy.max_virtual_size:
             raise ImageError(source.path, f"virtual size {size} exceeds the policy's "
@@ -337,6 +339,23 @@ def _refuse_data_file(source: Source) -> None:
                                       "read through qemu-img")
 
 
+def _check(path: Path, spec: dict, pins: Pins) -> None:
+    """`qemu-img check` of one node (with its pinned backing chain): an image whose tables are
+    corrupt (data mapped onto metadata or past the end, say) is refused. Leaked clusters are
+    harmless; formats qemu cannot check pass as they are."""
+    try:
+        _qemu_img(path, INFO_TIMEOUT, pins.fds, "check", "--output=json", _json(spec))
+    except _Exit as e:
+        if e.status == 2:
+            try:
+                found = f"{json.loads(e.message)['corruptions']} corruptions"
+            except (ValueError, KeyError, TypeError):
+                found = e.message
+            raise ImageError(path, f"qemu-img check finds the image corrupt ({found})") from None
+        if e.status not in (3, 63):
+            raise ImageError(path, f"qemu-img check failed: {e.message}") from None
+
+
 def _node_spec(fmt: str, link: Path, source: Source) -> dict:
     protocol = "file" if source.regular else "host_device"
     return {"driver": fmt, "file": {"driver": protocol, "filename": str(link)}}
@@ -446,13 +465,21 @@ def _qemu_img(path: Path, timeout: float, fds: tuple[int, ...], *args: str, **op
     except sh.TimeoutException:
         raise ImageError(path, f"qemu-img {args[0]} took longer than {timeout} s") from None
     except sh.ErrorReturnCode as e:
-        message = e.stderr.decode(errors="replace").strip() or f"exit status {e.exit_code}"
+        output = (e.stderr or e.stdout).decode(errors="replace").strip()
+        message = " ".join(output.split())[:300] or f"exit status {e.exit_code}"
+        if args[0] == "check":
+            raise _Exit(e.exit_code, message) from None
         raise ImageError(path, f"qemu-img {args[0]} failed: {message}") from None
     finally:
         if os.environ.get("THINSTACK_TRACE") == "1":
             shown = shlex.join(argv)
             shown = shown if len(shown) <= 120 else shown[:119] + "…"
             print(f"thinstack: {time.monotonic() - started:6.3f}s {shown}", file=sys.stderr)
+
+
+class _Exit(Exception):
+    def __init__(self, status: int, message: str):
+        self.status, self.message = status, message
 
 
 def _inherit(fds: tuple[int, ...]) -> Callable[[], None]:

@@ -250,3 +250,15 @@ def test_link_name(name, ok):
     else:
         with pytest.raises(ImageError):
             qemu.link_name(name, Path("d"))
+
+
+def test_corrupt_tables_refused_by_qemu_img_check(dirs):
+    """Finding 14 for formats read through qemu: qemu-img check (on the pinned spec) decides."""
+    vm, outside = dirs
+    path = vm / "disk.vdi"
+    run("qemu-img", "create", "-q", "-f", "vdi", path, "1M")
+    data = bytearray(path.read_bytes())
+    bmap = struct.unpack_from("<I", data, 0x154)[0]  # offset of the block map
+    struct.pack_into("<I", data, bmap, 0x00FFFFFF)  # block 0 mapped far past the end
+    path.write_bytes(data)
+    refused(path, outside, "qemu-img check finds the image corrupt")
