@@ -19,7 +19,6 @@ import sys
 import zlib
 from array import array
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 from thinstack.extents import Extent, Kind, coalesce
@@ -101,8 +100,8 @@ def probe(head: bytes, tail: bytes) -> bool:
     return head[:8] == MAGIC
 
 
-def open(path: str | os.PathLike, policy: Policy = Policy()) -> GowImage:
-    source = Source(Path(path))
+def open(target: str | os.PathLike | Source, policy: Policy = Policy()) -> GowImage:
+    source = Source.of(target)
     try:
         return GowImage(source, policy)
     except BaseException:
@@ -197,7 +196,8 @@ class GowImage:
 
     def read(self, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0 or offset + length > self.virtual_size:
-            raise ValueError(f"read of {length} bytes at {offset} outside the disk")
+            raise ImageError(self.path, f"read of {length} bytes at {offset} outside the disk "
+                                        f"({self.virtual_size} bytes)")
         out = bytearray(length)
         pos, end = offset, offset + length
         while pos < end:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from thinstack.extents import Extent, Kind, coalesce
-from . import ImageError, Policy, Source, detect, driver
+from . import ImageError, MissingFile, Policy, ReferenceRefused, Source, detect, driver
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +71,12 @@ L2_CACHE_TABLES = 8
 QEMU_FORMAT_TO_DRIVER = {"raw": "raw", "qcow2": "qcow2", "vpc": "vhd"}
 DRIVER_TO_QEMU_FORMAT = {v: k for k, v in QEMU_FORMAT_TO_DRIVER.items()}
 
-# Real paths of the qcow2 images whose backing files are being opened right now, outermost first:
-# a backing file that is already one of them closes a loop.
-_opening: contextvars.ContextVar[tuple[Path, ...]] = contextvars.ContextVar("qcow2_opening",
-                                                                            default=())
+# Identities (Source.identity) of the qcow2 images whose backing files are being opened right
+# now, outermost first: a backing file that is already one of them closes a loop.
+_opening: contextvars.ContextVar[tuple[tuple[int, int], ...]] = contextvars.ContextVar(
+    "qcow2_opening", default=())
+# Bytes of a table read at a time when it is only scanned, not kept.
+SCAN_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -174,11 +176,12 @@ def probe(head: bytes, tail: bytes) -> bool:
     return head[:4] == MAGIC and head[4:8] != b"\0\0\0\1"
 
 
-def open(path: str | os.PathLike, policy: Policy = Policy()) -> Qcow2Image:
-    path = Path(path)
-    if path.resolve() in _opening.get():
-        raise ImageError(path, "the backing chain loops back to this image")
-    image = Qcow2Image(path)
+def open(target: str | os.PathLike | Source, policy: Policy = Policy()) -> Qcow2Image:
+    source = Source.of(target)
+    if source.identity in _opening.get():
+        source.close()
+        raise ImageError(source.path, "the backing chain loops back to this image")
+    image = Qcow2Image(source)
     try:
         image.load(policy)
     except BaseException:
@@ -237,9 +240,9 @@ class _Runs:
 class Qcow2Image:
     format = "qcow2"
 
-    def __init__(self, path: Path):
-        self.path = path
-        self.src: Source | None = None
+    def __init__(self, source: Source):
+        self.path = source.path
+        self.src: Source | None = source
         self.data: Source | None = None  # where guest clusters live: this file or a data file
         self.backing = None
         self._l2_cache: OrderedDict[int, array] = OrderedDict()
@@ -248,7 +251,7 @@ class Qcow2Image:
     # -- opening ---------------------------------------------------------------------------
 
     def load(self, policy: Policy) -> None:
-        self.src = src = Source(self.path)
+        src = self.src
         fixed = src.read_at(0, min(src.size, V3_HEADER_LENGTH + 8), "header")
         if len(fixed) < V2_HEADER.size or fixed[:4] != MAGIC:
             raise ImageError(self.path, "not a qcow2 image (bad magic or too short)")
@@ -288,24 +291,18 @@ class Qcow2Image:
                           (h.refcount_table_offset,
                            h.refcount_table_offset + h.refcount_table_clusters * cs,
                            "the refcount table")]
-        l1_bytes = src.read_at(h.l1_table_offset, h.l1_entries_needed * 8, "L1 table")
-        self.l1 = _words(l1_bytes)
-        # The active L1 never maps one L2 table twice (only snapshots share them); refusing it
-        # keeps a walk of the map proportional to the file, whatever virtual size it claims.
-        tables = [entry & OFFSET_MASK for entry in self.l1 if entry & OFFSET_MASK]
-        if len(set(tables)) != len(tables):
-            raise ImageError(self.path, "the L1 table maps one L2 table more than once")
+        self.l1 = _words(src.read_at(h.l1_table_offset, h.l1_entries_needed * 8, "L1 table"))
+        self._taken = self._metadata_clusters(h, src.size, policy)
 
         self.data = src
         if self.external:
             name = _text(self.path, extensions.get(EXT_DATA_FILE), "external data file name")
             if not name:
                 raise ImageError(self.path, "uses an external data file but does not name it")
-            target = reference(self.path, name, "external data file", policy)
-            try:
-                self.data = Source(target)
-            except ImageError as e:
-                raise ImageError(self.path, f"external data file {name}: {e.message}") from None
+            self.data = Source.named(name, by=src, what="external data file", policy=policy)
+            if self.data.identity == src.identity:
+                raise ImageError(self.path, "names itself as its external data file: its guest "
+                                            "data would be its own metadata")
 
         if h.backing_file_offset and h.backing_file_size:
             if h.backing_file_size > MAX_BACKING_NAME:
@@ -376,24 +373,46 @@ class Qcow2Image:
                                             f"end of the file ({file_size} bytes)")
 
     def _open_backing(self, name: str, fmt: str | None, policy: Policy):
-        target = reference(self.path, name, "backing file", policy)
+        """The backing file, opened once as a file this image names. A backing format in the
+        header is taken as the operator's own naming of it (raw means raw, never probed);
+        without one the format is detected, and a detected backing file names nothing further:
+        a guest can write any header into a raw disk (QEMU's CVE-2008-2004)."""
         if policy.max_chain_depth < 1:
             raise ImageError(self.path, f"backing chain is deeper than the policy allows "
                                         f"(at backing file {name})")
-        if not target.exists():
-            raise ImageError(self.path, f"backing file {name} not found "
-                                        f"(needed by {self.path.name})")
-        found = detect(target)
-        if fmt is not None and QEMU_FORMAT_TO_DRIVER.get(fmt) != found:
-            raise ImageError(self.path, f"backing file {name} is {found}, but the header says "
-                                        f"{fmt}")
-        if found not in QEMU_FORMAT_TO_DRIVER.values():
-            raise ImageError(self.path, f"backing file {name} is {found}; a backing file must "
-                                        f"be raw, qcow2 or vhd")
-        token = _opening.set((*_opening.get(), self.path.resolve()))
         try:
-            return driver(found).open(
-                target, dataclasses.replace(policy, max_chain_depth=policy.max_chain_depth - 1))
+            source = Source.named(name, by=self.src, what="backing file", policy=policy)
+        except MissingFile:
+            raise ImageError(self.path, f"backing file {name} not found "
+                                        f"(needed by {self.path.name})") from None
+        try:
+            if source.identity == self.src.identity or source.identity in _opening.get():
+                raise ImageError(self.path, f"backing file {name}: the backing chain loops "
+                                            f"back to an image already in it")
+            found = "raw" if fmt == "raw" else detect(source)
+            if fmt is not None and QEMU_FORMAT_TO_DRIVER.get(fmt) != found:
+                raise ImageError(self.path, f"backing file {name} is {found}, but the header "
+                                            f"says {fmt}")
+            if found not in QEMU_FORMAT_TO_DRIVER.values():
+                raise ImageError(self.path, f"backing file {name} is {found}; a backing file "
+                                            f"must be raw, qcow2 or vhd")
+        except BaseException:
+            source.close()
+            raise
+        below = dataclasses.replace(policy, max_chain_depth=policy.max_chain_depth - 1)
+        if fmt is None:
+            below = dataclasses.replace(below, follow_references=False)
+        token = _opening.set((*_opening.get(), self.src.identity))
+        try:
+            return driver(found).open(source, below)
+        except ReferenceRefused as e:
+            if e.path != str(source.path) or not policy.follow_references:
+                raise
+            raise ImageError(self.path, f"backing file {name} is {found} by its content (the "
+                                        f"header names no backing format) and names its own "
+                                        f"{e.what} ({e.name!r}); a detected format follows no reference: "
+                                        f"record the backing format (qemu-img rebase -u -F "
+                                        f"{DRIVER_TO_QEMU_FORMAT[found]} -b {name})") from None
         finally:
             _opening.reset(token)
 
@@ -554,46 +573,124 @@ class Qcow2Image:
             raise ImageError(self.path, f"{what} for guest offset {guest} at host offset "
                                         f"{host:#x} lies past the end of the file")
         if self.data is self.src:
-            for start, end, name in self._metadata:
-                if host < end and start < host + length:
-                    raise ImageError(self.path, f"{what} for guest offset {guest} at host "
-                                                f"offset {host:#x} overlaps {name}")
+            cs = self.cluster_size
+            cluster = self._taken.first(host // cs, -(-(host + length) // cs))
+            if cluster is not None:
+                raise ImageError(self.path, f"{what} for guest offset {guest} at host offset "
+                                            f"{host:#x} overlaps {self._name_of(cluster)}: "
+                                            f"guest data placed on the image's own metadata")
 
     def _l2_table(self, l1_index: int) -> array | None:
-        entry = self.l1[l1_index]
-        offset = entry & OFFSET_MASK
-        if entry & L1_RESERVED or offset % self.cluster_size:
-            raise ImageError(self.path, f"L1 entry {l1_index} ({entry:#018x}) is unaligned or "
-                                        f"has reserved bits set")
+        # Every L1 entry was checked when the image was opened (_metadata_clusters).
+        offset = self.l1[l1_index] & OFFSET_MASK
         if offset == 0:
             return None
         table = self._l2_cache.get(offset)
         if table is not None:
             self._l2_cache.move_to_end(offset)
             return table
-        for start, end, name in self._metadata:
-            if offset < end and start < offset + self.cluster_size:
-                raise ImageError(self.path, f"L2 table {l1_index} at {offset:#x} overlaps {name}")
         table = _words(self.src.read_at(offset, self.cluster_size, f"L2 table {l1_index}"))
         self._l2_cache[offset] = table
         if len(self._l2_cache) > L2_CACHE_TABLES:
             self._l2_cache.popitem(last=False)
         return table
 
+    def _metadata_clusters(self, h: Header, file_size: int, policy: Policy) -> _ClusterMap:
+        """The clusters of the file that hold metadata: the header, the L1 and refcount tables,
+        every L2 table the L1 maps and every refcount block. Guest data placed on any of them
+        is refused (qemu-img check calls such an image corrupt), and so is an L2 table or
+        refcount block placed on other metadata, so every table is read from its own place.
+        One bit a cluster of the file, within the policy's table budget."""
+        cs = h.cluster_size
+        clusters = -(-file_size // cs)
+        if -(-clusters // 8) > policy.max_table_bytes:
+            raise ImageError(self.path, f"a file of {file_size} bytes in {cs}-byte clusters needs "
+                                        f"a cluster map of {-(-clusters // 8)} bytes to check, "
+                                        f"over the policy's {policy.max_table_bytes}")
+        taken = _ClusterMap(clusters)
+        for start, end, name in self._metadata:
+            if start < end:
+                self._claim(taken, start // cs, -(-end // cs), name)
+        # Each L2 table the active L1 maps is a cluster of its own: one mapped twice (only
+        # snapshots share them) or placed on other metadata is refused, which also keeps a walk
+        # of the map proportional to the file, whatever virtual size it claims.
+        l1 = self.l1
+        if len(l1) - l1.count(0) > clusters:
+            raise ImageError(self.path, f"the L1 table maps {len(l1) - l1.count(0)} L2 tables, "
+                                        f"more than the file's {clusters} clusters hold: the L1 "
+                                        f"table maps one L2 table more than once")
+        for index, entry in _nonzero(l1):
+            offset = entry & OFFSET_MASK
+            if entry & L1_RESERVED or offset % cs:
+                raise ImageError(self.path, f"L1 entry {index} ({entry:#018x}) is unaligned or "
+                                            f"has reserved bits set")
+            if offset == 0:
+                continue
+            if offset + cs > file_size:
+                raise ImageError(self.path, f"L2 table {index} at {offset:#x} lies past the end "
+                                            f"of the file ({file_size} bytes)")
+            if taken.claim(offset // cs):
+                name = self._name_of(offset // cs, other="another L2 table")
+                if name == "another L2 table":
+                    raise ImageError(self.path, "the L1 table maps one L2 table more than once")
+                raise ImageError(self.path, f"L2 table {index} at {offset:#x} overlaps {name}")
+        # The refcount table is only scanned, a chunk at a time, never kept.
+        per_chunk = SCAN_CHUNK // 8
+        entries = h.refcount_table_clusters * cs // 8
+        for base in range(0, entries, per_chunk):
+            count = min(per_chunk, entries - base)
+            chunk = _words(self.src.read_at(h.refcount_table_offset + base * 8, count * 8,
+                                            "refcount table"))
+            for index, entry in _nonzero(chunk, base):
+                offset = entry & ~(cs - 1)  # bits 9-63; the cluster-offset bits must be clear
+                if entry != offset:
+                    raise ImageError(self.path, f"refcount table entry {index} ({entry:#018x}) "
+                                                f"is unaligned or has reserved bits set")
+                if offset + cs > file_size:
+                    raise ImageError(self.path, f"refcount block {index} at {offset:#x} lies "
+                                                f"past the end of the file ({file_size} bytes)")
+                if taken.claim(offset // cs):
+                    name = self._name_of(offset // cs, other="an L2 table or refcount block")
+                    raise ImageError(self.path, f"refcount block {index} at {offset:#x} "
+                                                f"overlaps {name}")
+        return taken
+
+    def _claim(self, taken: _ClusterMap, first: int, end: int, what: str) -> None:
+        for cluster in range(first, end):
+            if taken.claim(cluster):
+                raise ImageError(self.path, f"{what} overlaps {self._name_of(cluster)}")
+
+    def _name_of(self, cluster: int, other: str = "an L2 table or refcount block") -> str:
+        """Which metadata a cluster holds, for a message (only the fixed tables are kept by
+        name)."""
+        cs = self.cluster_size
+        for start, end, name in self._metadata:
+            if start // cs <= cluster < -(-end // cs):
+                return name
+        return other
+
     def _inflate(self, offset: int, length: int) -> bytes:
-        """One compressed cluster, never more than a cluster of output whatever the input says."""
+        """One compressed cluster. Never more than a cluster (and one byte) is inflated, whatever
+        the input says; a stream that holds more than a cluster is corrupt (QEMU never writes
+        one) and refused."""
         if self._inflated is not None and self._inflated[0] == offset:
             return self._inflated[1]
         cs = self.cluster_size
         packed = self.src.read_at(offset, min(length, self.src.size - offset), "compressed cluster")
         try:
             if self.header.compression_type == COMPRESSION_ZSTD:
-                cluster = _unzstd(packed, cs)
+                cluster = _unzstd(packed, cs + 1)
             else:
-                cluster = zlib.decompressobj(DEFLATE_WBITS).decompress(packed, cs)
+                inflater = zlib.decompressobj(DEFLATE_WBITS)
+                cluster = inflater.decompress(packed, cs)
+                if len(cluster) == cs and not inflater.eof:
+                    cluster += inflater.decompress(inflater.unconsumed_tail, 1)
         except (zlib.error, ValueError) as e:
             raise ImageError(self.path,
                              f"compressed cluster at {offset:#x} is corrupt: {e}") from None
+        if len(cluster) > cs:
+            raise ImageError(self.path, f"compressed cluster at {offset:#x} inflates to more "
+                                        f"than one cluster ({cs} bytes): corrupt")
         if len(cluster) != cs:
             raise ImageError(self.path, f"compressed cluster at {offset:#x} holds {len(cluster)} "
                                         f"bytes instead of {cs}")
@@ -601,18 +698,51 @@ class Qcow2Image:
         return cluster
 
 
+class _ClusterMap:
+    """A set of clusters of a file, one bit each."""
+
+    def __init__(self, clusters: int):
+        self.bits = bytearray(-(-clusters // 8))
+
+    def claim(self, cluster: int) -> bool:
+        """Add a cluster; whether it was there already."""
+        byte, bit = divmod(cluster, 8)
+        was = self.bits[byte] >> bit & 1
+        self.bits[byte] |= 1 << bit
+        return bool(was)
+
+    def first(self, start: int, end: int) -> int | None:
+        """The first cluster in [start, end) of the set, or None."""
+        if start >= end:
+            return None
+        lo = start // 8
+        word = int.from_bytes(self.bits[lo:-(-end // 8)], "little") >> (start - lo * 8)
+        word &= (1 << (end - start)) - 1
+        return start + (word & -word).bit_length() - 1 if word else None
+
+
+def _nonzero(table: array, base: int = 0, chunk: int = 4096) -> Iterator[tuple[int, int]]:
+    """(index, entry) of the non-zero entries, skipping runs of zeros at C speed."""
+    for at in range(0, len(table), chunk):
+        part = table[at:at + chunk]
+        if part.count(0) != len(part):
+            yield from ((base + at + i, entry) for i, entry in enumerate(part) if entry)
+
+
 def _unzstd(packed: bytes, limit: int) -> bytes:
+    """The first zstd frame of `packed` (the sectors a compressed cluster spans may hold the
+    next cluster's frame), inflated up to `limit` bytes. Input goes in a few bytes at a time,
+    so a frame that inflates to far more (a bomb) costs at most 2 MiB past the limit."""
     import zstandard  # optional: only zstd images need it, and open() checked it is there
 
     try:
-        reader = zstandard.ZstdDecompressor().stream_reader(packed, read_across_frames=True)
+        inflater = zstandard.ZstdDecompressor().decompressobj()
         out = bytearray()
-        while len(out) < limit:
-            chunk = reader.read(limit - len(out))
-            if not chunk:
+        for at in range(0, len(packed), 64):  # 64 bytes inflate to 16 blocks (2 MiB) at most
+            out += inflater.decompress(packed[at:at + 64])
+            if inflater.eof or len(out) >= limit:
                 break
-            out += chunk
-        return bytes(out)
+        return bytes(out[:limit])
     except zstandard.ZstdError as e:
         raise ValueError(str(e)) from None
 

@@ -4,7 +4,6 @@ a block device, or a file system that cannot tell, is all data."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Iterator
 
 from thinstack.extents import Extent, Kind
@@ -17,12 +16,12 @@ def probe(head: bytes, tail: bytes) -> bool:
     return True
 
 
-def open(path: str | os.PathLike, policy: Policy = Policy()) -> RawImage:
-    path = Path(path)
-    source = Source(path)
+def open(target: str | os.PathLike | Source, policy: Policy = Policy()) -> RawImage:
+    source = Source.of(target)
     if source.size > policy.max_virtual_size:
         source.close()
-        raise ImageError(path, f"size {source.size} exceeds the policy's {policy.max_virtual_size}")
+        raise ImageError(source.path, f"size {source.size} exceeds the policy's "
+                                      f"{policy.max_virtual_size}")
     return RawImage(source)
 
 

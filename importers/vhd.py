@@ -21,7 +21,7 @@ from typing import Iterator
 
 from thinstack.extents import Extent, Kind, coalesce
 
-from . import ImageError, Policy, Source
+from . import ImageError, MissingFile, Policy, Source
 
 SECTOR = 512
 FOOTER_SIZE = 512
@@ -175,35 +175,37 @@ def probe(head: bytes, tail: bytes) -> bool:
     return False
 
 
-def open(path: str | os.PathLike, policy: Policy = Policy()) -> VhdImage:
-    path = Path(path)
+def open(target: str | os.PathLike | Source, policy: Policy = Policy()) -> VhdImage:
+    source = Source.of(target)
     layers: list[_Layer] = []
     try:
-        layer = _open_layer(path, policy)
+        layer = _open_layer(source, policy)
         layers.append(layer)
-        seen = {path.resolve()}
+        seen = {source.identity}
         while layer.footer.disk_type == DIFFERENCING:
             if len(layers) > policy.max_chain_depth:  # counting parents, as qcow2 counts backings
-                raise ImageError(path, f"differencing chain has more than "
-                                       f"{policy.max_chain_depth} parents")
-            parent_path = _find_parent(layer, policy)
-            if parent_path.resolve() in seen:
-                raise ImageError(layer.path, f"parent {parent_path} is already in the chain "
+                raise ImageError(source.path, f"differencing chain has more than "
+                                              f"{policy.max_chain_depth} parents")
+            found = _find_parent(layer, policy)
+            if found.identity in seen:
+                found.close()
+                raise ImageError(layer.path, f"parent {found.path} is already in the chain "
                                              f"(a loop)")
-            seen.add(parent_path.resolve())
-            parent = _open_layer(parent_path, policy)
+            seen.add(found.identity)
+            parent = _open_layer(found, policy)
             layers.append(parent)
             if parent.footer.uuid != layer.header.parent_uuid:
-                raise ImageError(layer.path, f"parent {parent_path} has UUID "
+                raise ImageError(layer.path, f"parent {found.path} has UUID "
                                              f"{parent.footer.uuid.hex()}, the child expects "
                                              f"{layer.header.parent_uuid.hex()}")
             layer.parent = parent
             layer = parent
     except BaseException:
+        source.close()
         for opened in layers:
             opened.source.close()
         raise
-    return VhdImage(path, layers)
+    return VhdImage(source.path, layers)
 
 
 class VhdImage:
@@ -223,7 +225,8 @@ class VhdImage:
 
     def read(self, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0 or offset + length > self.virtual_size:
-            raise ValueError(f"read of {length} bytes at {offset} outside the disk")
+            raise ImageError(self.path, f"read of {length} bytes at {offset} outside the disk "
+                                        f"({self.virtual_size} bytes)")
         out = bytearray(length)
         for at, count, layer, file_offset in _merged(self.chain[0], offset, offset + length):
             if layer is not None:
@@ -251,11 +254,12 @@ class _Layer:
         if header is not None:
             self.block_size = header.block_size
             self.bitmap_size = bitmap_size(header.block_size)
-        self._runs_of: tuple[int, list[tuple[int, int, bool]]] = (-1, [])
+        self._runs_of: tuple[int, array, bool] = (-1, array("I"), False)
 
     def runs(self, start: int, end: int) -> Iterator[tuple[int, int, int | None]]:
         """(offset, length, file offset or None when this file does not hold it) covering
-        [start, end) in order; end <= size."""
+        [start, end) in order; end <= size. Costs O(log runs + runs yielded) per block, so a
+        child's many holes each find their place in the parent's block without rescanning it."""
         if self.header is None:
             yield from self._fixed_runs(start, end)
             return
@@ -273,27 +277,35 @@ class _Layer:
                 continue
             block_end = min(block_start + bs, end)
             data_at = self.bat[index] * SECTOR + self.bitmap_size
-            for first, count, present in self._bitmap_runs(index):
-                lo = max(pos, block_start + first * SECTOR)
-                hi = min(block_end, block_start + (first + count) * SECTOR)
-                if lo < hi:
-                    yield lo, hi - lo, (data_at + lo - block_start) if present else None
+            bounds, first_present = self._bitmap_runs(index)
+            # Run i covers sectors [bounds[i], bounds[i + 1]); runs alternate present/absent.
+            i = bisect.bisect_right(bounds, (pos - block_start) // SECTOR) - 1
+            while i < len(bounds) - 1:
+                lo = max(pos, block_start + bounds[i] * SECTOR)
+                if lo >= block_end:
+                    break
+                hi = min(block_end, block_start + bounds[i + 1] * SECTOR)
+                present = first_present ^ bool(i & 1)
+                yield lo, hi - lo, (data_at + lo - block_start) if present else None
+                i += 1
             pos = block_end
 
-    def _bitmap_runs(self, index: int) -> list[tuple[int, int, bool]]:
-        """(first sector, count, present) runs of one block's bitmap; the last one is cached
-        because the copy loop reads a block in several pieces."""
-        cached_index, runs = self._runs_of
+    def _bitmap_runs(self, index: int) -> tuple[array, bool]:
+        """One block's bitmap as run boundaries (in sectors, from 0 to the block's sector count)
+        and whether the first run is present; 4 bytes a run, so at most 2 MiB for the largest
+        block. The last block's runs are cached because a block is read in several pieces."""
+        cached_index, bounds, first_present = self._runs_of
         if cached_index != index:
             sectors = min(self.block_size, self.size - index * self.block_size) // SECTOR
             bitmap = self.source.read_at(self.bat[index] * SECTOR, self.bitmap_size,
                                          "sector bitmap")[:-(-sectors // 8)]
             # Sector 0 is the most significant bit of byte 0 (as blktap reads and writes it).
             bits = format(int.from_bytes(bitmap, "big"), f"0{len(bitmap) * 8}b")[:sectors]
-            runs = [(m.start(), m.end() - m.start(), m.group()[0] == "1")
-                    for m in re.finditer("1+|0+", bits)]
-            self._runs_of = (index, runs)
-        return runs
+            bounds = array("I", (m.start() for m in re.finditer("1+|0+", bits)))
+            bounds.append(sectors)
+            first_present = bits[:1] == "1"
+            self._runs_of = (index, bounds, first_present)
+        return bounds, first_present
 
     def _fixed_runs(self, start: int, end: int) -> Iterator[tuple[int, int, int | None]]:
         """A fixed disk holds every sector, but holes of a sparse host file read as zeros and
@@ -319,8 +331,9 @@ def _merged(layer: _Layer, start: int, end: int) -> Iterator[tuple[int, int, _La
         yield tail, end - tail, None, 0
 
 
-def _open_layer(path: Path, policy: Policy) -> _Layer:
-    source = Source(path)
+def _open_layer(source: Source, policy: Policy) -> _Layer:
+    """One file of a chain, parsed; `source` is closed if it is no VHD the policy accepts."""
+    path = source.path
     try:
         footer, footer_at = _read_footer(source)
         size = _virtual_size(footer)
@@ -435,12 +448,13 @@ def _check_blocks(path: Path, bat: array, block_bytes: int, data_end: int,
             raise ImageError(path, f"data block at offset {starts[first]} overlaps the {name}")
 
 
-def _find_parent(layer: _Layer, policy: Policy) -> Path:
-    """The parent's path from the locators (relative first, then absolute; Mac aliases are not
-    followed), falling back to the parent's file name beside the child."""
+def _find_parent(layer: _Layer, policy: Policy) -> Source:
+    """The parent, opened, from the locators (relative first, then absolute; Mac aliases are not
+    followed), falling back to the parent's file name beside the child. Each name is opened as
+    a file the image names (Source.named): one that does not exist is passed over, any other
+    refusal (a symlink, a folder the policy does not allow) is final."""
     header = layer.header
-    here = layer.path.parent
-    tried: list[Path] = []
+    tried: list[str] = []
     for platform in (W2RU, W2KU):
         for loc in header.locators:
             if loc.platform != platform:
@@ -454,14 +468,14 @@ def _find_parent(layer: _Layer, policy: Policy) -> Path:
                 raise ImageError(layer.path, "parent locator is not UTF-16") from None
             if not name or re.match("[A-Za-z]:", name):  # a Windows drive means nothing here
                 continue
-            tried.append(here / name)  # an absolute name stays as it is
+            tried.append(name)
     if header.parent_name:
-        tried.append(here / Path(header.parent_name.replace("\\", "/")).name)
-    for candidate in tried:
-        if os.path.exists(candidate):  # False, not an error, for an impossible name too
-            if not policy.may_open(candidate, layer.path):
-                raise ImageError(layer.path, f"parent {candidate} is outside the allowed "
-                                             f"directories")
-            return candidate
+        tried.append(Path(header.parent_name.replace("\\", "/")).name)
+    here = layer.source.real.parent
+    for name in tried:
+        try:
+            return Source.named(name, by=layer.source, what="parent", policy=policy)
+        except MissingFile:
+            continue
     raise ImageError(layer.path, f"parent image {header.parent_name or '(unnamed)'} not found "
-                                 f"(tried {', '.join(map(str, tried)) or 'no locator'})")
+                                 f"(tried {', '.join(str(here / n) for n in tried) or 'no locator'})")

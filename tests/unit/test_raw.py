@@ -81,13 +81,6 @@ def test_no_seek_data_means_all_data(tmp_path, monkeypatch):
     image.close()
 
 
-def test_block_device_is_all_data(tmp_path, mocker):
-    image = raw.open(sparse(tmp_path / "disk.img", MiB, {}))
-    mocker.patch("stat.S_ISBLK", return_value=True)  # what fstat says of a block device
-    assert list(image.extents()) == [Extent(0, MiB, Kind.DATA)]
-    image.close()
-
-
 def test_read_outside_refused(tmp_path):
     image = open_image(sparse(tmp_path / "disk.img", MiB, {}))
     with pytest.raises(ImageError):
