@@ -10,7 +10,7 @@ import os
 import shlex
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
 
 import sh
 
@@ -52,26 +52,29 @@ class CommandTimeout(CommandError):
         return f"timed out after {self.timeout:g}s"
 
 
-def run(argv: list[str], *, input: bytes | str | None = None,
-        timeout: float | None = None) -> str:
-    """Run argv to completion and return its standard output; raise CommandError otherwise."""
+def run(argv: list[str], *, input: bytes | str | None = None, timeout: float | None = None,
+        pass_fds: Collection[int] = ()) -> str:
+    """Run argv to completion and return its standard output; raise CommandError otherwise.
+    `pass_fds`: descriptors of ours the program gets at the same numbers (e.g. files opened
+    once and handed to qemu-img as /proc/self/fd/N)."""
     started = time.monotonic()
     try:
-        return _run(argv, input, timeout)
+        return _run(argv, input, timeout, pass_fds)
     finally:
         if _TRACE:
             print(f"thinstack: {time.monotonic() - started:6.3f}s {_shown(argv)}",
                   file=sys.stderr)
 
 
-def _run(argv: list[str], input: bytes | str | None, timeout: float | None) -> str:
+def _run(argv: list[str], input: bytes | str | None, timeout: float | None,
+         pass_fds: Collection[int]) -> str:
     try:
         program = sh.Command(argv[0])
     except sh.CommandNotFound:
         raise CommandNotFound(argv) from None
     try:
         return program(*argv[1:], _in=input, _timeout=timeout, _env=_ENV, _tty_out=False,
-                       _decode_errors="replace")
+                       _decode_errors="replace", **_passing(pass_fds))
     except sh.TimeoutException as e:
         # sh keeps no output of a killed process; the time limit is the whole story.
         raise CommandTimeout(argv, timeout or 0) from e
@@ -79,8 +82,8 @@ def _run(argv: list[str], input: bytes | str | None, timeout: float | None) -> s
         raise CommandError(argv, e.exit_code, _text(e.stderr), _text(e.stdout)) from None
 
 
-def stream(argv: list[str], *, timeout: float | None = None, piece: int = 1 << 20
-           ) -> Iterator[str]:
+def stream(argv: list[str], *, timeout: float | None = None, piece: int = 1 << 20,
+           pass_fds: Collection[int] = ()) -> Iterator[str]:
     """Run argv and yield its standard output in pieces of about `piece` characters as it comes,
     for output too large to hold at once; CommandError once it has ended, if it failed."""
     started = time.monotonic()
@@ -91,7 +94,8 @@ def stream(argv: list[str], *, timeout: float | None = None, piece: int = 1 << 2
     # Every exit status is accepted here and checked below: sh would otherwise raise the failure
     # in its reader thread too, and print it there.
     process = program(*argv[1:], _iter=True, _out_bufsize=piece, _timeout=timeout, _env=_ENV,
-                      _tty_out=False, _decode_errors="replace", _ok_code=list(range(-64, 256)))
+                      _tty_out=False, _decode_errors="replace", _ok_code=list(range(-64, 256)),
+                      **_passing(pass_fds))
     try:
         yield from process
         process.wait()
@@ -103,6 +107,21 @@ def stream(argv: list[str], *, timeout: float | None = None, piece: int = 1 << 2
                   file=sys.stderr)
     if process.exit_code != 0:
         raise CommandError(argv, process.exit_code, _text(process.stderr))
+
+
+def _passing(fds: Collection[int]) -> dict:
+    """sh's options to hand `fds` to the child: ours are close-on-exec (as every descriptor
+    thinstack opens), so the child makes its copies inheritable before it execs."""
+    if not fds:
+        return {}
+    fds = tuple(fds)
+
+    def inherit() -> None:
+        for fd in fds:
+            os.set_inheritable(fd, True)
+
+    preexec: Callable[[], None] = inherit
+    return {"_pass_fds": set(fds), "_preexec_fn": preexec}
 
 
 def summary(output: str) -> str:

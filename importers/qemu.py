@@ -24,18 +24,14 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import shutil
 import struct
-import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Callable, Iterator
+from typing import Iterator
 
-import sh
-
+from thinstack.dm import command
 from thinstack.extents import Extent, Kind, coalesce
 
 from . import ImageError, Policy, Source
@@ -389,14 +385,11 @@ class QemuImage:
         self._raw: Source | None = None
 
     def extents(self) -> Iterator[Extent]:
-        with tempfile.TemporaryFile() as out:
-            _qemu_img(self.path, MAP_TIMEOUT, self._pins.fds, "map", "--output=json",
-                      self._spec, _out=out)
-            out.seek(0)
-            # One JSON object a line, inside a list: '[{...},' ... '{...}]'.
-            found = [_extent(json.loads(line.strip().lstrip(b"[").rstrip(b"]").rstrip(b",")))
-                     for line in out if line.strip() not in (b"", b"[", b"]")]
-        return coalesce(found)
+        lines = _qemu_img_lines(self.path, MAP_TIMEOUT, self._pins.fds, "map", "--output=json",
+                                self._spec)
+        # One JSON object a line, inside a list: '[{...},' ... '{...}]'.
+        return coalesce(_extent(json.loads(line.strip().lstrip("[").rstrip("]").rstrip(",")))
+                        for line in lines if line.strip() not in ("", "[", "]"))
 
     def convert_into(self, device: str) -> None:
         """Write the image's bytes onto `device` (a fresh thin volume that reads as zeros),
@@ -448,33 +441,39 @@ def _extent(entry: dict) -> Extent:
     return Extent(entry["start"], entry["length"], kind)
 
 
-def _qemu_img(path: Path, timeout: float, fds: tuple[int, ...], *args: str, **options) -> str:
-    """Run qemu-img with our pinned descriptors at the same numbers (messages in English
-    whatever the locale); any failure is an ImageError.
-
-    thinstack.dm.command.run cannot pass descriptors yet, so this mirrors it: the same
-    THINSTACK_TRACE line, a timeout, the locale."""
-    argv = ["qemu-img", *args]
-    started = time.monotonic()
+def _qemu_img(path: Path, timeout: float, fds: tuple[int, ...], *args: str) -> str:
+    """Run qemu-img through the one runner, with our pinned descriptors at the same numbers;
+    any failure is an ImageError (`check`'s statuses come back as _Exit, which mean things)."""
     try:
-        return str(sh.Command("qemu-img")(*args, _timeout=timeout, _pass_fds=set(fds),
-                                             _preexec_fn=_inherit(fds),
-                                             _env={**os.environ, "LC_ALL": "C"}, **options))
-    except sh.CommandNotFound:
-        raise ImageError(path, "qemu-img is not installed (Debian: qemu-utils)") from None
-    except sh.TimeoutException:
-        raise ImageError(path, f"qemu-img {args[0]} took longer than {timeout} s") from None
-    except sh.ErrorReturnCode as e:
-        output = (e.stderr or e.stdout).decode(errors="replace").strip()
-        message = " ".join(output.split())[:300] or f"exit status {e.exit_code}"
-        if args[0] == "check":
-            raise _Exit(e.exit_code, message) from None
-        raise ImageError(path, f"qemu-img {args[0]} failed: {message}") from None
-    finally:
-        if os.environ.get("THINSTACK_TRACE") == "1":
-            shown = shlex.join(argv)
-            shown = shown if len(shown) <= 120 else shown[:119] + "…"
-            print(f"thinstack: {time.monotonic() - started:6.3f}s {shown}", file=sys.stderr)
+        return command.run(["qemu-img", *args], timeout=timeout, pass_fds=fds)
+    except command.CommandError as e:
+        raise _failure(path, args[0], e) from None
+
+
+def _qemu_img_lines(path: Path, timeout: float, fds: tuple[int, ...], *args: str
+                    ) -> Iterator[str]:
+    """qemu-img's output line by line as it comes (a map of a large image is large)."""
+    rest = ""
+    try:
+        for piece in command.stream(["qemu-img", *args], timeout=timeout, pass_fds=fds):
+            *lines, rest = (rest + piece).split("\n")
+            yield from lines
+    except command.CommandError as e:
+        raise _failure(path, args[0], e) from None
+    if rest:
+        yield rest
+
+
+def _failure(path: Path, verb: str, e: command.CommandError) -> Exception:
+    if isinstance(e, command.CommandNotFound):
+        return ImageError(path, "qemu-img is not installed (Debian: qemu-utils)")
+    if isinstance(e, command.CommandTimeout):
+        return ImageError(path, f"qemu-img {verb} took longer than {e.timeout:g} s")
+    output = (e.stderr or e.stdout).strip()
+    message = " ".join(output.split())[:300] or f"exit status {e.exit_status}"
+    if verb == "check":
+        return _Exit(e.exit_status, message)
+    return ImageError(path, f"qemu-img {verb} failed: {message}")
 
 
 class _Exit(Exception):
@@ -482,10 +481,3 @@ class _Exit(Exception):
         self.status, self.message = status, message
 
 
-def _inherit(fds: tuple[int, ...]) -> Callable[[], None]:
-    """Run in the child before exec: our descriptors are close-on-exec, qemu-img's copies
-    must not be."""
-    def preexec() -> None:
-        for fd in fds:
-            os.set_inheritable(fd, True)
-    return preexec
