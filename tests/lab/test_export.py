@@ -23,7 +23,7 @@ from tests.labtools import assert_pool_consistent, lvs, sh, ts
 from tests.patterns import BLOCK, blocks_match, pattern, read_direct, write_blocks
 from thinstack import exports, faults, imports
 from thinstack.errors import Refused
-from thinstack.importers import gow, open_image
+from thinstack.importers import detect, gow, open_image
 from thinstack.lock import held
 from thinstack.lvm import VolumeRef
 
@@ -51,8 +51,9 @@ def device_digest(dev: str, size: int) -> str:
 
 
 def image_digest(path, size: int) -> str:
-    """The content thinstack's own importer reads from an image, following its parents."""
-    image = open_image(path)
+    """The content thinstack's own importer reads from an image, following its parents (its
+    format named, as a restore names it: --format auto follows no parent)."""
+    image = open_image(path, format=detect(path))
     try:
         assert image.virtual_size >= size
         h = hashlib.sha256()
