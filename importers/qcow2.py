@@ -291,7 +291,7 @@ class Qcow2Image:
                           (h.refcount_table_offset,
                            h.refcount_table_offset + h.refcount_table_clusters * cs,
                            "the refcount table")]
-        self.l1 = _words(src.read_at(h.l1_table_offset, h.l1_entries_needed * 8, "L1 table"))
+        self.l1 = _read_words(src, h.l1_table_offset, h.l1_entries_needed, "L1 table")
         self._taken = self._metadata_clusters(h, src.size, policy)
 
         self.data = src
@@ -786,6 +786,18 @@ def _pread_into(src: Source, view: memoryview, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
+def _read_words(src: Source, offset: int, count: int, what: str) -> array:
+    """`count` big-endian 64-bit words read straight into the table, so a large one is never
+    held twice."""
+    if offset + 8 * count > src.size:
+        src.read_at(offset, 8 * count, what)  # raises, naming what runs past the end
+    table = array("Q", bytes(8)) * count
+    _pread_into(src, memoryview(table).cast("B"), offset)
+    if sys.byteorder == "little":
+        table.byteswap()
+    return table
+
+
 def _words(data: bytes) -> array:
     """Big-endian 64-bit words."""
     table = array("Q", data)
@@ -800,23 +812,6 @@ def _text(path: Path, raw: bytes | None, what: str) -> str | None:
     if b"\0" in raw:
         raise ImageError(path, f"{what} contains a NUL byte")
     return os.fsdecode(raw)
-
-
-def reference(child: Path, name: str, what: str, policy: Policy) -> Path:
-    """The file a header names, refused unless it is a plain path the policy allows. A colon before
-    the first slash is how QEMU spells a protocol (nbd:, http://, json:{...}); thinstack never
-    follows one."""
-    if ":" in name.split("/", 1)[0]:
-        raise ImageError(child, f"{what} {name!r} is a protocol or json: name, not a file")
-    target = Path(name) if os.path.isabs(name) else child.parent / name
-    try:
-        allowed = policy.may_open(target, child)
-    except (OSError, RuntimeError) as e:  # a symlink loop, say
-        raise ImageError(child, f"{what} {name}: {e}") from None
-    if not allowed:
-        raise ImageError(child, f"{what} {name} lies outside the image's directory and the "
-                                f"policy's allowed directories")
-    return target
 
 
 def _feature_names(table: bytes, bits: int) -> str:

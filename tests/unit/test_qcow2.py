@@ -12,6 +12,7 @@ import shutil
 import struct
 import subprocess
 import time
+import tracemalloc
 import zlib
 from pathlib import Path
 
@@ -491,6 +492,70 @@ def test_hostile_l2_points_at_l1(plain):
     h = header(plain)
     patch(plain, l2_offset(plain) + 8, ">Q", qcow2.OFLAG_COPIED | h.l1_table_offset)
     refused(plain, "overlaps the L1 table")
+
+
+def refcount_block(path: Path, index: int = 0) -> int:
+    h = header(path)
+    with open(path, "rb") as f:
+        f.seek(h.refcount_table_offset + 8 * index)
+        return struct.unpack(">Q", f.read(8))[0]
+
+
+# Finding 14: guest data, an L2 table or a refcount block placed on the image's own metadata.
+@pytest.mark.parametrize("where", ["l2 table", "refcount block"])
+def test_guest_data_on_metadata_refused(plain, where):
+    target = l2_offset(plain) if where == "l2 table" else refcount_block(plain)
+    patch(plain, l2_offset(plain) + 8, ">Q", qcow2.OFLAG_COPIED | target)
+    refused(plain, "overlaps an L2 table or refcount block", "own metadata")
+
+
+def test_compressed_cluster_on_an_l2_table_refused(plain):
+    sectors_bits = 62 - (header(plain).cluster_bits - 8)
+    patch(plain, l2_offset(plain) + 8, ">Q",
+          qcow2.OFLAG_COMPRESSED | 1 << sectors_bits | l2_offset(plain) + 100)
+    refused(plain, "compressed cluster", "overlaps an L2 table")
+
+
+def test_l2_table_on_a_refcount_block_refused(plain):
+    h = header(plain)
+    patch(plain, h.l1_table_offset, ">Q", qcow2.OFLAG_COPIED | refcount_block(plain))
+    refused(plain, "overlaps an L2 table or refcount block")
+
+
+@pytest.mark.parametrize("entry, words", [
+    ("l2", ("refcount block 1", "overlaps")),
+    (0x10000 | 0x200, ("refcount table entry 1", "reserved bits")),
+    (1 << 40, ("refcount block 1", "past the end")),
+])
+def test_hostile_refcount_table_entry(plain, entry, words):
+    h = header(plain)
+    patch(plain, h.refcount_table_offset + 8, ">Q", l2_offset(plain) if entry == "l2" else entry)
+    refused(plain, *words)
+
+
+def test_large_l1_table_costs_its_own_size_in_memory(tmp_path):
+    """Finding 13a: an L1 table of 4 Mi entries (32 MiB) all mapping one L2 table. It used to
+    become a list and a set of Python ints (~7 times its size); now it is refused from a count
+    of its entries, holding the table once."""
+    entries, cs = 4 << 20, 512
+    l1_at, l2_at = 2 * cs, 2 * cs + 8 * entries
+    h = qcow2.Header(version=3, backing_file_offset=0, backing_file_size=0, cluster_bits=9,
+                     size=entries * (cs // 8) * cs, crypt_method=0, l1_size=entries,
+                     l1_table_offset=l1_at, refcount_table_offset=cs,
+                     refcount_table_clusters=1, nb_snapshots=0, snapshots_offset=0,
+                     header_length=qcow2.V3_HEADER_LENGTH)
+    path = tmp_path / "big-l1.qcow2"
+    with open(path, "wb") as f:
+        f.write(h.pack().ljust(2 * cs, b"\0"))
+        f.write(struct.pack(">Q", qcow2.OFLAG_COPIED | l2_at) * entries)
+        f.write(bytes(cs))
+    tracemalloc.start()
+    try:
+        refused(path, "maps one L2 table more than once", policy=Policy(max_virtual_size=1 << 50))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1.5 * 8 * entries, f"peak {peak >> 20} MiB for a {8 * entries >> 20} MiB table"
 
 
 def test_zero_flag_in_v2_refused(tmp_path):
