@@ -159,7 +159,8 @@ class Source:
         if path.name in ("", ".", ".."):
             raise ImageError(by.path, f"{what} {name!r} names a folder, not a file")
         roots = policy.roots(by)
-        where = ", ".join(map(str, roots)) or "nowhere (a block device names no folder)"
+        where = ", ".join(map(str, roots)) or ("none: an image on a block device or under "
+                                                "/dev, /proc or /sys has no folder of its own")
 
         def outside(real: Path) -> ImageError:
             return ImageError(by.path, f"{what} {name} is {real}, outside the folders an image "
