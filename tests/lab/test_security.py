@@ -57,9 +57,12 @@ def test_hostile_images_are_refused_by_import(vg, tmp_path):
     names = list(hostile.KINDS)
     cases = {name: hostile.build(tmp_path / "corpus", name) for name in names}
     sample = set(names[::max(1, len(names) // SAMPLE)])
+    (tmp_path / "backup").mkdir()
+    backup = hostile.raw_backup_holding_qcow2(tmp_path / "backup", tmp_path / "backup.out")
     before = set(lvs(vg))
     failures: list[str] = []
-    with tripwire.watch([outside for _, outside in cases.values()]) as wire:
+    outsides = [outside for _, outside in cases.values()] + [tmp_path / "backup.out"]
+    with tripwire.watch(outsides) as wire:
         for n, name in enumerate(names):
             case, _ = cases[name]
             args = ["import", "--format", case.format, str(case.path), f"{vg}/hostile{n}"]
@@ -72,6 +75,11 @@ def test_hostile_images_are_refused_by_import(vg, tmp_path):
                     failures.append(f"{name}: {result['status']}: {result.get('message')}")
                 else:
                     failures += _problems(name, case, result["exit"], result["stderr"])
+        # The positive side of finding 3: the same bytes, as a raw backup, restore as they are.
+        ts("import", "--format", "raw", str(backup), f"{vg}/restored")
+    with open(f"/dev/{vg}/restored", "rb") as f:
+        assert f.read(backup.stat().st_size) == backup.read_bytes()
+    ts("delete", f"{vg}/restored")
     after = lvs(vg)
     assert set(after) == before, f"volumes left: {sorted(set(after) - before)}"
     assert not [v for v, r in after.items() if "ts_op_" in r["lv_tags"]]
