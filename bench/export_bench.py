@@ -123,7 +123,7 @@ def qemu_same(dev: str, path: Path, fmt: str) -> bool:
 
 def importer_same(path: Path) -> bool:
     """For VHD chains: QEMU ignores a VHD's parent, thinstack's importer follows it."""
-    image = open_image(path)
+    image = open_image(path, format="vhd")  # a chain: auto would follow no parent
     try:
         with open(DEV, "rb") as dev:
             for off in range(0, VIRTUAL, 16 * MiB):

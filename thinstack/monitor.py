@@ -257,12 +257,16 @@ def metrics_text(reports: list[Report]) -> str:
 
 
 def write_metrics(reports: list[Report]) -> Path:
-    """Replace the metrics file at once, so a scraper never reads half of it."""
+    """Replace the metrics file at once, so a scraper never reads half of it. The units run
+    with UMask=0077; the metrics (pool usage, no secret) stay readable by an exporter that does
+    not run as root, and so does the folder they are in (its locks are 0600 each)."""
     folder = run_dir()
     folder.mkdir(parents=True, exist_ok=True)
+    os.chmod(folder, 0o755)
     path = folder / METRICS
     tmp = path.with_suffix(".tmp")
     tmp.write_text(metrics_text(reports))
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
     return path
 

@@ -128,7 +128,7 @@ def create(ref: VolumeRef, size: int) -> LV:
 
 
 def snapshot(origin: VolumeRef, name: str, *, readonly: bool = False) -> LV:
-    ref = VolumeRef(origin.vg, lvm.check_name(name, "snapshot name"))
+    ref = VolumeRef(origin.vg, lvm.check_user_name(name, "snapshot name"))
     with operation("snapshot", ref.vg, name=name, origin=origin.name) as op:
         source = _get(origin, op.lvs)
         _absent(ref, op.lvs)
