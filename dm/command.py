@@ -1,7 +1,9 @@
 """The one way thinstack runs an external program, and the one exception family it raises.
 
-Everything that shells out (dmsetup, thin_*, lvm, qemu-img, ...) goes through `run`, so callers
-handle a single error type and every failure reads the same way in logs.
+Everything that shells out (dmsetup, thin_*, lvm, qemu-img, ...) goes through a `Runner`, so
+callers handle a single error type, every command has a time limit, and every failure reads the
+same way in logs. The dm client and the LVM layer receive a runner (default: `RUNNER`, the real
+one), so tests hand in a fake instead of patching module globals.
 """
 
 from __future__ import annotations
@@ -50,6 +52,25 @@ class CommandTimeout(CommandError):
 
     def _reason(self) -> str:
         return f"timed out after {self.timeout:g}s"
+
+
+DEFAULT_TIMEOUT = 300.0  # seconds; no command thinstack runs may hang for ever
+
+
+class Runner:
+    """Runs programs. `run` waits for the whole output; `stream` yields it as it comes."""
+
+    def __init__(self, default_timeout: float = DEFAULT_TIMEOUT):
+        self.default_timeout = default_timeout
+
+    def run(self, argv: list[str], *, input: bytes | str | None = None,
+            timeout: float | None = None, pass_fds: Collection[int] = ()) -> str:
+        return run(argv, input=input, timeout=timeout or self.default_timeout, pass_fds=pass_fds)
+
+    def stream(self, argv: list[str], *, timeout: float | None = None, piece: int = 1 << 20,
+               pass_fds: Collection[int] = ()) -> Iterator[str]:
+        return stream(argv, timeout=timeout or self.default_timeout, piece=piece,
+                      pass_fds=pass_fds)
 
 
 def run(argv: list[str], *, input: bytes | str | None = None, timeout: float | None = None,
@@ -122,6 +143,9 @@ def _passing(fds: Collection[int]) -> dict:
 
     preexec: Callable[[], None] = inherit
     return {"_pass_fds": set(fds), "_preexec_fn": preexec}
+
+
+RUNNER = Runner()
 
 
 def summary(output: str) -> str:
