@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from thinstack.dm import udev
-from thinstack.dm.command import CommandError, CommandTimeout, run
+from thinstack.dm.command import RUNNER, CommandError, CommandTimeout, Runner
 from thinstack.dm.errors import DmError, ParseError
 from thinstack.dm.status import StatusLine, TargetStatus, parse_status_lines
 from thinstack.dm.targets import Table, TableLine
@@ -68,15 +68,17 @@ class DeviceInfo:
 
 
 class DeviceMapper:
-    """`timeout` bounds every dmsetup call; `udev_timeout` bounds the wait for udev after a
-    create."""
+    """dmsetup through `runner`. `timeout` bounds every dmsetup call; `udev_timeout` bounds the
+    wait for udev after a create."""
 
-    def __init__(self, *, timeout: float = 60, udev_timeout: float = 30):
+    def __init__(self, runner: Runner = RUNNER, *, timeout: float = 60,
+                 udev_timeout: float = 30):
+        self.runner = runner
         self.timeout = timeout
         self.udev_timeout = udev_timeout
 
     def _dmsetup(self, *args: str, input: str | None = None) -> str:
-        return run(["dmsetup", *args], input=input, timeout=self.timeout)
+        return self.runner.run(["dmsetup", *args], input=input, timeout=self.timeout)
 
     def create(self, name: str, table: Table, *, readonly: bool = False,
                uuid: str | None = None) -> Device:
@@ -171,10 +173,11 @@ class DeviceMapper:
 
     def wait(self, name: str, event_nr: int, *, timeout: float | None = None) -> int | None:
         """Wait until `name`'s event counter passes `event_nr` (a thin-pool crossing its low
-        water mark, say) and return the new count, or None if `timeout` seconds pass first."""
+        water mark, say) and return the new count, or None if `timeout` seconds (by default the
+        runner's) pass first."""
         try:
-            # Not _dmsetup: its default time limit must not cut short a wait meant to be long.
-            run(["dmsetup", "wait", name, str(event_nr)], timeout=timeout)
+            # Not _dmsetup: its time limit must not cut short a wait meant to be long.
+            self.runner.run(["dmsetup", "wait", name, str(event_nr)], timeout=timeout)
         except CommandTimeout:
             return None
         info = self.info(name)

@@ -13,6 +13,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
 
 import sh
 
@@ -58,94 +59,97 @@ DEFAULT_TIMEOUT = 300.0  # seconds; no command thinstack runs may hang for ever
 
 
 class Runner:
-    """Runs programs. `run` waits for the whole output; `stream` yields it as it comes."""
+    """Runs programs: `run` waits for the whole output, `stream` yields it as it comes. Every
+    command gets `default_timeout` unless the caller gives its own (there is no "no limit")."""
 
     def __init__(self, default_timeout: float = DEFAULT_TIMEOUT):
         self.default_timeout = default_timeout
 
     def run(self, argv: list[str], *, input: bytes | str | None = None,
             timeout: float | None = None, pass_fds: Collection[int] = ()) -> str:
-        return run(argv, input=input, timeout=timeout or self.default_timeout, pass_fds=pass_fds)
+        """Run argv to completion and return its standard output; CommandError otherwise.
+        `pass_fds`: descriptors of ours the program gets at the same numbers (e.g. files opened
+        once and handed to qemu-img as /proc/self/fd/N)."""
+        limit = timeout or self.default_timeout
+        with _traced(argv):
+            try:
+                program = sh.Command(argv[0])
+            except sh.CommandNotFound:
+                raise CommandNotFound(argv) from None
+            try:
+                return str(program(*argv[1:], _in=input, _timeout=limit, _env=_ENV,
+                                   _tty_out=False, _decode_errors="replace",
+                                   **_passing(pass_fds)))
+            except sh.TimeoutException as e:
+                # sh keeps no output of a killed process; the time limit is the whole story.
+                raise CommandTimeout(argv, limit) from e
+            except sh.ErrorReturnCode as e:
+                raise CommandError(argv, e.exit_code, _text(e.stderr), _text(e.stdout)) from None
 
     def stream(self, argv: list[str], *, timeout: float | None = None, piece: int = 1 << 20,
                pass_fds: Collection[int] = ()) -> Iterator[str]:
-        return stream(argv, timeout=timeout or self.default_timeout, piece=piece,
-                      pass_fds=pass_fds)
+        """Run argv and yield its standard output in pieces of about `piece` characters as it
+        comes, for output too large to hold at once; CommandError once it has ended, if it
+        failed."""
+        limit = timeout or self.default_timeout
+        with _traced(argv):
+            try:
+                program = sh.Command(argv[0])
+            except sh.CommandNotFound:
+                raise CommandNotFound(argv) from None
+            # Every exit status is accepted here and checked below: sh would otherwise raise
+            # the failure in its reader thread too, and print it there.
+            process = program(*argv[1:], _iter=True, _out_bufsize=piece, _timeout=limit,
+                              _env=_ENV, _tty_out=False, _decode_errors="replace",
+                              _ok_code=list(range(-64, 256)), **_passing(pass_fds))
+            try:
+                yield from process
+                process.wait()
+            except sh.TimeoutException as e:
+                raise CommandTimeout(argv, limit) from e
+        if process.exit_code != 0:
+            raise CommandError(argv, process.exit_code, _text(process.stderr))
+
+
+RUNNER = Runner()  # the real one; the dm client and the LVM layer take it unless handed another
 
 
 def run(argv: list[str], *, input: bytes | str | None = None, timeout: float | None = None,
         pass_fds: Collection[int] = ()) -> str:
-    """Run argv to completion and return its standard output; raise CommandError otherwise.
-    `pass_fds`: descriptors of ours the program gets at the same numbers (e.g. files opened
-    once and handed to qemu-img as /proc/self/fd/N)."""
-    started = time.monotonic()
-    try:
-        return _run(argv, input, timeout, pass_fds)
-    finally:
-        if _TRACE:
-            print(f"thinstack: {time.monotonic() - started:6.3f}s {_shown(argv)}",
-                  file=sys.stderr)
-
-
-def _run(argv: list[str], input: bytes | str | None, timeout: float | None,
-         pass_fds: Collection[int]) -> str:
-    try:
-        program = sh.Command(argv[0])
-    except sh.CommandNotFound:
-        raise CommandNotFound(argv) from None
-    try:
-        return program(*argv[1:], _in=input, _timeout=timeout, _env=_ENV, _tty_out=False,
-                       _decode_errors="replace", **_passing(pass_fds))
-    except sh.TimeoutException as e:
-        # sh keeps no output of a killed process; the time limit is the whole story.
-        raise CommandTimeout(argv, timeout or 0) from e
-    except sh.ErrorReturnCode as e:
-        raise CommandError(argv, e.exit_code, _text(e.stderr), _text(e.stdout)) from None
+    """RUNNER.run, for callers not yet handed a runner."""
+    return RUNNER.run(argv, input=input, timeout=timeout, pass_fds=pass_fds)
 
 
 def stream(argv: list[str], *, timeout: float | None = None, piece: int = 1 << 20,
            pass_fds: Collection[int] = ()) -> Iterator[str]:
-    """Run argv and yield its standard output in pieces of about `piece` characters as it comes,
-    for output too large to hold at once; CommandError once it has ended, if it failed."""
+    """RUNNER.stream, for callers not yet handed a runner."""
+    return RUNNER.stream(argv, timeout=timeout, piece=piece, pass_fds=pass_fds)
+
+
+@contextmanager
+def _traced(argv: list[str]) -> Iterator[None]:
     started = time.monotonic()
     try:
-        program = sh.Command(argv[0])
-    except sh.CommandNotFound:
-        raise CommandNotFound(argv) from None
-    # Every exit status is accepted here and checked below: sh would otherwise raise the failure
-    # in its reader thread too, and print it there.
-    process = program(*argv[1:], _iter=True, _out_bufsize=piece, _timeout=timeout, _env=_ENV,
-                      _tty_out=False, _decode_errors="replace", _ok_code=list(range(-64, 256)),
-                      **_passing(pass_fds))
-    try:
-        yield from process
-        process.wait()
-    except sh.TimeoutException as e:
-        raise CommandTimeout(argv, timeout or 0) from e
+        yield
     finally:
         if _TRACE:
             print(f"thinstack: {time.monotonic() - started:6.3f}s {_shown(argv)}",
                   file=sys.stderr)
-    if process.exit_code != 0:
-        raise CommandError(argv, process.exit_code, _text(process.stderr))
 
 
-def _passing(fds: Collection[int]) -> dict:
+def _passing(fds: Collection[int]) -> dict[str, object]:
     """sh's options to hand `fds` to the child: ours are close-on-exec (as every descriptor
     thinstack opens), so the child makes its copies inheritable before it execs."""
     if not fds:
         return {}
-    fds = tuple(fds)
+    kept = tuple(fds)
 
     def inherit() -> None:
-        for fd in fds:
+        for fd in kept:
             os.set_inheritable(fd, True)
 
     preexec: Callable[[], None] = inherit
-    return {"_pass_fds": set(fds), "_preexec_fn": preexec}
-
-
-RUNNER = Runner()
+    return {"_pass_fds": set(kept), "_preexec_fn": preexec}
 
 
 def summary(output: str) -> str:

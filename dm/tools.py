@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import Enum
 
-from thinstack.dm.command import CommandError, CommandNotFound, CommandTimeout, run, stream
+from thinstack.dm.command import RUNNER, CommandError, CommandNotFound, CommandTimeout, Runner
 from thinstack.dm.errors import ParseError
 
 # thin_dump of a large pool runs for a while; it still must not hang forever.
@@ -120,12 +120,12 @@ def _snap(metadata_snap: bool) -> list[str]:
     return ["--metadata-snap"] if metadata_snap else []
 
 
-def thin_dump(metadata_dev: str, *, metadata_snap: bool = True,
-              dev_id: int | None = None) -> ThinDump:
+def thin_dump(metadata_dev: str, *, metadata_snap: bool = True, dev_id: int | None = None,
+              runner: Runner = RUNNER) -> ThinDump:
     """Every device's mappings (only `dev_id`'s, if given)."""
     dev = ["--dev-id", str(dev_id)] if dev_id is not None else []
-    return parse_thin_dump(run(["thin_dump", *_snap(metadata_snap), *dev, metadata_dev],
-                               timeout=TIMEOUT))
+    return parse_thin_dump(runner.run(["thin_dump", *_snap(metadata_snap), *dev, metadata_dev],
+                                      timeout=TIMEOUT))
 
 
 @dataclass(frozen=True)
@@ -140,13 +140,13 @@ class ThinRanges:
     ranges: tuple[BlockRange, ...]
 
 
-def thin_ranges(metadata_dev: str, dev_id: int, *, metadata_snap: bool = True
-                ) -> ThinRanges | None:
+def thin_ranges(metadata_dev: str, dev_id: int, *, metadata_snap: bool = True,
+                runner: Runner = RUNNER) -> ThinRanges | None:
     """Device `dev_id`'s mapped ranges, read from thin_dump as it streams (in constant memory
     but for the ranges themselves); None if the pool has no such device."""
     return parse_thin_ranges(
-        stream(["thin_dump", *_snap(metadata_snap), "--dev-id", str(dev_id), metadata_dev],
-               timeout=TIMEOUT), dev_id)
+        runner.stream(["thin_dump", *_snap(metadata_snap), "--dev-id", str(dev_id),
+                       metadata_dev], timeout=TIMEOUT), dev_id)
 
 
 def _expat(pieces: Iterable[str], start: Callable[[str, dict[str, str]], None],
@@ -213,30 +213,32 @@ def parse_thin_ranges(pieces: Iterable[str], dev_id: int) -> ThinRanges | None:
     return ThinRanges(found["data_block_size"], dev_id, found["mapped_blocks"], tuple(ranges))
 
 
-def thin_delta(metadata_dev: str, snap1: int, snap2: int, *,
-               metadata_snap: bool = True) -> ThinDelta:
+def thin_delta(metadata_dev: str, snap1: int, snap2: int, *, metadata_snap: bool = True,
+               runner: Runner = RUNNER) -> ThinDelta:
     """How device `snap2`'s mappings differ from device `snap1`'s (read as it streams: two
     fragmented volumes differ in millions of ranges)."""
-    return parse_thin_delta(stream(["thin_delta", *_snap(metadata_snap), "--snap1", str(snap1),
-                                    "--snap2", str(snap2), metadata_dev], timeout=TIMEOUT))
+    return parse_thin_delta(runner.stream(["thin_delta", *_snap(metadata_snap), "--snap1",
+                                           str(snap1), "--snap2", str(snap2), metadata_dev],
+                                          timeout=TIMEOUT))
 
 
-def thin_ls(metadata_dev: str, *, metadata_snap: bool = True) -> list[ThinLsEntry]:
-    out = run(["thin_ls", *_snap(metadata_snap), "--no-headers",
+def thin_ls(metadata_dev: str, *, metadata_snap: bool = True,
+            runner: Runner = RUNNER) -> list[ThinLsEntry]:
+    out = runner.run(["thin_ls", *_snap(metadata_snap), "--no-headers",
                "-o", "DEV,MAPPED_BLOCKS,EXCLUSIVE_BLOCKS,SHARED_BLOCKS", metadata_dev],
               timeout=TIMEOUT)
     return parse_thin_ls(out)
 
 
 def thin_check(metadata_dev: str, *, metadata_snap: bool = False, skip_mappings: bool = False,
-               clear_needs_check: bool = False) -> ThinCheckResult:
+               clear_needs_check: bool = False, runner: Runner = RUNNER) -> ThinCheckResult:
     """Check the metadata. thin_check refuses live metadata unless metadata_snap is set (then it
     checks the reserved snapshot); clear_needs_check clears the flag once the check passes."""
     argv = ["thin_check", *_snap(metadata_snap),
             *(["--skip-mappings"] if skip_mappings else []),
             *(["--clear-needs-check-flag"] if clear_needs_check else []), metadata_dev]
     try:
-        out = run(argv, timeout=TIMEOUT)
+        out = runner.run(argv, timeout=TIMEOUT)
     except (CommandNotFound, CommandTimeout):
         raise
     except CommandError as e:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from thinstack.dm import command
+from thinstack.errors import ThinstackError
 
 
 INIT = Path(__file__).with_name("lab_init.sh")
@@ -37,7 +38,9 @@ _SYSTEM = {Path(p) for p in ("/", "/dev", "/proc", "/sys", "/run", "/usr", "/etc
                               "/lib", "/lib64", "/var", "/boot", "/root", "/home", "/opt", "/srv")}
 
 
-class LabError(Exception):
+class LabError(ThinstackError):
+    """The lab itself failed: its status is one of the EXIT_* above (or 2, 127), not 1."""
+
     def __init__(self, message: str, exit_status: int):
         super().__init__(message)
         self.exit_status = exit_status
@@ -151,10 +154,10 @@ def setup(cache: Path | None = None, *, log=print) -> Kernel:
     return kernel
 
 
-def run(argv: list[str], timeout: float) -> str:
+def run(argv: list[str], timeout: float, runner: command.Runner = command.RUNNER) -> str:
     """The project's one command runner, its failures reported as the lab's own."""
     try:
-        return command.run(argv, timeout=timeout)
+        return runner.run(argv, timeout=timeout)
     except command.CommandError as e:
         raise LabError(f"lab setup: {e}", EXIT_NO_KERNEL) from None
 

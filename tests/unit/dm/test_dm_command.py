@@ -1,7 +1,7 @@
 import pytest
 
-from thinstack.dm.command import (CommandError, CommandNotFound, CommandTimeout, run, stream,
-                                  summary)
+from thinstack.dm.command import (DEFAULT_TIMEOUT, RUNNER, CommandError, CommandNotFound,
+                                  CommandTimeout, Runner, run, stream, summary)
 
 
 def test_returns_standard_output():
@@ -76,3 +76,13 @@ def test_stream_yields_large_output_in_pieces_and_reports_failure_at_the_end(cap
         list(stream(["thinstack-no-such-program"]))
     with pytest.raises(CommandTimeout):
         list(stream(["sleep", "10"], timeout=0.2))
+
+
+def test_every_command_has_a_time_limit_even_when_the_caller_names_none():
+    runner = Runner(default_timeout=0.2)
+    with pytest.raises(CommandTimeout) as caught:
+        runner.run(["sleep", "10"])
+    assert caught.value.timeout == 0.2
+    with pytest.raises(CommandTimeout):
+        list(runner.stream(["sleep", "10"]))
+    assert RUNNER.default_timeout == DEFAULT_TIMEOUT

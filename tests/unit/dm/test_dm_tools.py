@@ -1,5 +1,6 @@
 import pytest
 
+from tests.fakes import FakeRunner
 from tests.unit.dm.dmfixtures import text
 from thinstack.dm import tools
 from thinstack.dm.command import CommandError, CommandNotFound
@@ -10,14 +11,14 @@ from thinstack.dm.tools import (
 
 
 @pytest.fixture
-def run(mocker):
-    return mocker.patch("thinstack.dm.tools.run")
+def run():
+    return FakeRunner()
 
 
 def test_thin_dump_of_a_thin_and_its_snapshot(run):
-    run.return_value = text("thin_dump.xml")
-    dump = tools.thin_dump("/dev/block/98:16")
-    assert run.call_args.args[0] == ["thin_dump", "--metadata-snap", "/dev/block/98:16"]
+    run.on([], text("thin_dump.xml"))
+    dump = tools.thin_dump("/dev/block/98:16", runner=run)
+    assert run.calls[-1].argv == ["thin_dump", "--metadata-snap", "/dev/block/98:16"]
     assert (dump.data_block_size, dump.transaction) == (128, 2)
     origin, snap = dump.devices[0], dump.devices[1]
     assert origin.mappings == (Mapping(5, 0, 1, 0), Mapping(6, 3, 1, 1), Mapping(7, 2, 1, 0),
@@ -29,17 +30,18 @@ def test_thin_dump_of_a_thin_and_its_snapshot(run):
 
 
 def test_thin_dump_of_one_device_of_an_inactive_pool(run):
-    run.return_value = text("thin_dump.xml")
-    tools.thin_dump("/dev/md1", metadata_snap=False, dev_id=1)
-    assert run.call_args.args[0] == ["thin_dump", "--dev-id", "1", "/dev/md1"]
+    run.on([], text("thin_dump.xml"))
+    tools.thin_dump("/dev/md1", metadata_snap=False, dev_id=1, runner=run)
+    assert run.calls[-1].argv == ["thin_dump", "--dev-id", "1", "/dev/md1"]
 
 
-def test_thin_delta_between_a_snapshot_and_its_origin(mocker):
+def test_thin_delta_between_a_snapshot_and_its_origin(run, mocker):
     output = text("thin_delta.xml")
-    run = mocker.patch("thinstack.dm.tools.stream",
-                       return_value=[output[i:i + 5] for i in range(0, len(output), 5)])
-    delta = tools.thin_delta("/dev/m", 1, 0)
-    assert run.call_args.args[0] == ["thin_delta", "--metadata-snap", "--snap1", "1",
+    run.on("thin_delta", [output[i:i + 5] for i in range(0, len(output), 5)])
+    stream = mocker.spy(run, "stream")
+    delta = tools.thin_delta("/dev/m", 1, 0, runner=run)
+    assert stream.call_count == 1  # read as it streams
+    assert run.calls[-1].argv == ["thin_delta", "--metadata-snap", "--snap1", "1",
                                      "--snap2", "0", "/dev/m"]
     assert (delta.data_block_size, delta.left, delta.right) == (128, 1, 0)
     assert delta.ranges == (DeltaRange(DeltaKind.SAME, 5, 1), DeltaRange(DeltaKind.DIFFERENT, 6, 1),
@@ -48,42 +50,44 @@ def test_thin_delta_between_a_snapshot_and_its_origin(mocker):
     assert delta.changed() == [BlockRange(6, 1), BlockRange(20, 1)]
 
 
-def test_thin_ranges_of_one_device_read_as_thin_dump_streams(mocker):
-    stream = mocker.patch("thinstack.dm.tools.stream", return_value=[text("thin_dump.xml")])
-    mapped = tools.thin_ranges("/dev/block/98:16", 0)
-    assert stream.call_args.args[0] == ["thin_dump", "--metadata-snap", "--dev-id", "0",
+def test_thin_ranges_of_one_device_read_as_thin_dump_streams(run, mocker):
+    run.on("thin_dump", text("thin_dump.xml"))
+    stream = mocker.spy(run, "stream")
+    mapped = tools.thin_ranges("/dev/block/98:16", 0, runner=run)
+    assert stream.call_count == 1
+    assert run.calls[-1].argv == ["thin_dump", "--metadata-snap", "--dev-id", "0",
                                         "/dev/block/98:16"]
     assert (mapped.data_block_size, mapped.mapped_blocks) == (128, 4)
     assert mapped.ranges == (BlockRange(5, 3), BlockRange(20, 1))
 
 
 def test_thin_ls(run):
-    run.return_value = text("thin_ls.txt")
-    assert tools.thin_ls("/dev/m") == [ThinLsEntry(0, 4, 2, 2), ThinLsEntry(1, 3, 1, 2)]
-    assert run.call_args.args[0] == [
+    run.on([], text("thin_ls.txt"))
+    assert tools.thin_ls("/dev/m", runner=run) == [ThinLsEntry(0, 4, 2, 2), ThinLsEntry(1, 3, 1, 2)]
+    assert run.calls[-1].argv == [
         "thin_ls", "--metadata-snap", "--no-headers", "-o",
         "DEV,MAPPED_BLOCKS,EXCLUSIVE_BLOCKS,SHARED_BLOCKS", "/dev/m"]
 
 
 def test_thin_check_clean(run):
-    run.return_value = text("thin_check_clean.txt")
+    run.on([], text("thin_check_clean.txt"))
     result = tools.thin_check("/dev/m", metadata_snap=True, skip_mappings=True,
-                              clear_needs_check=True)
+                              clear_needs_check=True, runner=run)
     assert result.clean and "TRANSACTION_ID=2" in result.output
-    assert run.call_args.args[0] == ["thin_check", "--metadata-snap", "--skip-mappings",
+    assert run.calls[-1].argv == ["thin_check", "--metadata-snap", "--skip-mappings",
                                      "--clear-needs-check-flag", "/dev/m"]
 
 
 def test_thin_check_finding_damage_is_a_result(run):
-    run.side_effect = CommandError(["thin_check"], 1, "bad checksum in superblock\n")
-    assert tools.thin_check("/dev/m") == ThinCheckResult(False, "bad checksum in superblock")
-    assert run.call_args.args[0] == ["thin_check", "/dev/m"]
+    run.on("thin_check", CommandError(["thin_check"], 1, "bad checksum in superblock\n"))
+    assert tools.thin_check("/dev/m", runner=run) == ThinCheckResult(False, "bad checksum in superblock")
+    assert run.calls[-1].argv == ["thin_check", "/dev/m"]
 
 
 def test_thin_check_missing_is_an_error(run):
-    run.side_effect = CommandNotFound(["thin_check"])
+    run.on("thin_check", CommandNotFound(["thin_check"]))
     with pytest.raises(CommandNotFound):
-        tools.thin_check("/dev/m")
+        tools.thin_check("/dev/m", runner=run)
 
 
 @pytest.mark.parametrize("parse, output", [
@@ -108,3 +112,14 @@ def test_coalesce():
     assert coalesce([BlockRange(10, 2), BlockRange(0, 3), BlockRange(3, 2), BlockRange(11, 5),
                      BlockRange(30, 1)]) == [BlockRange(0, 5), BlockRange(10, 6),
                                              BlockRange(30, 1)]
+
+
+def test_every_tool_runs_with_a_time_limit(run):
+    run.on("thin_dump", text("thin_dump.xml"))
+    run.on("thin_delta", text("thin_delta.xml"))
+    tools.thin_dump("/dev/m", runner=run)
+    tools.thin_ranges("/dev/m", 0, runner=run)
+    tools.thin_delta("/dev/m", 1, 0, runner=run)
+    tools.thin_ls("/dev/m", runner=run)
+    tools.thin_check("/dev/m", runner=run)
+    assert [c.timeout for c in run.calls] == [tools.TIMEOUT] * 5

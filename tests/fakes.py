@@ -1,0 +1,75 @@
+"""Fakes to hand in where the product takes a collaborator: `FakeRunner` for a command Runner."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass
+
+from thinstack.dm.command import CommandError, Runner
+
+
+@dataclass(frozen=True)
+class Call:
+    argv: list[str]
+    input: bytes | str | None = None
+    timeout: float | None = None
+
+
+# What a command answers: its stdout (a list: the pieces `stream` yields), an exception to
+# raise, or a function of the call.
+Reply = str | list[str] | BaseException | Callable[[Call], str]
+
+
+class FakeRunner(Runner):
+    """Records every command (`.calls`) and answers by argv prefix: `on(prefix, *replies)` gives
+    the replies in turn, the last one for ever after; the longest matching prefix wins (the
+    latest `on` among equals). A command no prefix matches gets `default` ("" by default), or
+    fails the test if `default` is None."""
+
+    def __init__(self, default: str | None = ""):
+        super().__init__()
+        self.default = default
+        self.calls: list[Call] = []
+        self._replies: list[tuple[tuple[str, ...], list[Reply]]] = []
+
+    def on(self, prefix: Sequence[str] | str, *replies: Reply) -> FakeRunner:
+        self._replies.append((tuple([prefix] if isinstance(prefix, str) else prefix),
+                              list(replies) or [""]))
+        return self
+
+    def fail(self, prefix: Sequence[str] | str, stderr: str, exit_status: int = 1) -> FakeRunner:
+        """Make commands with this prefix fail as a real program would (argv is the caller's)."""
+        return self.on(prefix, lambda call: _raise(CommandError(call.argv, exit_status, stderr)))
+
+    @property
+    def argvs(self) -> list[list[str]]:
+        return [c.argv for c in self.calls]
+
+    def run(self, argv: list[str], *, input: bytes | str | None = None,
+            timeout: float | None = None, pass_fds: Collection[int] = ()) -> str:
+        return "".join(self._answer(Call(list(argv), input, timeout)))
+
+    def stream(self, argv: list[str], *, timeout: float | None = None, piece: int = 1 << 20,
+               pass_fds: Collection[int] = ()) -> Iterator[str]:
+        out = self._answer(Call(list(argv), None, timeout))
+        if isinstance(out, str):
+            out = [out[i:i + piece] for i in range(0, len(out), piece)]
+        yield from out
+
+    def _answer(self, call: Call) -> str | list[str]:
+        self.calls.append(call)
+        matches = [(len(p), i) for i, (p, _) in enumerate(self._replies)
+                   if tuple(call.argv[:len(p)]) == p]
+        if not matches:
+            if self.default is None:
+                raise AssertionError(f"unexpected command: {call.argv}")
+            return self.default
+        replies = self._replies[max(matches)[1]][1]
+        reply = replies.pop(0) if len(replies) > 1 else replies[0]
+        if isinstance(reply, BaseException):
+            raise reply
+        return reply(call) if callable(reply) else reply
+
+
+def _raise(e: BaseException) -> str:
+    raise e
