@@ -13,6 +13,5 @@ class UdevTimeout(DmError):
     """udev did not finish with a device in time."""
 
 
-class TransactionConflict(DmError):
-    """The pool's transaction id is neither the one a transaction started from nor the one it
-    moves to: something else changed the pool."""
+class MetadataSnapHeld(DmError):
+    """A thin-pool's one metadata snapshot is held by another reader (alive, or not ours)."""

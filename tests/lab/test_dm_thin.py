@@ -13,8 +13,8 @@ from tests.patterns import (
 )
 from thinstack.dm import tools
 from thinstack.dm.client import DeviceMapper
-from thinstack.dm.errors import TransactionConflict
-from thinstack.dm.pool import CreateSnap, CreateThin, Delete, Pool, Transaction, create_pool
+from tests.rawpool import (CreateSnap, CreateThin, Delete, RawPool, Transaction,
+                           TransactionConflict, create_pool)
 from thinstack.dm.status import PoolMode
 from thinstack.dm.targets import LinearTarget, Table, ThinPoolTarget
 from thinstack.dm.tools import BlockRange, DeltaKind, DeltaRange
@@ -31,7 +31,7 @@ def ranges(*blocks: int) -> list[BlockRange]:
     return tools.coalesce(BlockRange(b, 1) for b in blocks)
 
 
-def new_pool(dm: DeviceMapper, metadata: str, data: str, **features) -> Pool:
+def new_pool(dm: DeviceMapper, metadata: str, data: str, **features) -> RawPool:
     return create_pool(dm, "pool", ThinPoolTarget(metadata, data, BLOCK_SECTORS, **features),
                        fresh=True)
 

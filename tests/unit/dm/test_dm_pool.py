@@ -6,14 +6,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from thinstack.dm import pool as pool_module
+from tests import rawpool as pool_module
+from tests.fakes import FakeRunner
+from tests.rawpool import (
+    MAX_DEVICE_ID, CreateSnap, CreateThin, Delete, Plan, RawPool, Transaction,
+    TransactionConflict, create_pool, next_device_id, parse_message, plan,
+)
 from thinstack.dm.client import DeviceInfo
 from thinstack.dm.command import CommandError
-from thinstack.dm.errors import DmError, ParseError, TransactionConflict
-from thinstack.dm.pool import (
-    MAX_DEVICE_ID, CreateSnap, CreateThin, Delete, Plan, Pool, Transaction, create_pool,
-    device_path, next_device_id, parse_message, plan,
-)
+from thinstack.dm.errors import DmError, MetadataSnapHeld, ParseError
+from thinstack.dm.pool import Pool, device_path
 from thinstack.dm.status import Discards, Failed, PoolMode, ThinPoolStatus
 from thinstack.dm.targets import Table, TableLine, ThinPoolTarget, ThinTarget
 from thinstack.dm.tools import ThinLsEntry
@@ -129,6 +131,7 @@ class FakeKernel:
         self.snapped_while_suspended = []
         self.thins = [("vol0", ThinTarget(POOL_DEVNO, 0)), ("vol0-copy", ThinTarget(POOL_DEVNO, 0)),
                       ("elsewhere", ThinTarget("254:9", 0)), ("vol1", ThinTarget(POOL_DEVNO, 1))]
+        self.runner = FakeRunner(default=None).on("thin_ls", self.thin_ls)
 
     def fail(self, why):
         raise CommandError(["dmsetup", "message"], 1, f"device-mapper: message ioctl: {why}")
@@ -192,19 +195,16 @@ class FakeKernel:
         finally:
             self.now_suspended.remove(name)
 
-    def thin_ls(self, metadata_dev):
+    def thin_ls(self, call):
+        """The thin_ls command, as the pool's runner runs it."""
         assert self.held, "thin_ls must read a reserved metadata snapshot"
-        assert metadata_dev == "/dev/block/98:16"
-        return [ThinLsEntry(i, 0, 0, 0) for i in sorted(self.ids)]
+        assert call.argv[-1] == "/dev/block/98:16" and "--metadata-snap" in call.argv
+        return "".join(f"{i} 0 0 0\n" for i in sorted(self.ids))
 
 
 @pytest.fixture
-def kernel(monkeypatch):
-    def make(**kwargs):
-        k = FakeKernel(**kwargs)
-        monkeypatch.setattr(pool_module.tools, "thin_ls", k.thin_ls)
-        return k
-    return make
+def kernel():
+    return FakeKernel
 
 
 def test_create_thin_swaps_the_transaction_id_first(kernel):
@@ -212,7 +212,7 @@ def test_create_thin_swaps_the_transaction_id_first(kernel):
     sent = []
     real = k.message
     k.message = lambda name, sector, text: sent.append(text) or real(name, sector, text)
-    Pool(k, "pool").create_thin(1)
+    RawPool(k, "pool").create_thin(1)
     assert [t for t in sent if "metadata_snap" not in t] == ["set_transaction_id 3 4",
                                                              "create_thin 1"]
     assert (k.ids, k.transaction_id, k.held) == ({0, 1}, 4, False)
@@ -220,32 +220,32 @@ def test_create_thin_swaps_the_transaction_id_first(kernel):
 
 def test_create_snap_suspends_every_active_device_of_the_origin(kernel):
     k = kernel(ids={0, 1})
-    Pool(k, "pool").create_snap(2, 0)
+    RawPool(k, "pool").create_snap(2, 0)
     assert k.snapped_while_suspended == [{"vol0", "vol0-copy"}]
     assert k.now_suspended == set()
 
 
 def test_delete_and_device_ids(kernel):
     k = kernel(ids={0, 1, 4})
-    p = Pool(k, "pool")
+    p = RawPool(k, "pool")
     p.delete(1)
     assert p.device_ids() == {0, 4}
     assert p.new_device_id() == 5
     assert not k.held
 
 
-def test_a_failed_message_still_releases_the_metadata_snapshot(kernel, monkeypatch):
+def test_a_failed_message_still_releases_the_metadata_snapshot(kernel):
     k = kernel(ids={0})
-    monkeypatch.setattr(pool_module.tools, "thin_ls", lambda dev: k.fail("Input/output error"))
+    k.runner.fail("thin_ls", "Input/output error")
     with pytest.raises(CommandError):
-        Pool(k, "pool").create_thin(1)
+        RawPool(k, "pool").create_thin(1)
     assert not k.held
 
 
 def test_the_origin_is_resumed_when_create_snap_fails(kernel):
     k = kernel(ids={0})
     with pytest.raises(CommandError):
-        Pool(k, "pool").apply(Transaction(0, (CreateSnap(1, 7),)))  # no device 7
+        RawPool(k, "pool").apply(Transaction(0, (CreateSnap(1, 7),)))  # no device 7
     assert k.now_suspended == set()
 
 
@@ -253,13 +253,13 @@ def test_a_failed_pool_is_an_error(kernel):
     k = kernel()
     k.target_status = lambda name: Failed()
     with pytest.raises(DmError, match="has failed"):
-        Pool(k, "pool").status()
+        RawPool(k, "pool").status()
 
 
 def test_activate_names_the_pool_by_device_number(kernel, mocker):
     k = kernel()
     k.create = mocker.Mock(return_value="device")
-    assert Pool(k, "pool").activate("vm1", 3, 2048, origin="/dev/mapper/gold",
+    assert RawPool(k, "pool").activate("vm1", 3, 2048, origin="/dev/mapper/gold",
                                     readonly=True) == "device"
     k.create.assert_called_once_with(
         "vm1", Table.of(2048, ThinTarget(POOL_DEVNO, 3, "/dev/mapper/gold")), readonly=True)
@@ -293,27 +293,22 @@ def valid_messages(ids, wanted):
 def test_apply_converges_however_often_it_is_interrupted(initial, wanted, crashes):
     messages, expected_ids = valid_messages(initial, wanted)
     k = FakeKernel(ids=initial, transaction_id=7)
-    pool = Pool(k, "pool")
-    original = pool_module.tools.thin_ls
-    pool_module.tools.thin_ls = k.thin_ls
-    try:
-        txn = pool.begin(*messages)
-        persisted = txn.to_dict()  # what a journal would hold across the crash
-        for crash in crashes:
-            k.crash_after, k.changes = crash, 0
-            try:
-                pool.apply(Transaction.from_dict(persisted))
-            except Crash:
-                pass
-        k.crash_after, k.held = None, False
-        pool.apply(Transaction.from_dict(persisted))
-        assert (k.ids, k.transaction_id) == (expected_ids, 8)
-        # Once done, applying again changes nothing.
-        changes = k.changes
-        pool.apply(Transaction.from_dict(persisted))
-        assert k.changes == changes
-    finally:
-        pool_module.tools.thin_ls = original
+    pool = RawPool(k, "pool")
+    txn = pool.begin(*messages)
+    persisted = txn.to_dict()  # what a journal would hold across the crash
+    for crash in crashes:
+        k.crash_after, k.changes = crash, 0
+        try:
+            pool.apply(Transaction.from_dict(persisted))
+        except Crash:
+            pass
+    k.crash_after, k.held = None, False
+    pool.apply(Transaction.from_dict(persisted))
+    assert (k.ids, k.transaction_id) == (expected_ids, 8)
+    # Once done, applying again changes nothing.
+    changes = k.changes
+    pool.apply(Transaction.from_dict(persisted))
+    assert k.changes == changes
 
 
 # --- making a pool ----------------------------------------------------------------------------
@@ -355,8 +350,8 @@ def test_a_metadata_snapshot_already_held_is_a_clear_error(kernel):
     k.held = True
     real = k.target_status
     k.target_status = lambda name: replace(real(name), held_metadata_root=52)
-    with pytest.raises(DmError, match=r"already holds a metadata snapshot \(root 52\)"):
-        Pool(k, "pool").device_ids()
+    with pytest.raises(MetadataSnapHeld, match=r"already holds a metadata snapshot \(root 52\)"):
+        RawPool(k, "pool").device_ids()
     assert k.held  # someone else's: left alone
 
 
@@ -364,19 +359,28 @@ def test_a_pool_must_be_a_thin_pool(kernel):
     k = kernel()
     k.table = lambda name: Table.of(8, ThinTarget(POOL_DEVNO, 1))
     with pytest.raises(DmError, match="is a thin device, not a thin-pool"):
-        _ = Pool(k, "pool").target
+        _ = RawPool(k, "pool").target
     k.target_status = lambda name: Failed()
     with pytest.raises(DmError, match="has failed with its pool"):
-        Pool(k, "pool").thin_status("vol")
+        RawPool(k, "pool").thin_status("vol")
+
+
+READER_WAIT = 0.2
 
 
 @pytest.fixture
-def reader_lock(tmp_path, monkeypatch):
-    """thinstack's reader lock for the pool, its files under tmp_path/locks."""
-    from thinstack import pools
+def reader_lock(tmp_path):
+    """A reader lock as thinstack makes one (thinpool.metadata_reader): a flock under
+    tmp_path/locks, yielding the marker's path."""
+    from thinstack.lock import flocked
 
-    monkeypatch.setenv("THINSTACK_RUN_DIR", str(tmp_path))
-    return lambda: pools._metadata_reader("pool")
+    @contextmanager
+    def lock():
+        path = tmp_path / "locks" / "pool.metasnap"
+        with flocked(path, READER_WAIT, "thin-pool pool: another reader has held its metadata "
+                     f"snapshot for over {READER_WAIT:g} s"):
+            yield path.with_name("pool.metasnap-held")
+    return lock
 
 
 def held_at(k, root=52):
@@ -392,7 +396,7 @@ def test_a_snapshot_left_by_a_dead_reader_of_ours_is_released_and_taken(kernel, 
     marker = tmp_path / "locks" / "pool.metasnap-held"
     marker.parent.mkdir()
     marker.touch()  # a reader of ours was reserving, then died
-    assert Pool(k, "pool", reader_lock=reader_lock).device_ids() == {0, 3}
+    assert RawPool(k, "pool", reader_lock=reader_lock).device_ids() == {0, 3}
     assert not k.held and not marker.exists()
 
 
@@ -401,25 +405,22 @@ def test_someone_elses_snapshot_is_left_and_leaves_no_marker(kernel, tmp_path, r
     k.held = True
     held_at(k)
     with pytest.raises(DmError, match="already holds"):
-        Pool(k, "pool", reader_lock=reader_lock).device_ids()
+        RawPool(k, "pool", reader_lock=reader_lock).device_ids()
     assert k.held and not (tmp_path / "locks" / "pool.metasnap-held").exists()
 
 
 def test_a_live_reader_holding_the_lock_is_waited_for_then_reported(kernel, tmp_path,
-                                                                     reader_lock, monkeypatch):
+                                                                     reader_lock):
     import fcntl
-    import os
 
-    from thinstack import pools
     from thinstack.lock import LockTimeout
 
-    monkeypatch.setattr(pools, "METADATA_READER_WAIT", 0.2)
     (tmp_path / "locks").mkdir()
     fd = os.open(tmp_path / "locks" / "pool.metasnap", os.O_RDWR | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_EX)
     try:
         with pytest.raises(LockTimeout, match="another reader"):
-            Pool(kernel(), "pool", reader_lock=reader_lock).device_ids()
+            RawPool(kernel(), "pool", reader_lock=reader_lock).device_ids()
     finally:
         os.close(fd)
-    assert Pool(kernel(ids={1}), "pool", reader_lock=reader_lock).device_ids() == {1}
+    assert RawPool(kernel(ids={1}), "pool", reader_lock=reader_lock).device_ids() == {1}
