@@ -10,13 +10,15 @@ from __future__ import annotations
 import importlib
 from typing import Protocol
 
+from thinstack.errors import Usage
+
 FORMATS = ("raw", "vhd", "vhd-fixed", "qcow2", "gow1", "gow2", "gow3")
 _MODULES = {"raw": "raw", "vhd": "vhd", "vhd-fixed": "vhd", "qcow2": "qcow2",
             "gow1": "gow", "gow2": "gow", "gow3": "gow"}
 
 
-class ExportError(Exception):
-    pass
+class ExportError(Usage):
+    """An export that cannot be made as asked: an unknown format, options that do not go together."""
 
 
 class Writer(Protocol):

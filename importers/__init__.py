@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Protocol
 
+from thinstack.errors import BadImage
 from thinstack.extents import Extent
 
 # Order matters for detection: formats with a header magic first, then VHD (recognised by its
@@ -33,7 +34,7 @@ FORMATS = ("qcow2", "gow", "qemu", "vhd", "raw")
 NEVER_IMPLICIT = (Path("/dev"), Path("/proc"), Path("/sys"))
 
 
-class ImageError(Exception):
+class ImageError(BadImage):
     """An image that cannot be imported: malformed, hostile, unsupported, or missing a parent."""
 
     def __init__(self, path: str | os.PathLike, message: str):

@@ -54,11 +54,17 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="thinstack", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_pool_parser, _volume_parsers, _list_parsers, _cow_parser, _monitor_parser,
+                _recover_parser, _import_parser, _export_parser, _lab_parser):
+        add(sub)
+    return p
 
-    # pools
+
+def _pool_parser(sub) -> None:
     pool = sub.add_parser("pool", help="thin pools: create, attach, status, list, check, extend")
+    pool.set_defaults(run=cmd_pool)
     ps = pool.add_subparsers(dest="pool_command", required=True, metavar="SUBCOMMAND")
     c = ps.add_parser("create", help="make a VG on devices (or a file) and a thin pool in it")
     c.add_argument("vg")
@@ -75,52 +81,83 @@ def build_parser() -> argparse.ArgumentParser:
     s = ps.add_parser("status", help="usage, mode and growth settings of pools")
     s.add_argument("vg", nargs="?")
     s.add_argument("--json", action="store_true")
-    lst = ps.add_parser("list", help="the thin pools thinstack knows")
-    lst.add_argument("--json", action="store_true")
-    ck = ps.add_parser("check", help="thin_check the pool's metadata (on a metadata snapshot)")
-    ck.add_argument("vg")
+    ps.add_parser("list", help="the thin pools thinstack knows").add_argument(
+        "--json", action="store_true")
+    ps.add_parser("check", help="thin_check the pool's metadata (on a metadata snapshot)"
+                  ).add_argument("vg")
     ex = ps.add_parser("extend", help="grow the pool's data by SIZE")
     ex.add_argument("vg")
     ex.add_argument("size", type=_size)
 
-    # volumes
-    c = sub.add_parser("create", help="a new thin volume")
+
+def _volume_parsers(sub) -> None:
+    def volume(name: str, help: str) -> argparse.ArgumentParser:
+        parser = sub.add_parser(name, help=help)
+        parser.set_defaults(run=cmd_volume)
+        return parser
+
+    c = volume("create", "a new thin volume")
     c.add_argument("ref", type=_ref, metavar="VG/NAME")
     c.add_argument("--size", type=_size, required=True)
-    s = sub.add_parser("snapshot", help="a thin snapshot, active and writable unless --readonly")
+    s = volume("snapshot", "a thin snapshot, active and writable unless --readonly")
     s.add_argument("ref", type=_ref, metavar="VG/NAME")
     s.add_argument("snapname", metavar="SNAPNAME")
     s.add_argument("--readonly", action="store_true")
-    g = sub.add_parser("gold", help="make a volume a read-only gold master, protected while cloned")
-    g.add_argument("ref", type=_ref, metavar="VG/NAME")
-    c = sub.add_parser("clone", help="a writable clone of a gold master, a read-only LV or a "
-                       "read-only block device (/dev/...), O(1)")
+    volume("gold", "make a volume a read-only gold master, protected while cloned").add_argument(
+        "ref", type=_ref, metavar="VG/NAME")
+    c = volume("clone", "a writable clone of a gold master, a read-only LV or a read-only block "
+               "device (/dev/...), O(1)")
     c.add_argument("origin", type=_origin, metavar="ORIGIN")
     c.add_argument("ref", type=_ref, metavar="VG/NAME")
-    r = sub.add_parser("resize", help="grow online; shrinking needs --yes")
+    r = volume("resize", "grow online; shrinking needs --yes")
     r.add_argument("ref", type=_ref, metavar="VG/NAME")
     r.add_argument("size", type=_size)
     r.add_argument("--yes", action="store_true", help="allow shrinking (discards the tail)")
-    d = sub.add_parser("delete", help="remove a volume (refused while others depend on it)")
-    d.add_argument("ref", type=_ref, metavar="VG/NAME")
+    volume("delete", "remove a volume (refused while others depend on it)").add_argument(
+        "ref", type=_ref, metavar="VG/NAME")
+
+
+def _list_parsers(sub) -> None:
     lst = sub.add_parser("list", help="volumes with size, kind, usage and dependants")
+    lst.set_defaults(run=cmd_list)
     lst.add_argument("vg", nargs="?")
     lst.add_argument("--json", action="store_true")
     i = sub.add_parser("info", help="one volume in detail")
+    i.set_defaults(run=cmd_info)
     i.add_argument("ref", type=_ref, metavar="VG/NAME")
     i.add_argument("--json", action="store_true")
+
+
+def _cow_parser(sub) -> None:
     c = sub.add_parser("cow", help="an old-style dm-snapshot volume over a read-only origin")
+    c.set_defaults(run=cmd_volume)
     c.add_argument("origin", type=_ref, metavar="ORIGIN")
     c.add_argument("ref", type=_ref, metavar="VG/NAME")
     c.add_argument("--store", type=_size, required=True, help="initial COW store size")
+
+
+def _monitor_parser(sub) -> None:
     m = sub.add_parser("monitor", help="grow pools and CoW stores before they fill")
+    m.set_defaults(run=cmd_monitor)
     m.add_argument("--once", action="store_true", help="one pass; exit 7 if a pool is in alert")
     m.add_argument("--interval", type=float, default=5.0, metavar="S")
+
+
+def _recover_parser(sub) -> None:
     rc = sub.add_parser("recover", help="complete or roll back interrupted operations")
+    rc.set_defaults(run=cmd_recover)
     rc.add_argument("vg", nargs="?")
 
-    # images at the edges
-    im = sub.add_parser("import", help="bring a disk image (vhd, qcow2, gow, raw, ...) into a volume")
+
+def _progress_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="progress bar (default: on a terminal)")
+
+
+def _import_parser(sub) -> None:
+    im = sub.add_parser("import", help="bring a disk image (vhd, qcow2, gow, raw, ...) into a "
+                        "volume")
+    im.set_defaults(run=cmd_import)
     im.add_argument("source", type=Path, metavar="SOURCE")
     im.add_argument("ref", type=_ref, metavar="VG/NAME")
     im.add_argument("--format", default="auto",
@@ -130,9 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a folder parent/backing images may also come from")
     im.add_argument("--resume", action="store_true", help="continue an interrupted import")
     im.add_argument("--json", action="store_true", help="print one summary object")
-    im.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                    help="progress bar (default: on a terminal)")
-    ex = sub.add_parser("export", help="write a volume to an image file, consistently and sparsely")
+    _progress_option(im)
+
+
+def _export_parser(sub) -> None:
+    ex = sub.add_parser("export", help="write a volume to an image file, consistently and "
+                        "sparsely")
+    ex.set_defaults(run=cmd_export)
     ex.add_argument("ref", type=_ref, metavar="VG/NAME")
     ex.add_argument("dest", type=Path, metavar="DEST")
     ex.add_argument("--format", default="raw",
@@ -147,15 +188,18 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--parent", type=Path, metavar="IMAGE",
                     help="with --since: the image exported at SNAPNAME (parent of DEST)")
     ex.add_argument("--json", action="store_true", help="print one summary line")
-    ex.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                    help="progress bar (default: on a terminal)")
+    _progress_option(ex)
 
-    # the lab
-    lab = sub.add_parser("lab", help="a real kernel (User-Mode Linux) with device-mapper, on demand")
+
+def _lab_parser(sub) -> None:
+    lab = sub.add_parser("lab", help="a real kernel (User-Mode Linux) with device-mapper, on "
+                         "demand")
+    lab.set_defaults(run=cmd_lab)
     labsub = lab.add_subparsers(dest="lab_command", required=True)
     labsub.add_parser("setup", help="fetch and prepare the lab kernel (idempotent)")
     r = labsub.add_parser("run", help="boot the lab, run COMMAND inside as root, power off")
-    r.add_argument("--disks", type=int, default=0, help="blank scratch disks /dev/ubdb, /dev/ubdc, ...")
+    r.add_argument("--disks", type=int, default=0,
+                   help="blank scratch disks /dev/ubdb, /dev/ubdc, ...")
     r.add_argument("--disk-size", type=_size, default=1 << 30, metavar="SIZE")
     r.add_argument("--mem", type=_size, default=768 << 20, metavar="SIZE")
     r.add_argument("--state", type=Path, metavar="DIR", help="keep the disks here between runs")
@@ -163,7 +207,6 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--rw", type=Path, action="append", default=[], metavar="PATH",
                    help="a host folder COMMAND may write (cwd and /tmp always are)")
     r.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG...]")
-    return p
 
 
 def _print_json(obj) -> None:
@@ -341,15 +384,6 @@ def cmd_lab(args) -> int:
     return lab.run_lab(spec)
 
 
-COMMANDS = {
-    "pool": cmd_pool, "create": cmd_volume, "snapshot": cmd_volume, "gold": cmd_volume,
-    "clone": cmd_volume, "cow": cmd_volume, "resize": cmd_volume, "delete": cmd_volume,
-    "list": cmd_list, "info": cmd_info, "recover": cmd_recover, "monitor": cmd_monitor,
-    "import": cmd_import, "export": cmd_export,
-    "lab": cmd_lab,
-}
-
-
 def _terminate(signum, frame):
     # SIGTERM unwinds like Ctrl-C, so an operation in progress rolls back before exiting.
     raise KeyboardInterrupt
@@ -372,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        return COMMANDS[args.command](args)
+        return args.run(args)
     except KeyboardInterrupt:
         what = ("the import is kept: continue it with --resume, or remove it with "
                 "`thinstack recover`") if args.command == "import" else "the operation was rolled back"
@@ -387,25 +421,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _exit_status(e: Exception) -> int | None:
-    from thinstack.errors import ThinstackError
-    from thinstack.lab import LabError
-    from thinstack.lock import LockTimeout
-    from thinstack.lvm import BadName
-
-    if isinstance(e, (ThinstackError, LabError)):
-        return e.exit_status
-    if isinstance(e, BadName):
-        return 2
-    if isinstance(e, LockTimeout):
-        return 5
+    """The documented status of an error a user can meet; None for a bug (shown in full)."""
     from thinstack.dm.command import CommandError
-    from thinstack.exporters import ExportError
-    from thinstack.importers import ImageError
+    from thinstack.dm.errors import DmError
+    from thinstack.errors import ThinstackError
 
-    if isinstance(e, ImageError):
-        return 8
-    if isinstance(e, (CommandError, ExportError)):
-        return 1
+    if isinstance(e, ThinstackError):
+        return e.exit_status
+    if isinstance(e, (DmError, CommandError)):
+        return 1  # the dm layer's own, not translated where thinstack called it
     return None
 
 

@@ -10,11 +10,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from thinstack.errors import Refused
 from thinstack.state import run_dir
 
 
-class LockTimeout(Exception):
-    pass
+class LockTimeout(Refused):
+    """Another process kept the lock for longer than the caller would wait."""
 
 
 @contextmanager
