@@ -38,6 +38,14 @@ while IFS= read -r path; do
     mount --bind "$path" "$new$path" || fail "cannot bind $path into the lab"
 done < "$job/binds"
 
+# /dev is the kernel's devtmpfs: on a real system udev and systemd add these links, which bash's
+# process substitution (<(...)) and programs reading /dev/stdin need.
+if grep -q "^devtmpfs /dev " /proc/mounts; then
+    [ -e /dev/fd ] || ln -s /proc/self/fd /dev/fd
+    for n in 0:stdin 1:stdout 2:stderr; do
+        [ -e "/dev/${n#*:}" ] || ln -s "/proc/self/fd/${n%%:*}" "/dev/${n#*:}"
+    done
+fi
 mount --rbind /dev $new/dev || fail "cannot bind /dev"
 mount -t proc proc $new/proc
 mount -t sysfs sys $new/sys

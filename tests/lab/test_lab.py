@@ -27,6 +27,13 @@ def test_targets_listed_with_dm_thin_and_snapshot_loaded():
 
 
 @host_only
+def test_process_substitution_and_dev_stdin_work_as_on_a_real_system():
+    done = lab("--", "bash", "-c", "cat <(echo substituted); echo piped | cat /dev/stdin")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "substituted\npiped\n"
+
+
+@host_only
 def test_streams_and_exit_status_are_the_commands(tmp_path):
     done = subprocess.run([*THINSTACK, "lab", "run", "--", "sh", "-c",
                            "printf 'out\\r\\n\\001\\n'; echo err >&2; exit 7"],
