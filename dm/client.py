@@ -171,6 +171,16 @@ class DeviceMapper:
             raise DmError(f"{name} has {len(lines)} targets, expected one")
         return lines[0].status
 
+    def targets(self) -> dict[str, str]:
+        """The target types the kernel has loaded, with their versions (`thin-pool`: `v1.23.0`).
+        A type whose module is not loaded yet is missing here until a table needs it."""
+        found = {}
+        for line in self._dmsetup("targets").splitlines():
+            words = line.split()
+            if len(words) == 2:
+                found[words[0]] = words[1]
+        return found
+
     def wait(self, name: str, event_nr: int, *, timeout: float | None = None) -> int | None:
         """Wait until `name`'s event counter passes `event_nr` (a thin-pool crossing its low
         water mark, say) and return the new count, or None if `timeout` seconds (by default the

@@ -12,8 +12,11 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
-from thinstack.errors import NotFound, Refused
+from thinstack.dm.client import DeviceMapper
+from thinstack.dm.command import RUNNER, CommandError, Runner
+from thinstack.errors import NotFound, Refused, ThinstackError
 
 
 @dataclass
@@ -55,6 +58,28 @@ def prepare_vg(vg: str, devices: list[str], *, md_name: str | None = None) -> Pr
     return PreparedVG(pvs=[pv.path for pv in pvs], _storage=storage)
 
 
+def require_thin_pool(runner: Runner = RUNNER, misc: Path = Path("/proc/misc")) -> None:
+    """ThinstackError with what to do when this kernel cannot run a thin pool (a container, a
+    CI runner): rather than LVM's own failure, ending in "Run `lvcreate --help'"."""
+    fix = "this kernel has no dm-thin-pool target; run it inside `thinstack lab run`"
+    try:
+        has_dm = any(line.split()[-1:] == ["device-mapper"] for line in misc.open())
+    except OSError:
+        has_dm = True  # no /proc to ask: let dmsetup say
+    if not has_dm:
+        raise ThinstackError(f"{fix} (no device-mapper driver)")
+    dm = DeviceMapper(runner)
+    try:
+        if "thin-pool" in dm.targets():
+            return
+        runner.run(["modprobe", "dm-thin-pool"], timeout=30)  # modules load on first use, too
+        if "thin-pool" in dm.targets():
+            return
+    except CommandError as e:
+        raise ThinstackError(f"{fix} ({e})") from None
+    raise ThinstackError(fix)
+
+
 def _blank_device(storage, path: str):
     real = os.path.realpath(path)
     device = storage.devicetree.get_device_by_path(real)
@@ -87,6 +112,16 @@ def _blivet():
         plugins.append(spec)
     BlockDev.switch_init_checks(False)
     BlockDev.try_init(plugins, None)
+    # blivet asks libblockdev for every plugin it knows (btrfs, nvdimm, ...); those not installed
+    # are GLib warnings on stderr ("failed to load module btrfs") about features thinstack never
+    # uses. Other warnings still show.
+    from gi.repository import GLib
+
+    def quiet(domain: str | None, level: object, message: str, data: object) -> None:
+        if not message.startswith("failed to load module "):
+            GLib.log_default_handler(domain, level, message, data)
+
+    GLib.log_set_handler(None, GLib.LogLevelFlags.LEVEL_WARNING, quiet, None)
     # blivet logs its scan (down to DEBUG, with warnings such as "libstoragemgmt functionality
     # not available") and routes Python warnings into logging: none of it is ours to show;
     # thinstack reports failures through its own errors.

@@ -188,3 +188,38 @@ def test_list_while_another_reader_holds_the_metadata_snapshot_prints_no_traceba
         pytest.xfail("pools._reading_metadata does not yet take MetadataSnapHeld as Refused "
                      f"(B2a): exit {status}, {err.strip()}")
     assert "vg0/vm" in out  # LVM's coarser figures stand in for thin_ls's
+
+
+# --- `pool create` on a kernel without dm-thin -------------------------------------------------
+
+LAB_HINT = "this kernel has no dm-thin-pool target; run it inside `thinstack lab run`"
+
+
+def test_a_kernel_without_device_mapper_says_to_use_the_lab(tmp_path):
+    from thinstack.provision import require_thin_pool
+
+    misc = tmp_path / "misc"
+    misc.write_text(" 60 vhost-net\n 62 fuse\n")
+    runner = FakeRunner(default=None)  # nothing is run: /proc/misc says enough
+    with pytest.raises(ThinstackError, match=LAB_HINT):
+        require_thin_pool(runner, misc)
+    misc.write_text(" 60 vhost-net\n236 device-mapper\n")
+    runner.fail(["dmsetup", "targets"], "/dev/mapper/control: open failed: No such device\n")
+    with pytest.raises(ThinstackError, match=LAB_HINT):
+        require_thin_pool(runner, misc)
+
+
+def test_thin_pool_is_loaded_on_demand_before_it_is_missed(tmp_path):
+    from thinstack.provision import require_thin_pool
+
+    misc = tmp_path / "misc"
+    misc.write_text("236 device-mapper\n")
+    runner = FakeRunner(default=None).on(["dmsetup", "targets"], "striped v1.6.0\n",
+                                         "thin-pool v1.23.0\nstriped v1.6.0\n")
+    runner.on(["modprobe", "dm-thin-pool"], "")
+    require_thin_pool(runner, misc)
+    assert runner.argvs[1] == ["modprobe", "dm-thin-pool"]
+    runner = FakeRunner(default=None).on(["dmsetup", "targets"], "striped v1.6.0\n")
+    runner.fail(["modprobe"], "modprobe: FATAL: Module dm-thin-pool not found\n")
+    with pytest.raises(ThinstackError, match=LAB_HINT):
+        require_thin_pool(runner, misc)

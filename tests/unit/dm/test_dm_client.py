@@ -151,3 +151,8 @@ def test_wait_returns_the_new_event_number(run):
 def test_wait_without_an_event_in_time(run):
     run.on("dmsetup", CommandTimeout(["dmsetup", "wait"], 1))
     assert DeviceMapper(run).wait("thin", 4, timeout=1) is None
+
+
+def test_targets_the_kernel_has_loaded(run):
+    run.on(["dmsetup", "targets"], "thin-pool        v1.23.0\nstriped          v1.6.0\n\n")
+    assert DeviceMapper(run).targets() == {"thin-pool": "v1.23.0", "striped": "v1.6.0"}
