@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Protocol
 
 from thinstack.extents import Extent, Kind
+from thinstack.sizes import round_down, round_up
 
 DEFAULT_BATCH = 8 << 20
 DEFAULT_CHECKPOINT = 256 << 20
@@ -55,12 +56,6 @@ class CopyStats:
     position: int = 0  # everything before it has been handed to the sink
 
 
-def _down(n: int, unit: int) -> int:
-    return n // unit * unit
-
-
-def _up(n: int, unit: int) -> int:
-    return -(-n // unit) * unit
 
 
 def aligned(extents: Iterable[Extent], *, size: int, chunk: int, start: int = 0
@@ -76,7 +71,8 @@ def aligned(extents: Iterable[Extent], *, size: int, chunk: int, start: int = 0
         if ext.kind is not Kind.DATA:
             held.append(ext)
             continue
-        begin, end = max(_down(ext.offset, chunk), start), min(_up(ext.end, chunk), size)
+        begin = max(round_down(ext.offset, chunk), start)
+        end = min(round_up(ext.end, chunk), size)
         if end <= begin:
             continue
         if run is not None and begin <= run[1]:
@@ -117,7 +113,7 @@ def copy_extents(extents: Iterable[Extent], read: Callable[[int, int], bytes], s
                  checkpoint_every: int = DEFAULT_CHECKPOINT) -> CopyStats:
     """Copy [start, size) as described in the module's docstring; see CopyStats."""
     _reuse_freed_buffers()
-    batch = max(chunk, _down(batch, chunk))
+    batch = max(chunk, round_down(batch, chunk))
     zeros = memoryview(bytes(chunk))  # compared against, never copied
     stats = CopyStats(position=start)
     since_checkpoint = 0
@@ -206,7 +202,7 @@ class BlockDeviceSink:
         writes may be in flight."""
         self.path = path
         self.fd = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
-        self.buffer_size = _up(batch, self.ALIGN)
+        self.buffer_size = round_up(batch, self.ALIGN)
         self.free = [mmap.mmap(-1, self.buffer_size) for _ in range(depth)]
         self.in_flight: deque[tuple[Future, mmap.mmap]] = deque()
         self.workers = ThreadPoolExecutor(max_workers=depth, thread_name_prefix="sink")
@@ -219,7 +215,7 @@ class BlockDeviceSink:
             buffer = self._buffer()
             # A tail that is not a whole block is padded with zeros: it lies past the image's
             # end, inside the volume (sized in whole extents), which reads zeros there anyway.
-            padded = _up(len(piece), self.ALIGN)
+            padded = round_up(len(piece), self.ALIGN)
             buffer[:len(piece)] = piece
             buffer[len(piece):padded] = bytes(padded - len(piece))
             future = self.workers.submit(self._pwrite, buffer, padded, offset + at)

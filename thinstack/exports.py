@@ -45,7 +45,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from thinstack import extorigin, faults, lvm, mapping, pools, tags
+from thinstack import extorigin, faults, lvm, mapping, tags, thinpool
 from thinstack.copy import CopyStats, copy_extents, data_bytes
 from thinstack.dm import tools
 from thinstack.dm.client import DeviceMapper
@@ -61,9 +61,6 @@ from thinstack.lvm import LV, VolumeRef
 from thinstack.progress import Bar
 from thinstack.state import run_dir, state_dir
 from thinstack.tags import OP_PREFIX
-from thinstack.volumes import refuse_if_metadata_would_run_out as check_metadata_room
-from thinstack.volumes import run_lvm
-from thinstack.volumes import volumes_of
 
 # The formats with an incremental form, and what that form is.
 INCREMENTAL = {"vhd": "a differencing VHD", "qcow2": "a qcow2 overlay",
@@ -314,7 +311,7 @@ def _start(ref: VolumeRef, dest: Path, format: str, incremental: bool, since: st
         for e in _earlier_exports(ref, journal):
             _undo(e)
             journal.finish(e)
-        lvs = volumes_of(ref.vg)
+        lvs = lvm.volumes_of(ref.vg)
         source = _find(ref.name, lvs, ref)
         kind = source_kind(source, lvs)
         if (since or incremental) and kind == "plain":
@@ -343,8 +340,8 @@ def _start(ref: VolumeRef, dest: Path, format: str, incremental: bool, since: st
             # A read-only volume cannot change under the copy; --incremental keeps a snapshot
             # even of one, as the next export's base.
             if incremental or not source.readonly:
-                kernel = pools.kernel_pool(pool)
-                check_metadata_room(pool, kernel)
+                kernel = thinpool.kernel_pool(pool)
+                thinpool.refuse_if_metadata_would_run_out(pool, kernel)
                 read_from = _snapshot(entry, source, active=active, pool=pool)
                 faults.point("export", "after-snapshot")
         except BaseException:
@@ -415,7 +412,7 @@ def _finish(job: _Job, dest: Path, format: str, *, keep: bool) -> None:
             _rotate(job, dest, format)
         elif job.read_from is not job.source:
             extorigin.release(job.read_from)
-            run_lvm("lvremove", "-q", "-y", "-f", str(job.read_from.ref))
+            lvm.lvm("lvremove", "-q", "-y", "-f", str(job.read_from.ref))
         Journal().finish(job.entry)
 
 
@@ -428,17 +425,17 @@ def _rotate(job: _Job, dest: Path, format: str) -> None:
     # Still the base checked at the start (the VG lock was let go meanwhile): the same LV.
     current = lvm.find_lv(job.last.ref) if job.last is not None else None
     if current is not None and current.uuid == job.last.uuid:
-        run_lvm("lvremove", "-q", "-y", "-f", str(job.last.ref))
+        lvm.lvm("lvremove", "-q", "-y", "-f", str(job.last.ref))
     # A base is only ever read from the pool's metadata: it needs no device. (Renaming an
     # inactive LV is also much quicker: no device to suspend.)
     if extorigin.is_outside_clone(snapshot):
         extorigin.release(snapshot)
     else:
-        run_lvm("lvchange", "-q", "-an", str(snapshot.ref))
-    run_lvm("lvrename", "-q", snapshot.vg, snapshot.name, last.name)
+        lvm.lvm("lvchange", "-q", "-an", str(snapshot.ref))
+    lvm.lvm("lvrename", "-q", snapshot.vg, snapshot.name, last.name)
     write_record(job.source.ref, next_record(job.record, job.base, last.name, snapshot.uuid,
                                              dest.resolve(), format))
-    run_lvm("lvchange", "-q", "--deltag", job.entry.tag, "--addtag", tags.LAST_EXPORT, str(last))
+    lvm.lvm("lvchange", "-q", "--deltag", job.entry.tag, "--addtag", tags.LAST_EXPORT, str(last))
 
 
 def _find(name: str, lvs: list[LV], ref: VolumeRef) -> LV:
@@ -456,7 +453,7 @@ def _snapshot(entry: Entry, source: LV, *, active: bool, pool: LV) -> LV:
     if extorigin.is_outside_clone(source):
         return _outside_snapshot(entry, source, ref, active=active, pool=pool)
     # -K: active now, though LVM's activation-skip flag (kept) leaves it down after a reboot.
-    run_lvm("lvcreate", "-q", "-y", "-s", str(source.ref), "-n", ref.name, "-p", "r",
+    lvm.lvm("lvcreate", "-q", "-y", "-s", str(source.ref), "-n", ref.name, "-p", "r",
             "--addtag", entry.tag, "-K")
     return lvm.lv(ref)
 
@@ -479,10 +476,10 @@ def _outside_snapshot(entry: Entry, source: LV, ref: VolumeRef, *, active: bool,
         Journal().step(entry, f"{SUSPEND}{name} {extorigin.uuid(source)}")
         with DeviceMapper().suspended(name):
             faults.point("export", "after-suspend")
-            run_lvm(*args)
+            lvm.lvm(*args)
         Journal().step(entry, f"{RESUMED}{name}")
     else:
-        run_lvm(*args)
+        lvm.lvm(*args)
     snap = lvm.lv(ref)
     extorigin.activate(snap, pool)
     return snap
@@ -568,7 +565,7 @@ def _undo(entry: Entry) -> None:
     """Roll an export back: a device it suspended, its snapshot (whatever it was renamed to:
     the one carrying its tag, a snapshot of the exported volume), its temporary file."""
     resume_devices(entry)
-    for lv in volumes_of(entry.vg):
+    for lv in lvm.volumes_of(entry.vg):
         if entry.tag in lv.tags and lv.origin == entry.args["name"]:
             extorigin.release(lv)
             lvm.lvm("lvremove", "-q", "-y", "-f", str(lv.ref))

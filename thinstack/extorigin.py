@@ -31,15 +31,15 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from thinstack import tags
+from thinstack import lvm, tags
 from thinstack.dm.client import DeviceMapper
-from thinstack.dm.command import run
+from thinstack.dm.command import RUNNER
 from thinstack.dm.targets import Table, ThinTarget
 from thinstack.errors import NotFound, Refused
 from thinstack.lvm import LV
+from thinstack.sizes import SECTOR
 
 UUID_PREFIX = "TS-EXT-"
-SECTOR = 512
 
 
 @dataclass(frozen=True)
@@ -152,11 +152,11 @@ def tpool_name(pool: LV) -> str:
 
 def set_readonly(origin: Origin) -> None:
     if not origin.readonly:
-        run(["blockdev", "--setro", origin.path])
+        RUNNER.run(["blockdev", "--setro", origin.path])
 
 
 def set_writable(path: str) -> None:
-    run(["blockdev", "--setrw", path])
+    RUNNER.run(["blockdev", "--setrw", path])
 
 
 def active(lv: LV, dm: DeviceMapper | None = None) -> bool:
@@ -182,7 +182,7 @@ def activate(lv: LV, pool: LV) -> str:
     set_readonly(origin)
     tpool = dm.info(tpool_name(pool))
     if tpool is None:
-        run(["lvm", "lvchange", "-q", "-ay", f"{pool.vg}/{pool.name}"])
+        lvm.lvm("lvchange", "-q", "-ay", f"{pool.vg}/{pool.name}")
         tpool = dm.info(tpool_name(pool))
         if tpool is None:
             raise Refused(f"{pool.vg}/{pool.name}: the thin pool did not come up")
@@ -202,7 +202,7 @@ def reload(lv: LV, size: int) -> None:
 
 def discard(lv: LV, start: int, length: int) -> None:
     """Unmap a byte range of the active clone (the tail a shrink drops)."""
-    run(["blkdiscard", "-o", str(start), "-l", str(length), f"/dev/mapper/{dm_name(lv)}"])
+    RUNNER.run(["blkdiscard", "-o", str(start), "-l", str(length), f"/dev/mapper/{dm_name(lv)}"])
 
 
 def release(lv: LV) -> None:

@@ -13,6 +13,7 @@ from typing import Sequence
 
 from thinstack import tags
 from thinstack.dm.status import ThinPoolStatus
+from thinstack.sizes import round_down, round_up
 
 MiB = 1 << 20
 
@@ -104,18 +105,12 @@ def growth(space: Space, threshold: float, step: int, *, rate: float, reaction: 
     below = math.floor(space.used * 100 / threshold) + 1 - space.size
     if enough is not None:
         below = min(below, enough - space.size)
-    want = _up(max(step, math.ceil(rate * reaction), below), extent)
+    want = round_up(max(step, math.ceil(rate * reaction), below), extent)
     limit = room if ceiling is None else min(room, ceiling - space.size)
-    add = max(0, min(want, _down(limit, extent)))
+    add = max(0, min(want, round_down(limit, extent)))
     return Growth(add, add < below)
 
 
-def _up(n: int, extent: int) -> int:
-    return -(-n // extent) * extent
-
-
-def _down(n: int, extent: int) -> int:
-    return n // extent * extent
 
 
 def default_step(size: int) -> int:
@@ -251,7 +246,8 @@ def plan_cow(cow: CowView, *, room: int, extent: int, rate: float, reaction: flo
         return CowPlan()
     most = cow_max_size(cow.origin_size, cow.chunk)
     g = growth(cow.store, s.threshold, s.step or default_step(cow.store.size), rate=rate,
-               reaction=reaction, extent=extent, room=room, ceiling=_up(most, extent), enough=most)
+               reaction=reaction, extent=extent, room=room, ceiling=round_up(most, extent),
+               enough=most)
     if g.short:
         return CowPlan(grow=g.add, alert=(
             f"CoW store {cow.store.percent:.1f}% full (threshold {s.threshold:g}%) and the volume "

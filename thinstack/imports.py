@@ -153,9 +153,9 @@ def import_image(source: str | os.PathLike, ref: VolumeRef, *, format: str = "au
         journal = Journal()
         # As volumes.operation(), except that a resumed import continues its old entry.
         with vg_lock(ref.vg):
-            lvs = volumes.volumes_of(ref.vg)
+            lvs = lvm.volumes_of(ref.vg)
             if recovery.recover_vg(ref.vg, journal, lvs=lvs):
-                lvs = volumes.volumes_of(ref.vg)
+                lvs = lvm.volumes_of(ref.vg)
             op = volumes.Op(_entry(journal, ref, source, identity(source, image), wanted, resume),
                             lvs)
             try:
@@ -208,7 +208,7 @@ def _run(op: volumes.Op, ref: VolumeRef, image: Image, extents: list[Extent],
     """Make, fill, rename and commit the volume, continuing from wherever an interrupted run of
     this entry stopped. Returns what the copy did and the pool's chunk size."""
     temp = temp_ref(ref)
-    pool = volumes.pool_of(ref.vg, op.lvs)
+    pool = lvm.pool_of(ref.vg, op.lvs)
     # The volume this import made before it was interrupted, if any: NAME.importing, or NAME if
     # it was renamed already. A journalled position counts only on that volume.
     by_image = direct(image, pool.attr, f"{ref.vg}/{pool.name}")  # refused, if it must be, before anything is made
@@ -222,24 +222,24 @@ def _run(op: volumes.Op, ref: VolumeRef, image: Image, extents: list[Extent],
     _check_space(ref.vg, pool, data_bytes(extents, size=image.virtual_size,
                                           chunk=pool.chunk_size, start=start))
     if made is None:
-        volumes.run_lvm("lvcreate", "-q", "-y", "--type", "thin", "--thinpool", pool.name,
+        lvm.lvm("lvcreate", "-q", "-y", "--type", "thin", "--thinpool", pool.name,
                      "-V", f"{op.entry.args['size']}b", "-n", temp.name, "--addtag", op.entry.tag,
                      "--setactivationskip", "n", ref.vg)
         op.step(f"created:{temp.name}")
         faults.point("import", "after-lvcreate")
     if made is None or made.name == temp.name:
         if made is not None and not made.active:  # interrupted while being renamed
-            volumes.run_lvm("lvchange", "-q", "-ay", str(temp))
+            lvm.lvm("lvchange", "-q", "-ay", str(temp))
         stats = _copy(op, temp, image, extents, start, pool.chunk_size, progress)
         faults.point("import", "after-copy")
         # Renaming an inactive volume changes LVM's metadata only, which takes half the time of
         # renaming a live device (and leaves udev nothing to race with).
-        volumes.run_lvm("lvchange", "-q", "-an", str(temp))
-        volumes.run_lvm("lvrename", "-q", ref.vg, temp.name, ref.name)
+        lvm.lvm("lvchange", "-q", "-an", str(temp))
+        lvm.lvm("lvrename", "-q", ref.vg, temp.name, ref.name)
         faults.point("import", "after-rename")
     else:  # renamed before the interruption: only the commit is left
         stats = CopyStats(position=image.virtual_size)
-    volumes.run_lvm("lvchange", "-q", "-ay", str(ref))
+    lvm.lvm("lvchange", "-q", "-ay", str(ref))
     volumes.commit(op, ref)
     return stats, pool.chunk_size
 

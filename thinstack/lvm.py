@@ -1,5 +1,6 @@
-"""LVM through one runner. Reports are read as JSON (`--reportformat json`) and parsed once, here,
-into small types; nothing above this module sees LVM's text."""
+"""LVM through one runner: `Lvm` runs lvm commands, reads its reports (JSON, parsed once here
+into small types) and turns its failures into thinstack errors; nothing above this module sees
+LVM's text. `LVM` is the instance over the real runner; tests build one over a fake."""
 
 from __future__ import annotations
 
@@ -7,10 +8,31 @@ import json
 import re
 from dataclasses import dataclass
 
-from thinstack.dm.command import CommandError, run
+from thinstack import tags
+from thinstack.dm.command import RUNNER, CommandError, Runner
+from thinstack.errors import Exists, NoSpace, NotFound, Refused, ThinstackError, Usage
 
-__all__ = ["CommandError", "LV", "VG", "PV", "VolumeRef", "check_name", "check_user_name", "lvm",
-           "lvs", "vgs", "pvs", "lv", "find_lv"]
+__all__ = [
+    "LV",
+    "LVM",
+    "PV",
+    "VG",
+    "CommandError",
+    "Lvm",
+    "VolumeRef",
+    "check_name",
+    "check_user_name",
+    "classify",
+    "find_lv",
+    "is_open",
+    "lv",
+    "lvm",
+    "lvs",
+    "pool_of",
+    "pvs",
+    "vgs",
+    "volumes_of",
+]
 
 # LVM refuses these itself, but with messages an operator has to decode; ours name the rule.
 _NAME = re.compile(r"[A-Za-z0-9+_.][A-Za-z0-9+_.-]{0,126}")
@@ -18,8 +40,9 @@ _RESERVED = ("_cdata", "_cmeta", "_corig", "_mimage", "_mlog", "_pmspare", "_rim
              "_tdata", "_tmeta", "_vorigin", "_vdata")
 
 
-class BadName(ValueError):
-    pass
+class BadName(Usage, ValueError):
+    """A name or argument the operator gave wrong: a usage error."""
+    exit_status = 2
 
 
 def check_name(name: str, what: str = "name") -> str:
@@ -52,7 +75,7 @@ class VolumeRef:
     name: str
 
     @classmethod
-    def parse(cls, text: str) -> "VolumeRef":
+    def parse(cls, text: str) -> VolumeRef:
         vg, sep, name = text.partition("/")
         if not sep or "/" in name:
             raise BadName(f"expected VG/NAME, got {text!r}")
@@ -135,23 +158,9 @@ class PV:
     free: int
 
 
-def lvm(*args: str, timeout: float = 300) -> str:
-    """Run one lvm command (`lvm lvcreate ...`), never interactively."""
-    return run(["lvm", *args], timeout=timeout)
-
-
 _LV_FIELDS = ("lv_name,vg_name,lv_uuid,lv_attr,lv_size,segtype,pool_lv,origin,data_percent,"
               "metadata_percent,lv_tags,lv_path,lv_dm_path,thin_id,chunk_size,lv_metadata_size,"
               "lv_skip_activation,lv_when_full,vg_free")
-
-
-def _report(command: str, fields: str, key: str, *args: str) -> list[dict[str, str]]:
-    out = lvm(command, "--reportformat", "json", "--units", "b", "--nosuffix", "--binary",
-              "-o", fields, *args)
-    rows: list[dict[str, str]] = []
-    for report in json.loads(out).get("report", []):
-        rows.extend(report.get(key, []))
-    return rows
 
 
 def _int(text: str) -> int:
@@ -178,44 +187,152 @@ def _lv(row: dict[str, str]) -> LV:
               vg_free=_int(row.get("vg_free", "")))
 
 
+# LVM's messages for each kind of failure, as lvm2 prints them (one per line of its stderr).
+_KINDS: list[tuple[type[ThinstackError], re.Pattern[str]]] = [
+    (NotFound, re.compile(r'^(Volume group "[^"]*" not found|Failed to find logical volume '
+                          r'"[^"]*"|Cannot process volume group \S+)')),
+    (Exists, re.compile(r'^Logical [Vv]olume "?[^"\s]*"? already exists in volume group')),
+    (NoSpace, re.compile(r'^(Insufficient free space: |Volume group "[^"]*" has insufficient '
+                         r'free space|Cannot create new thin volume, free space in thin pool '
+                         r'|Thin pool \S+ .*out of data space)')),
+    (Refused, re.compile(r"^(Logical volume \S+ (is )?(in use|used by another device|contains "
+                         r"a filesystem in use)|Can't (remove|deactivate|change) open "
+                         r"|Logical volume \S+ is open\b)")),
+]
+
+
+def classify(e: CommandError) -> ThinstackError:
+    """An lvm failure as the operator should read it: the first line of LVM's stderr that names
+    a known kind of failure, else its last line, as a thinstack error of that kind."""
+    lines = [line.strip() for line in e.stderr.splitlines() if line.strip()]
+    for line in lines:
+        for kind, pattern in _KINDS:
+            if pattern.match(line):
+                return kind(line)
+    return ThinstackError(lines[-1] if lines else str(e))
+
+
+class Lvm:
+    """lvm commands (`lvm lvcreate ...`, never interactive) through `runner`."""
+
+    def __init__(self, runner: Runner = RUNNER):
+        self.runner = runner
+
+    def run(self, *args: str, timeout: float | None = None) -> str:
+        """Run one lvm command; a failure raises its classified thinstack error."""
+        try:
+            return self.runner.run(["lvm", *args], timeout=timeout)
+        except CommandError as e:
+            raise classify(e) from e
+
+    def _report(self, command: str, fields: str, key: str, *args: str) -> list[dict[str, str]]:
+        out = self.run(command, "--reportformat", "json", "--units", "b", "--nosuffix",
+                       "--binary", "-o", fields, *args)
+        rows: list[dict[str, str]] = []
+        for report in json.loads(out).get("report", []):
+            rows.extend(report.get(key, []))
+        return rows
+
+    def lvs(self, vg: str | None = None, *, all_: bool = False) -> list[LV]:
+        args = ["-a"] if all_ else []
+        return [_lv(r) for r in self._report("lvs", _LV_FIELDS, "lv", *args,
+                                             *([vg] if vg else []))]
+
+    def lv(self, ref: VolumeRef) -> LV:
+        found = self.find_lv(ref)
+        if found is None:
+            raise NotFound(f"{ref}: no such volume")
+        return found
+
+    def find_lv(self, ref: VolumeRef) -> LV | None:
+        try:
+            rows = self._report("lvs", _LV_FIELDS, "lv", str(ref))
+        except NotFound:
+            return None
+        return _lv(rows[0]) if rows else None
+
+    def vgs(self, vg: str | None = None) -> list[VG]:
+        fields = ("vg_name,vg_uuid,vg_size,vg_free,vg_extent_size,vg_extent_count,"
+                  "vg_free_count,pv_count,vg_tags")
+        try:
+            rows = self._report("vgs", fields, "vg", *([vg] if vg else []))
+        except NotFound:
+            if vg:
+                return []
+            raise
+        return [VG(name=r["vg_name"], uuid=r["vg_uuid"], size=_int(r["vg_size"]),
+                   free=_int(r["vg_free"]), extent_size=_int(r["vg_extent_size"]),
+                   extent_count=_int(r["vg_extent_count"]), free_count=_int(r["vg_free_count"]),
+                   pv_count=_int(r["pv_count"]), tags=_tags(r["vg_tags"])) for r in rows]
+
+    def pvs(self) -> list[PV]:
+        rows = self._report("pvs", "pv_name,vg_name,pv_size,pv_free", "pv")
+        return [PV(name=r["pv_name"], vg=r["vg_name"], size=_int(r["pv_size"]),
+                   free=_int(r["pv_free"])) for r in rows]
+
+    def volumes_of(self, vg: str) -> list[LV]:
+        """The VG's volumes; NotFound when there is no such VG."""
+        try:
+            return self.lvs(vg)
+        except NotFound:
+            raise NotFound(f"volume group {vg} not found") from None
+
+    def is_open(self, lv: LV) -> bool:
+        """Whether something (a VM, a mount) holds the volume's device open."""
+        try:
+            out = self.run("lvs", "--noheadings", "--binary", "-o", "lv_device_open", str(lv.ref))
+        except ThinstackError:
+            return False
+        return out.strip() == "1"
+
+
+def pool_of(vg: str, lvs: list[LV]) -> LV:
+    """The VG's thin pool among `lvs`: the one tagged as thinstack's, or its only one."""
+    pools = [lv for lv in lvs if lv.is_thin_pool]
+    ours = [p for p in pools if tags.POOL in p.tags]
+    if len(ours or pools) != 1:
+        raise NotFound(f"volume group {vg} has {len(pools)} thin pools; "
+                       "create one with `thinstack pool create`" if not pools else
+                       f"volume group {vg} has several thin pools and none tagged {tags.POOL}")
+    return (ours or pools)[0]
+
+
+LVM = Lvm()  # over the real runner; tests put a fake in its place
+
+
+def default_lvm() -> Lvm:
+    """The Lvm of callers that were handed none."""
+    return LVM
+
+
+# The default Lvm's methods, for callers with no Lvm of their own (looked up at each call).
+def lvm(*args: str, timeout: float | None = None) -> str:
+    return LVM.run(*args, timeout=timeout)
+
+
 def lvs(vg: str | None = None, *, all_: bool = False) -> list[LV]:
-    args = ["-a"] if all_ else []
-    return [_lv(r) for r in _report("lvs", _LV_FIELDS, "lv", *args, *([vg] if vg else []))]
+    return LVM.lvs(vg, all_=all_)
 
 
 def lv(ref: VolumeRef) -> LV:
-    found = find_lv(ref)
-    if found is None:
-        raise LookupError(f"{ref}: no such volume")
-    return found
+    return LVM.lv(ref)
 
 
 def find_lv(ref: VolumeRef) -> LV | None:
-    try:
-        rows = _report("lvs", _LV_FIELDS, "lv", str(ref))
-    except CommandError as e:
-        if "not found" in e.stderr or "Failed to find" in e.stderr:
-            return None
-        raise
-    return _lv(rows[0]) if rows else None
+    return LVM.find_lv(ref)
 
 
 def vgs(vg: str | None = None) -> list[VG]:
-    fields = ("vg_name,vg_uuid,vg_size,vg_free,vg_extent_size,vg_extent_count,vg_free_count,"
-              "pv_count,vg_tags")
-    try:
-        rows = _report("vgs", fields, "vg", *([vg] if vg else []))
-    except CommandError as e:
-        if vg and ("not found" in e.stderr or "Cannot process volume group" in e.stderr):
-            return []
-        raise
-    return [VG(name=r["vg_name"], uuid=r["vg_uuid"], size=_int(r["vg_size"]),
-               free=_int(r["vg_free"]), extent_size=_int(r["vg_extent_size"]),
-               extent_count=_int(r["vg_extent_count"]), free_count=_int(r["vg_free_count"]),
-               pv_count=_int(r["pv_count"]), tags=_tags(r["vg_tags"])) for r in rows]
+    return LVM.vgs(vg)
 
 
 def pvs() -> list[PV]:
-    rows = _report("pvs", "pv_name,vg_name,pv_size,pv_free", "pv")
-    return [PV(name=r["pv_name"], vg=r["vg_name"], size=_int(r["pv_size"]),
-               free=_int(r["pv_free"])) for r in rows]
+    return LVM.pvs()
+
+
+def volumes_of(vg: str) -> list[LV]:
+    return LVM.volumes_of(vg)
+
+
+def is_open(lv: LV) -> bool:
+    return LVM.is_open(lv)

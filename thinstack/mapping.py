@@ -16,14 +16,14 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-from thinstack import pools
+from thinstack import thinpool
 from thinstack.dm import tools
 from thinstack.dm.command import CommandError
 from thinstack.dm.errors import DmError
-from thinstack.dm.pool import SECTOR
 from thinstack.errors import Refused, ThinstackError
 from thinstack.extents import Extent, Kind, coalesce, fill_gaps
 from thinstack.lvm import LV
+from thinstack.sizes import SECTOR
 
 # The pool lends its one metadata snapshot to one reader at a time; another export, `list` or
 # the monitor may hold it for a moment.
@@ -73,8 +73,8 @@ def read(pool: LV, thin_id: int, base_id: int | None = None, *, device=None
          ) -> tuple[tools.ThinRanges, tools.ThinDelta | None]:
     """Thin device `thin_id`'s mappings and, given a base, how it differs from thin device
     `base_id`: both from one metadata snapshot of the live pool. `device`: the pool's kernel
-    device (pools.kernel_pool), if the caller has it already."""
-    device = device or pools.kernel_pool(pool)
+    device (thinpool.kernel_pool), if the caller has it already."""
+    device = device or thinpool.kernel_pool(pool)
     if device is None:
         raise Refused(f"{pool.ref} is not active: activate it (`thinstack pool attach "
                       f"{pool.vg}`) first")

@@ -24,13 +24,23 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from thinstack import lvm, pools
+from thinstack import lvm, thinpool
 from thinstack.dm.client import DeviceMapper
 from thinstack.dm.errors import DmError
 from thinstack.dm.status import Failed
-from thinstack.errors import Alert
-from thinstack.growth import (CowView, PoolView, Reading, Space, lvm_threshold, plan_cow,
-                              plan_pool, settings, spaces, write_rate)
+from thinstack.errors import Alert, ThinstackError
+from thinstack.growth import (
+    CowView,
+    PoolView,
+    Reading,
+    Space,
+    lvm_threshold,
+    plan_cow,
+    plan_pool,
+    settings,
+    spaces,
+    write_rate,
+)
 from thinstack.lock import LockTimeout, flocked
 from thinstack.lvm import LV, CommandError
 from thinstack.sizes import format_size
@@ -66,8 +76,9 @@ class History:
 
 
 class Monitor:
-    def __init__(self, interval: float):
+    def __init__(self, interval: float, dm: DeviceMapper | None = None):
         self.interval = interval
+        self.dm = dm or DeviceMapper()
         self.history: dict[str, History] = {}
         self.alerts: set[str] = set()  # the volumes in alert at the last pass
         self.command_times = deque([FIRST_COMMAND_SECONDS], maxlen=TIMED_COMMANDS)
@@ -113,11 +124,11 @@ class Monitor:
                 return check(*args)
         except LockTimeout:
             return Report(kind, lv.vg, lv.name, busy=True), 0
-        except (CommandError, DmError) as e:
+        except (CommandError, DmError, ThinstackError) as e:
             return Report(kind, lv.vg, lv.name, alert=f"cannot check or grow it: {e}"), 0
 
     def check_pool(self, lv: LV, extent: int, room: int) -> tuple[Report, int]:
-        kernel = pools.kernel_pool(lv)
+        kernel = thinpool.kernel_pool(lv, self.dm)
         if kernel is None:
             raise DmError(f"the device of active pool {lv.ref} is missing")
         self.pool_devices.add(kernel.name)
@@ -296,8 +307,8 @@ class Watcher(threading.Thread):
             self.wake.set()  # the device went away or changed: look again
 
 
-def run(*, once: bool, interval: float) -> int:
-    monitor = Monitor(interval)
+def run(*, once: bool, interval: float, dm: DeviceMapper | None = None) -> int:
+    monitor = Monitor(interval, dm)
     if once:
         reports = monitor.check_all()
         write_metrics(reports)
@@ -322,14 +333,14 @@ def run(*, once: bool, interval: float) -> int:
         wake.clear()
         try:
             write_metrics(monitor.check_all())
-        except (CommandError, DmError) as e:
+        except (CommandError, DmError, ThinstackError) as e:
             log(f"pass failed, retrying in {interval:g} s: {e}")
         # A pool's device changes name when it gets its first thin volume (NAME -> NAME-tpool).
         for device in watchers.keys() - monitor.pool_devices:
             watchers.pop(device).stopped.set()
         for device in monitor.pool_devices:
             if device not in watchers or not watchers[device].is_alive():
-                watchers[device] = Watcher(DeviceMapper(), device, wake, timeout=interval)
+                watchers[device] = Watcher(monitor.dm, device, wake, timeout=interval)
                 watchers[device].start()
         wake.wait(interval)
     for w in watchers.values():

@@ -13,11 +13,12 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from thinstack import extorigin, faults, lvm, recovery, tags
-from thinstack.errors import Exists, NoSpace, NotFound, Refused, ThinstackError
+from thinstack import extorigin, faults, lvm, recovery, tags, thinpool
+from thinstack.errors import Exists, NotFound, Refused
 from thinstack.journal import Entry, Journal
 from thinstack.lock import vg_lock
-from thinstack.lvm import LV, CommandError, VolumeRef
+from thinstack.lvm import LV, VolumeRef
+from thinstack.sizes import round_up
 
 
 @dataclass
@@ -33,9 +34,9 @@ class Op:
 def operation(op: str, vg: str, **args):
     journal = Journal()
     with vg_lock(vg):
-        lvs = volumes_of(vg)
+        lvs = lvm.volumes_of(vg)
         if recovery.recover_vg(vg, journal, lvs=lvs):
-            lvs = volumes_of(vg)
+            lvs = lvm.volumes_of(vg)
         entry = journal.begin(op, vg, **args)
         faults.point(op, "after-intent")
         try:
@@ -47,39 +48,10 @@ def operation(op: str, vg: str, **args):
         journal.finish(entry)
 
 
-def volumes_of(vg: str) -> list[LV]:
-    try:
-        return lvm.lvs(vg)
-    except CommandError as e:
-        if "not found" in e.stderr:
-            raise NotFound(f"volume group {vg} not found") from None
-        raise
-
-
 def commit(op: Op, *refs: VolumeRef) -> None:
     """The point of no return: the new volumes lose the operation's tag and become real."""
     lvm.lvm("lvchange", "--deltag", op.entry.tag, *map(str, refs))
     op.step("committed")
-
-
-def lvm_error(e: CommandError) -> ThinstackError:
-    """An lvm failure as the operator should read it."""
-    text = e.stderr.strip().splitlines()[-1].strip() if e.stderr.strip() else str(e)
-    if "Insufficient free space" in text or "out of data space" in text:
-        return NoSpace(text)
-    if "in use" in text or "open" in text.lower():
-        return Refused(text)
-    return ThinstackError(text)
-
-
-def pool_of(vg: str, lvs: list[LV]) -> LV:
-    pools = [lv for lv in lvs if lv.is_thin_pool]
-    ours = [p for p in pools if tags.POOL in p.tags]
-    if len(ours or pools) != 1:
-        raise NotFound(f"volume group {vg} has {len(pools)} thin pools; "
-                       "create one with `thinstack pool create`" if not pools else
-                       f"volume group {vg} has several thin pools and none tagged {tags.POOL}")
-    return (ours or pools)[0]
 
 
 def _visible(lvs: list[LV]) -> list[LV]:
@@ -107,21 +79,13 @@ def dependants(lv: LV, lvs: list[LV]) -> list[LV]:
     return [o for o in _visible(lvs) if o.origin == lv.name and o is not lv]
 
 
-def run_lvm(*args: str) -> str:
-    """An lvm command whose failure the operator reads as a thinstack error (see lvm_error)."""
-    try:
-        return lvm.lvm(*args)
-    except CommandError as e:
-        raise lvm_error(e) from None
-
-
 # --- operations --------------------------------------------------------------------------------
 
 def create(ref: VolumeRef, size: int) -> LV:
     with operation("create", ref.vg, name=ref.name, size=size) as op:
         _absent(ref, op.lvs)
-        pool = pool_of(ref.vg, op.lvs)
-        run_lvm("lvcreate", "-q", "-y", "--type", "thin", "--thinpool", pool.name, "-V", f"{size}b",
+        pool = lvm.pool_of(ref.vg, op.lvs)
+        lvm.lvm("lvcreate", "-q", "-y", "--type", "thin", "--thinpool", pool.name, "-V", f"{size}b",
              "-n", ref.name, "--setactivationskip", "n", ref.vg)
         faults.point("create", "after-lvcreate")
     return lvm.lv(ref)
@@ -142,10 +106,10 @@ def snapshot(origin: VolumeRef, name: str, *, readonly: bool = False) -> LV:
 
 
 def _thin_snapshot(op: Op, source: LV, ref: VolumeRef, readonly: bool) -> None:
-    refuse_if_metadata_would_run_out(pool_of(ref.vg, op.lvs))
+    thinpool.refuse_if_metadata_would_run_out(lvm.pool_of(ref.vg, op.lvs))
     # LVM gives thin snapshots its activation-skip flag by default, so they would not come up
     # on activation or the next boot: -kn clears it, and the snapshot is active at once.
-    run_lvm("lvcreate", "-q", "-y", "-s", str(source.ref), "-n", ref.name, "--setactivationskip",
+    lvm.lvm("lvcreate", "-q", "-y", "-s", str(source.ref), "-n", ref.name, "--setactivationskip",
          "n", "-p", "r" if readonly else "rw")
 
 
@@ -156,11 +120,11 @@ def gold(ref: VolumeRef) -> LV:
             raise Refused(f"{ref} is not a thin volume in the pool")
         if extorigin.is_outside_clone(lv):
             raise Refused(_outside_refusal(lv))
-        if _is_open(lv):
+        if lvm.is_open(lv):
             raise Refused(f"{ref} is open (a VM or a mount is using it); close it first")
         _make_readonly(op, lv)
         faults.point("gold", "after-readonly")
-        run_lvm("lvchange", "-q", "--addtag", tags.GOLD, str(ref))  # the commit point
+        lvm.lvm("lvchange", "-q", "--addtag", tags.GOLD, str(ref))  # the commit point
         op.step("committed")
     return lvm.lv(ref)
 
@@ -213,13 +177,13 @@ def _outside_clone(op: Op, path: str, ref: VolumeRef) -> None:
     origin = extorigin.probe(path)
     extorigin.check_usable(origin)
     origin_tags = extorigin.origin_tags(origin)
-    pool = pool_of(ref.vg, op.lvs)
+    pool = lvm.pool_of(ref.vg, op.lvs)
     if not origin.readonly:
         op.step(f"devro:{path}")
         extorigin.set_readonly(origin)
     faults.point("clone", "after-origin-readonly")
     # Inactive, and skipped by LVM's activation: only extorigin brings it up, with its origin.
-    run_lvm("lvcreate", "-q", "-y", "--type", "thin", "--thinpool", pool.name,
+    lvm.lvm("lvcreate", "-q", "-y", "--type", "thin", "--thinpool", pool.name,
             "-V", f"{origin.size}b", "-n", ref.name, "-an", "--setactivationskip", "y",
             "--addtag", op.entry.tag, *(a for t in origin_tags for a in ("--addtag", t)), ref.vg)
     extorigin.activate(lvm.lv(ref), pool)
@@ -234,20 +198,20 @@ def _outside_refusal(lv: LV) -> str:
 
 
 def _external_clone(op: Op, source: LV, ref: VolumeRef) -> None:
-    if _is_open(source) and not source.readonly:
+    if lvm.is_open(source) and not source.readonly:
         raise Refused(f"{source.ref} is open read-write; an external origin must not change")
     _make_readonly(op, source)
     if source.active:
         # LVM layers an external origin itself and refuses one that is already active.
         op.step(f"inactive:{source.name}")
-        run_lvm("lvchange", "-q", "-an", str(source.ref))
+        lvm.lvm("lvchange", "-q", "-an", str(source.ref))
     faults.point("clone", "after-origin-readonly")
-    pool = pool_of(ref.vg, op.lvs)
-    run_lvm("lvcreate", "-q", "-y", "-s", "--thinpool", pool.name, str(source.ref), "-n", ref.name,
+    pool = lvm.pool_of(ref.vg, op.lvs)
+    lvm.lvm("lvcreate", "-q", "-y", "-s", "--thinpool", pool.name, str(source.ref), "-n", ref.name,
          "--addtag", op.entry.tag, "--setactivationskip", "n")
     faults.point("clone", "after-snapshot")
     if source.active:  # readable again, now through LVM's read-only layer
-        run_lvm("lvchange", "-q", "-ay", str(source.ref))
+        lvm.lvm("lvchange", "-q", "-ay", str(source.ref))
     commit(op, ref)
 
 
@@ -262,7 +226,7 @@ def cow(origin: VolumeRef, ref: VolumeRef, store: int) -> LV:
         if not source.readonly:
             raise Refused(f"{origin} is writable; a CoW volume needs a read-only origin "
                           f"(e.g. `thinstack gold {origin}`)")
-        run_lvm("lvcreate", "-q", "-y", "-s", "-L", f"{store}b", "-n", ref.name, "-p", "rw",
+        lvm.lvm("lvcreate", "-q", "-y", "-s", "-L", f"{store}b", "-n", ref.name, "-p", "rw",
              str(origin))
         faults.point("cow", "after-lvcreate")
     return lvm.lv(ref)
@@ -281,7 +245,7 @@ def resize(ref: VolumeRef, size: int, *, shrink_ok: bool = False) -> LV:
         if size != lv.size and extorigin.is_outside_clone(lv):
             _resize_outside(lv, size)
         elif size != lv.size:
-            run_lvm("lvresize", "-q", "-f", "-L", f"{size}b", str(ref))
+            lvm.lvm("lvresize", "-q", "-f", "-L", f"{size}b", str(ref))
     return lvm.lv(ref)
 
 
@@ -291,14 +255,14 @@ def _resize_outside(lv: LV, size: int) -> None:
     if not extorigin.active(lv):
         raise Refused(f"{lv.ref} is not active: `thinstack pool attach {lv.vg}` first")
     if size > lv.size:
-        run_lvm("lvresize", "-q", "-f", "-L", f"{size}b", str(lv.ref))
+        lvm.lvm("lvresize", "-q", "-f", "-L", f"{size}b", str(lv.ref))
         extorigin.reload(lv, lvm.lv(lv.ref).size)
     else:
         extent = lvm.vgs(lv.vg)[0].extent_size  # LVM rounds up to it: so must the device
-        size = -(-size // extent) * extent
+        size = round_up(size, extent)
         extorigin.discard(lv, size, lv.size - size)
         extorigin.reload(lv, size)
-        run_lvm("lvresize", "-q", "-f", "-L", f"{size}b", str(lv.ref))
+        lvm.lvm("lvresize", "-q", "-f", "-L", f"{size}b", str(lv.ref))
 
 
 def delete(ref: VolumeRef) -> None:
@@ -311,12 +275,12 @@ def delete(ref: VolumeRef) -> None:
             raise Refused(f"{ref} has dependants: {', '.join(d.name for d in deps)}; "
                           "delete them first")
         _refuse_if_outside_origin(lv)
-        if _is_open(lv):  # (an open outside-origin clone: release below refuses)
+        if lvm.is_open(lv):  # (an open outside-origin clone: release below refuses)
             raise Refused(f"{ref} is open (a VM or a mount is using it)")
         extorigin.release(lv)  # an outside-origin clone's device, before LVM drops the LV
         # The base of its next incremental export goes with it, in the same LVM command.
         bases = [o for o in op.lvs if o.origin == lv.name and tags.LAST_EXPORT in o.tags]
-        run_lvm("lvremove", "-q", "-y", *(str(b.ref) for b in bases), str(ref))
+        lvm.lvm("lvremove", "-q", "-y", *(str(b.ref) for b in bases), str(ref))
 
 
 def _refuse_if_outside_origin(lv: LV) -> None:
@@ -329,37 +293,11 @@ def _refuse_if_outside_origin(lv: LV) -> None:
                           f"{', '.join(str(c.ref) for c in clones)}; delete them first")
 
 
-def refuse_if_metadata_would_run_out(pool: LV, kernel=None) -> None:
-    """A pool whose metadata fills turns read-only for every volume in it; one more snapshot
-    is not worth that. Refuse it while there is still time for the operator to act.
-    `kernel`: the pool's kernel device (pools.kernel_pool), if the caller has it already."""
-    from thinstack import growth, pools
-    from thinstack.dm.status import ThinPoolStatus
-
-    kernel = kernel or pools.kernel_pool(pool)
-    status = kernel.status() if kernel is not None else None
-    if not isinstance(status, ThinPoolStatus):
-        return  # an inactive or failed pool: LVM itself will refuse
-    room = pool.vg_free  # read with the pool: no need to ask LVM again
-    if not growth.metadata_projection_ok(status, chunk=pool.chunk_size, room=room):
-        raise NoSpace(f"pool {pool.vg}/{pool.name}: metadata is projected to run out if another "
-                      "snapshot shares its blocks; grow it (`lvextend --poolmetadatasize`) or "
-                      "free space in the volume group first")
-
-
 def _make_readonly(op: Op, lv: LV) -> None:
     """Journalled before it is done, so a rollback knows to make the volume writable again."""
     if not lv.readonly:
         op.step(f"readonly:{lv.name}")
-        run_lvm("lvchange", "-q", "-pr", str(lv.ref))
-
-
-def _is_open(lv: LV) -> bool:
-    try:
-        out = lvm.lvm("lvs", "--noheadings", "--binary", "-o", "lv_device_open", str(lv.ref))
-    except CommandError:
-        return False
-    return out.strip() == "1"
+        lvm.lvm("lvchange", "-q", "-pr", str(lv.ref))
 
 
 # --- reading -----------------------------------------------------------------------------------

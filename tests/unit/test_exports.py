@@ -5,11 +5,11 @@ import json
 from pathlib import Path
 
 import pytest
+from thinstack.dm import tools
+from thinstack.exporters import ExportError
 
 from thinstack import exports, recovery
-from thinstack.dm import tools
 from thinstack.errors import NotFound, Refused
-from thinstack.exporters import ExportError
 from thinstack.exports import Base, Record
 from thinstack.extents import Extent, Kind
 from thinstack.journal import Entry
@@ -237,7 +237,7 @@ def test_recovery_removes_the_snapshot_and_the_temporary_file(dirs, mocker):
     partial.write_bytes(b"half an image")
     entry = Entry(id="abc", op="export", vg="vg", args=dict(
         name="vm1", dest=str(dirs / "d.vhd"), partial=str(partial)))
-    mocker.patch("thinstack.lvm.lvs", return_value=[
+    mocker.patch("thinstack.lvm.volumes_of", return_value=[
         SOURCE, lv("vm1.export-abc", origin="vm1", tags={entry.tag}), LAST])
     run = mocker.patch("thinstack.lvm.lvm")
     exports.recover(entry)
@@ -273,7 +273,7 @@ def test_a_foreign_last_export_is_never_the_base(dirs):
 def test_rollback_removes_only_a_snapshot_of_the_exported_volume(dirs, mocker):
     entry = Entry(id="abc", op="export", vg="vg", args=dict(
         name="vm1", dest=str(dirs / "d.vhd"), partial=str(dirs / ".d.vhd.partial-1")))
-    mocker.patch("thinstack.lvm.lvs", return_value=[
+    mocker.patch("thinstack.lvm.volumes_of", return_value=[
         SOURCE, lv("other", origin="vm2", tags={entry.tag}), lv("vm1.export-abc", origin="vm1")])
     run = mocker.patch("thinstack.lvm.lvm")
     exports.recover(entry)

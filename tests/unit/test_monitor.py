@@ -6,13 +6,13 @@ import signal
 from unittest import mock
 
 import pytest
-
-from thinstack import monitor
 from thinstack.dm.client import DeviceInfo
 from thinstack.dm.command import CommandError
 from thinstack.dm.errors import DmError
 from thinstack.dm.status import Discards, Failed, PoolMode, ThinPoolStatus
 from thinstack.dm.targets import Table, ThinPoolTarget
+
+from thinstack import monitor
 from thinstack.errors import Alert
 from thinstack.lvm import LV, VG
 
@@ -84,8 +84,7 @@ def commands(lvm_mock):
 
 
 def one_pass(dm, interval=5.0):
-    with mock.patch("thinstack.pools.DeviceMapper", return_value=dm):
-        return monitor.Monitor(interval).check_all()
+    return monitor.Monitor(interval, dm).check_all()
 
 
 # --- pools -------------------------------------------------------------------------------------
@@ -132,10 +131,8 @@ def test_threshold_below_lvms_minimum_is_given_as_50(env, mocker):
 
 def test_no_room_switches_to_error_mode_and_once_exits_7(env, mocker, tmp_path, capsys):
     setup(mocker, [pool_lv()], [vg(free=0)])
-    mocker.patch("thinstack.pools.DeviceMapper",
-                 return_value=FakeDM(**{"vg-pool-tpool": (status(3000), ARMED)}))
     with pytest.raises(Alert) as raised:
-        monitor.run(once=True, interval=5)
+        monitor.run(once=True, interval=5, dm=FakeDM(**{"vg-pool-tpool": (status(3000), ARMED)}))
     assert raised.value.exit_status == 7
     assert commands(env) == [["lvchange", "-q", "--errorwhenfull", "y", "vg/pool", *CONFIG]]
     assert "ALERT vg/pool" in capsys.readouterr().err
@@ -147,9 +144,7 @@ def test_no_room_switches_to_error_mode_and_once_exits_7(env, mocker, tmp_path, 
 def test_room_back_grows_then_queues_again(env, mocker, tmp_path):
     setup(mocker, [pool_lv()], [vg()])
     full = status(BLOCKS_256M, mode=PoolMode.OUT_OF_DATA_SPACE, error_if_no_space=True)
-    mocker.patch("thinstack.pools.DeviceMapper",
-                 return_value=FakeDM(**{"vg-pool-tpool": (full, ARMED)}))
-    assert monitor.run(once=True, interval=5) == 0
+    assert monitor.run(once=True, interval=5, dm=FakeDM(**{"vg-pool-tpool": (full, ARMED)})) == 0
     [grow, mode] = commands(env)
     assert grow[:2] == ["lvextend", "-q"] and grow[3] == f"+{112 * MiB}b"  # back under 70%
     assert mode == ["lvchange", "-q", "--errorwhenfull", "n", "vg/pool", *CONFIG]
@@ -181,8 +176,7 @@ def test_a_fast_writer_gets_a_bigger_step(env, mocker):
     clock = mocker.patch("thinstack.monitor.time.monotonic", return_value=100.0)
     env.side_effect = lambda *args: setattr(clock, "return_value", clock.return_value + 3) or ""
     dm = FakeDM(**{"vg-pool-tpool": (status(100), ARMED)})
-    mocker.patch("thinstack.pools.DeviceMapper", return_value=dm)
-    m = monitor.Monitor(1.0)
+    m = monitor.Monitor(1.0, dm)
     m.check_all()
     # 3200 blocks (200 MiB) in 4 s: 50 MiB/s, for 1 s of interval and twice the first guess at
     # an lvextend's time (2 s): 250 MiB, in whole 4 MiB extents.
@@ -346,10 +340,9 @@ def test_concurrent_passes_grow_once(env, mocker):
             pass
         return real(self, *args)
     mocker.patch.object(monitor.Monitor, "check_pool", check_pool)
-    with mock.patch("thinstack.pools.DeviceMapper", return_value=dm):
-        threads = [threading.Thread(target=monitor.Monitor(5.0).check_all) for _ in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+    threads = [threading.Thread(target=monitor.Monitor(5.0, dm).check_all) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     assert [c[0] for c in commands(env)] == ["lvextend"]

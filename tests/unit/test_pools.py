@@ -1,21 +1,19 @@
-"""Pool decisions on plain data (sizes, tags, validation, rollback plans, status), and the flows
-around them with the system calls mocked out."""
+"""Pool decisions on plain data (sizes, tags, validation, rollback plans), and the flows around
+them over a fake LVM (FakeLvm: reports from objects, commands recorded by a FakeRunner)."""
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import re
 from pathlib import Path
 
 import pytest
+from thinstack.dm.status import Discards, PoolMode, ThinPoolStatus
 
-from thinstack import pools, recovery
-from thinstack.dm.status import Discards, Failed, PoolMode, ThinPoolStatus
-from thinstack.dm.tools import ThinCheckResult, ThinLsEntry
-from thinstack.errors import Exists, NoSpace, NotFound, Refused, ThinstackError
+from tests.fakes import FakeRunner
+from thinstack import backing, pools, recovery
+from thinstack.errors import Exists, NoSpace, NotFound, ThinstackError
 from thinstack.journal import Journal
-from thinstack.lvm import LV, PV, VG, BadName
+from thinstack.lvm import LV, PV, VG, BadName, Lvm
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 EXTENT = 4 * MiB
@@ -226,97 +224,16 @@ def test_recover_adopts_a_vg_in_use_and_says_so(mocker, capsys):
     entry = Journal().begin("pool-create", "vg0")
     for step in ["pv:/dev/sdb", "vg:vg0", "vg-uuid:u"]:
         Journal().step(entry, step)
-    mocker.patch("thinstack.lvm.vgs", return_value=[dataclasses.replace(
-        vg(), tags=frozenset([entry.tag]))])
-    mocker.patch("thinstack.lvm.lvs", return_value=[lv("data", attr="-wi-a-----", tags=())])
-    run = mocker.patch("thinstack.lvm.lvm")
-    pools.recover(entry)
-    run.assert_called_once_with("vgchange", "-q", "--deltag", entry.tag, "vg0")
+    fake = FakeLvm(vgs=[dataclasses.replace(vg(), tags=frozenset([entry.tag]))],
+                   lvs=[lv("data", attr="-wi-a-----", tags=())])
+    pools.recover(entry, fake)
+    assert fake.commands == [("vgchange", "-q", "--deltag", entry.tag, "vg0")]
     err = capsys.readouterr().err
     assert "kept as it is" in err and entry.id in err and "(data)" in err
 
 
-def test_undo_file_unlinks_only_the_file_the_creation_made(tmp_path):
-    made = tmp_path / "pool.img"
-    ident = pools._make_sparse_file(made, GiB)
-    assert made.stat().st_size == GiB and made.stat().st_mode & 0o777 == 0o600
-    made.rename(tmp_path / "moved.img")
-    made.write_bytes(b"someone else's")  # the name given to another file
-    pools._undo_file("vg0", pools.Undo("file", str(made), ident))
-    assert made.read_bytes() == b"someone else's"
-    made.unlink()
-    made.symlink_to(tmp_path / "target")
-    (tmp_path / "target").write_bytes(b"kept")
-    pools._undo_file("vg0", pools.Undo("file", str(made), ident))
-    assert (tmp_path / "target").read_bytes() == b"kept" and made.is_symlink()
-    made.unlink()
-    ident = pools._make_sparse_file(made, MiB)
-    pools._undo_file("vg0", pools.Undo("file", str(made), ident))
-    assert not made.exists()
-    pools._undo_file("vg0", pools.Undo("file", str(made), ident))  # gone already: fine
-
-
-def test_the_backing_file_is_never_one_planted_under_its_name(tmp_path):
-    planted = tmp_path / "pool.img"
-    planted.symlink_to(tmp_path / "victim")
-    with pytest.raises(FileExistsError):
-        pools._make_sparse_file(planted, GiB)
-    assert not (tmp_path / "victim").exists()
-    planted.unlink()
-    planted.write_bytes(b"data")
-    with pytest.raises(FileExistsError):
-        pools._make_sparse_file(planted, GiB)
-    assert planted.read_bytes() == b"data"
-    pools._make_sparse_file(planted, MiB, reuse=True)  # the interrupted creation's own
-    assert planted.stat().st_size == MiB and planted.read_bytes()[:4] == bytes(4)
-
-
 def test_the_handler_is_registered_for_recovery():
     assert recovery.HANDLERS["pool-create"] is pools.recover
-
-
-# --- status ------------------------------------------------------------------------------------
-
-def schema_keys() -> list[str]:
-    block = pools.__doc__.split("exactly these keys")[1]
-    return re.findall(r"^  (\w+) +\S", block, re.MULTILINE)
-
-
-def test_documented_schema_is_the_json():
-    status = pools.pool_status(vg(), lv(), [lv()], kernel())
-    assert schema_keys() == list(status.to_json()) == \
-        [f.name for f in dataclasses.fields(pools.PoolStatus)]
-
-
-def test_status_of_an_active_pool():
-    thins = [lv("a", attr="Vwi-a-tz--", pool="pool", tags=()),
-             lv("b", attr="Vwi-a-tz--", pool="pool", tags=())]
-    s = pools.pool_status(vg(free=4 * MiB, tags=["ts_file=/p.img"]), lv(), [lv(), *thins],
-                          kernel(used=4032, meta_used=256))
-    assert (s.data_size, s.data_used, s.data_percent) == (1008 * MiB, 4032 * CHUNK, 25.0)
-    assert s.metadata_percent == 25.0 and s.metadata_size == 4 * MiB
-    assert (s.mode, s.when_full, s.zeroing, s.chunk_size) == ("rw", "queue", True, CHUNK)
-    assert (s.grow_threshold, s.grow_step) == (70.0, 252 * MiB)  # untagged: a quarter
-    assert (s.vg_size, s.vg_free, s.backing_file, s.thin_count) == \
-        (1020 * MiB, 4 * MiB, "/p.img", 2)
-    assert s.path == "/dev/mapper/vg0-pool"
-
-
-def test_status_reads_mode_and_policy_from_kernel_and_tags():
-    pool = lv(attr="twi-a-t---", tags=("ts_pool", "ts_grow_threshold=80", "ts_grow_step=1048576"))
-    s = pools.pool_status(vg(), pool, [pool], kernel(mode=PoolMode.OUT_OF_DATA_SPACE, error=True))
-    assert (s.mode, s.when_full, s.zeroing) == ("out_of_data_space", "error", False)
-    assert (s.grow_threshold, s.grow_step) == (80.0, MiB)
-    off = lv(tags=("ts_pool", "ts_no_grow"))
-    s = pools.pool_status(vg(), off, [off], kernel())
-    assert (s.grow_threshold, s.grow_step) == (None, None)
-
-
-def test_status_of_inactive_and_failed_pools():
-    s = pools.pool_status(vg(), lv(attr="twi---tz--"), [], None)
-    assert (s.mode, s.data_used, s.data_percent, s.metadata_percent) == \
-        ("inactive", None, None, None)
-    assert pools.pool_status(vg(), lv(), [], Failed()).mode == "failed"
 
 
 # --- flows, with the system mocked -------------------------------------------------------------
@@ -329,26 +246,58 @@ class FakePrepared:
         self.created = True
 
 
+class FakeLvm(Lvm):
+    """An Lvm whose reports are these objects; its commands are recorded by a FakeRunner
+    (`commands`: without the leading `lvm`) and then handed to `on_command`."""
+
+    def __init__(self, vgs=(), lvs=(), pvs=(), on_command=None):
+        super().__init__(FakeRunner())
+        self.vg_list, self.lv_list, self.pv_list = vgs, list(lvs), list(pvs)
+        self.on_command = on_command
+
+    def run(self, *args, timeout=None):
+        out = super().run(*args, timeout=timeout)
+        if self.on_command:
+            self.on_command(*args)
+        return out
+
+    def vgs(self, vg=None):
+        return [v for v in self.vg_list if vg in (None, v.name)]
+
+    def lvs(self, vg=None, *, all_=False):
+        return [x for x in self.lv_list if vg in (None, x.vg)]
+
+    def find_lv(self, ref):
+        return next((x for x in self.lv_list if x.ref == ref), None)
+
+    def pvs(self):
+        return self.pv_list
+
+    @property
+    def commands(self):
+        return [tuple(c.argv[1:]) for c in self.runner.calls if c.argv[:1] == ["lvm"]]
+
+
 @pytest.fixture
-def system(mocker):
-    """An LVM with no VG until blivet 'creates' one, and a record of every undo run."""
+def system(monkeypatch, mocker):
+    """An LVM with no VG until blivet 'creates' one (the default Lvm, a fake), and a record of
+    every undo run."""
     state = {"vgs": [], "undone": [], "lvm": []}
-    mocker.patch("thinstack.lvm.vgs", side_effect=lambda name=None: [
-        v for v in state["vgs"] if name in (None, v.name)])
-    mocker.patch("thinstack.lvm.lvs", return_value=[])
+    state["fake"] = FakeLvm(vgs=state["vgs"])
+    monkeypatch.setattr("thinstack.lvm.LVM", state["fake"])
 
     def prepare(name, devices, md_name=None):
         state["vgs"].append(vg(name))
         return FakePrepared(name, [f"/dev/md/{md_name}"] if md_name else devices)
 
     mocker.patch("thinstack.provision.prepare_vg", side_effect=prepare)
-    mocker.patch.dict(pools._UNDO, {kind: (lambda kind: lambda vg_, undo: state["undone"].append(
-        (kind, undo.target)))(kind) for kind in pools._UNDO})
+    mocker.patch.dict(pools.UNDO, {kind: (lambda kind: lambda vg_, undo, lvm: state[
+        "undone"].append((kind, undo.target)))(kind) for kind in pools.UNDO})
     return state
 
 
 def fake_lvm(system, fail=None):
-    """run_lvm: tags the fake VGs as vgchange would, raises `fail` on lvcreate."""
+    """FakeLvm.on_command: tags the fake VGs as vgchange would, raises `fail` on lvcreate."""
     def run(*argv):
         system["lvm"].append(argv)
         if argv[0] == "vgchange" and argv[2] in ("--addtag", "--deltag"):
@@ -364,8 +313,7 @@ def fake_lvm(system, fail=None):
 
 
 def test_failed_creation_rolls_back_in_reverse_and_clears_the_journal(system, mocker):
-    mocker.patch("thinstack.pools.run_lvm",
-                 side_effect=fake_lvm(system, ThinstackError("lvcreate failed")))
+    system["fake"].on_command = fake_lvm(system, ThinstackError("lvcreate failed"))
     with pytest.raises(ThinstackError, match="lvcreate failed"):
         pools.create("vg0", devices=["/dev/sdb", "/dev/sdc"], raid1=True)
     # No pool was made, so none is removed; the VG still carries the creation's tag: it goes.
@@ -376,8 +324,8 @@ def test_failed_creation_rolls_back_in_reverse_and_clears_the_journal(system, mo
 
 
 def test_pool_is_created_with_zeroing_chunk_and_tags(system, mocker):
-    mocker.patch("thinstack.pools.run_lvm", side_effect=fake_lvm(system))
-    mocker.patch("thinstack.lvm.lv", return_value=lv())
+    system["fake"].on_command = fake_lvm(system)
+    system["fake"].lv_list.append(lv())
     mocker.patch("thinstack.pools.status", return_value=["status"])
     assert pools.create("vg0", devices=["/dev/sdb"], chunk=128 * KiB, grow_threshold=60,
                         grow_step=GiB) == "status"
@@ -403,149 +351,61 @@ def test_existing_vg_is_refused_before_anything_is_journalled(system, mocker):
     assert Journal().pending() == [] and system["undone"] == []
 
 
-def test_an_existing_file_is_refused_unless_it_is_this_vgs_and_blank(system, tmp_path, mocker):
+def test_an_existing_file_is_refused_unless_it_is_this_vgs_and_blank(system, tmp_path):
     path = tmp_path / "pool.img"
     path.write_bytes(b"someone's data")
     with pytest.raises(Exists, match="already exists"):
         pools.create("vg0", file=path, size=GiB)
     assert path.read_bytes() == b"someone's data"
-    pools._register("vg0", path)
-    mocker.patch("thinstack.pools._signature", return_value="LVM2_member")
+    backing.register("vg0", path)
+    runner = system["fake"].runner
+    runner.on("blkid", "LVM2_member")
     with pytest.raises(Exists):
         pools.create("vg0", file=path, size=GiB)
-    mocker.patch("thinstack.pools._signature", return_value=None)
-    pools._check_new_file("vg0", path)  # ours and blank: an interrupted creation's; reused
+    runner.fail("blkid", "", exit_status=2)  # nothing recognised
+    assert backing.check_new_file("vg0", path, runner)  # ours, blank: an interrupted creation's
 
 
-def test_registry_round_trip(tmp_path):
-    assert pools._registered() == {}
-    pools._register("vg0", tmp_path / "a.img")
-    pools._register("vg1", tmp_path / "b.img")
-    pools._register("vg0", tmp_path / "c.img")  # replaced atomically
-    assert pools._registered() == {"vg0": tmp_path / "c.img", "vg1": tmp_path / "b.img"}
-    pools._unregister("vg0")
-    pools._unregister("vg0")
-    assert pools._registered() == {"vg1": tmp_path / "b.img"}
-
-
-def test_attach_brings_up_every_registered_vg_and_reports_the_missing(system, tmp_path, mocker):
+def test_attach_brings_up_every_registered_vg_and_reports_the_missing(system, tmp_path):
     present = tmp_path / "a.img"
     present.touch()
-    pools._register("vga", present)
-    pools._register("vgb", tmp_path / "gone.img")
+    backing.register("vga", present)
+    backing.register("vgb", tmp_path / "gone.img")
     system["vgs"].append(vg("vga"))
-    loops = mocker.patch("thinstack.pools._attach_loop")
-    activated = []
-    mocker.patch("thinstack.pools.run_lvm", side_effect=lambda *a: activated.append(a))
+    fake = system["fake"]
     with pytest.raises(ThinstackError, match="vgb: backing file .*gone.img is missing"):
-        pools.attach()
-    loops.assert_called_once_with(present)
-    assert activated == [("vgchange", "-q", "-ay", "vga")]
+        pools.attach(lvm=fake)
+    losetup = [argv for argv in fake.runner.argvs if argv[0] == "losetup"]
+    assert [argv[-1] for argv in losetup] == [str(present)] * 2  # looked for, then attached
+    assert fake.commands == [("vgchange", "-q", "-ay", "vga")]
 
 
-def test_attach_of_one_unknown_vg_is_not_found(system, mocker):
-    mocker.patch("thinstack.pools.run_lvm")
+def test_attach_of_one_unknown_vg_is_not_found(system):
     with pytest.raises(NotFound):
-        pools.attach("nope")
+        pools.attach("nope", lvm=system["fake"])
 
 
-def test_extend_beyond_the_vg_is_no_space_without_running_lvm(system, mocker):
+def test_extend_beyond_the_vg_is_no_space_without_running_lvm(system):
     system["vgs"].append(vg(free=8 * MiB))
-    mocker.patch("thinstack.lvm.lvs", return_value=[lv()])
-    run = mocker.patch("thinstack.pools.run_lvm")
+    system["fake"].lv_list.append(lv())
     with pytest.raises(NoSpace, match="8MiB free"):
         pools.extend("vg0", 12 * MiB)
-    run.assert_not_called()
+    assert system["fake"].commands == []
 
 
-class FakeDevice:
-    """A kernel thin-pool device as pools sees it (dm.pool.Pool)."""
-
-    name = "vg0-pool-tpool"
-
-    def __init__(self, check=None, ls=None, busy=False, failed=False):
-        self._check, self._ls, self._busy = check, ls, busy
-        self.dm = type("FakeDm", (), {"target_status": lambda _, name: Failed() if failed
-                                      else kernel()})()
-
-    def _read(self, value):
-        if self._busy:
-            from thinstack.dm.command import CommandError
-            raise CommandError(["dmsetup", "message", "vg0-pool-tpool", "0",
-                                "reserve_metadata_snap"], 1, "Device or resource busy")
-        return value
-
-    def thin_check(self):
-        return self._read(self._check)
-
-    def thin_ls(self):
-        return self._read(self._ls)
+def test_undo_pv_only_wipes_a_pv_that_belongs_to_no_vg():
+    fake = FakeLvm(pvs=[PV("/dev/sdb", "", GiB, GiB), PV("/dev/sdc", "theirs", GiB, GiB)])
+    pools.UNDO["pv"]("vg0", pools.Undo("pv", "/dev/sdc"), fake)
+    assert fake.commands == []
+    pools.UNDO["pv"]("vg0", pools.Undo("pv", "/dev/sdb"), fake)
+    assert fake.commands == [("pvremove", "-q", "-y", "-ff", "/dev/sdb")]
 
 
-@pytest.fixture
-def one_pool(system, mocker):
-    system["vgs"].append(vg())
-    mocker.patch("thinstack.lvm.lvs", return_value=[lv()])
-
-
-def test_check_reports_damage_as_an_error(one_pool, mocker):
-    mocker.patch("thinstack.pools.kernel_pool",
-                 return_value=FakeDevice(check=ThinCheckResult(True, "")))
-    assert pools.check("vg0") == "vg0/pool: metadata clean"
-    mocker.patch("thinstack.pools.kernel_pool", return_value=FakeDevice(
-        check=ThinCheckResult(False, "examining superblock\nbad checksum in superblock")))
-    with pytest.raises(ThinstackError, match="damaged .bad checksum in superblock."):
-        pools.check("vg0")
-    mocker.patch("thinstack.pools.kernel_pool", return_value=FakeDevice(failed=True))
-    with pytest.raises(ThinstackError, match="kernel failed the pool.*lvconvert --repair"):
-        pools.check("vg0")
-
-
-def test_check_of_an_inactive_or_busy_pool_is_refused(one_pool, mocker):
-    mocker.patch("thinstack.pools.kernel_pool", return_value=None)
-    with pytest.raises(Refused, match="not active"):
-        pools.check("vg0")
-    mocker.patch("thinstack.pools.kernel_pool", return_value=FakeDevice(busy=True))
-    with pytest.raises(Refused, match="another reader"):
-        pools.check("vg0")
-
-
-def test_thin_usage_in_bytes_or_none(one_pool, mocker):
-    mocker.patch("thinstack.pools.kernel_pool",
-                 return_value=FakeDevice(ls=[ThinLsEntry(1, 10, 4, 6), ThinLsEntry(2, 6, 0, 6)]))
-    assert pools.thin_usage("vg0") == {1: (10 * CHUNK, 4 * CHUNK, 6 * CHUNK),
-                                       2: (6 * CHUNK, 0, 6 * CHUNK)}
-    mocker.patch("thinstack.pools.kernel_pool", return_value=FakeDevice(busy=True))
-    assert pools.thin_usage("vg0") is None
-    mocker.patch("thinstack.pools.kernel_pool", return_value=None)
-    assert pools.thin_usage("vg0") is None
-    assert pools.thin_usage("other") is None
-
-
-def test_undo_pv_only_wipes_a_pv_that_belongs_to_no_vg(mocker):
-    mocker.patch("thinstack.lvm.pvs", return_value=[PV("/dev/sdb", "", GiB, GiB),
-                                                    PV("/dev/sdc", "theirs", GiB, GiB)])
-    run = mocker.patch("thinstack.lvm.lvm")
-    pools._undo_pv("vg0", pools.Undo("pv", "/dev/sdc"))
-    run.assert_not_called()
-    pools._undo_pv("vg0", pools.Undo("pv", "/dev/sdb"))
-    run.assert_called_once_with("pvremove", "-q", "-y", "-ff", "/dev/sdb")
-
-
-def test_undo_md_member_only_zeroes_our_arrays_superblock(mocker):
-    run = mocker.patch("thinstack.pools.run", return_value="MD_LEVEL=raid1\nMD_NAME=host:other\n")
-    pools._undo_md_member("vg0", pools.Undo("md-member", "/dev/sdb"))
-    assert run.call_count == 1
-    run.return_value = "MD_LEVEL=raid1\nMD_NAME=(none):ts-vg0\n"
-    pools._undo_md_member("vg0", pools.Undo("md-member", "/dev/sdb"))
-    run.assert_called_with(["mdadm", "--zero-superblock", "/dev/sdb"])
-
-
-def test_loops_are_found_by_their_backing_files_identity():
-    listing = """{"loopdevices": [
-        {"name": "/dev/loop0", "back-maj:min": "       0:18 ", "back-ino": 2152684},
-        {"name": "/dev/loop1", "back-maj:min": "8:1", "back-ino": "2152684"},
-        {"name": "/dev/loop2", "back-maj:min": null, "back-ino": null}]}"""
-    assert pools.loops_by_identity(listing, "18:2152684") == ["/dev/loop0"]
-    assert pools.loops_by_identity(listing, f"{os.makedev(8, 1)}:2152684") == ["/dev/loop1"]
-    assert pools.loops_by_identity("", "18:1") == []
+def test_undo_md_member_only_zeroes_our_arrays_superblock():
+    fake = FakeLvm()
+    fake.runner.on(["mdadm", "--examine"], "MD_LEVEL=raid1\nMD_NAME=host:other\n")
+    pools.UNDO["md-member"]("vg0", pools.Undo("md-member", "/dev/sdb"), fake)
+    assert len(fake.runner.calls) == 1
+    fake.runner.on(["mdadm", "--examine"], "MD_LEVEL=raid1\nMD_NAME=(none):ts-vg0\n")
+    pools.UNDO["md-member"]("vg0", pools.Undo("md-member", "/dev/sdb"), fake)
+    assert fake.runner.argvs[-1] == ["mdadm", "--zero-superblock", "/dev/sdb"]

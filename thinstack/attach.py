@@ -1,0 +1,52 @@
+"""`pool attach`: after boot, file-backed VGs back on their loop devices, their volumes active,
+and clones of devices outside the VG up over their origins (LVM's activation skips those)."""
+
+from __future__ import annotations
+
+from thinstack import backing, extorigin
+from thinstack.dm.command import CommandError
+from thinstack.errors import NotFound, ThinstackError
+from thinstack.lock import vg_lock
+from thinstack.lvm import Lvm, default_lvm, pool_of
+
+
+def attach(vg: str | None = None, lvm: Lvm | None = None) -> list[str]:
+    """Attach the backing files of file-backed VGs (all registered ones and those with clones of
+    outside devices, or just `vg`) to loop devices and activate their volumes; for another VG,
+    just activate it. Returns the VGs activated. Tries every VG (and every such clone) before
+    reporting failures, so one bad VG does not keep the others down at boot."""
+    lvm = lvm or default_lvm()
+    files = backing.registered()
+    # At boot (no VG named), also every VG with clones of outside devices: LVM's own activation
+    # leaves those down, by design.
+    names = [vg] if vg else sorted(set(files) | {lv.vg for lv in lvm.lvs()
+                                                 if extorigin.is_outside_clone(lv)})
+    failed = []
+    for name in names:
+        try:
+            with vg_lock(name):
+                if name in files:
+                    if not files[name].exists():
+                        raise NotFound(f"{name}: backing file {files[name]} is missing")
+                    backing.attach_loop(files[name], lvm.runner)
+                if not lvm.vgs(name):
+                    raise NotFound(f"volume group {name} not found")
+                lvm.run("vgchange", "-q", "-ay", name)
+                lvs = lvm.lvs(name)
+                if any(extorigin.is_outside_clone(lv) for lv in lvs):
+                    errors = extorigin.activate_all(lvs, pool_of(name, lvs))
+                    if len(errors) == 1:
+                        raise errors[0]
+                    if errors:
+                        raise ThinstackError("; ".join(map(str, errors)))
+        except CommandError as e:  # losetup, udevadm, dmsetup
+            if vg:
+                raise ThinstackError(str(e)) from e
+            failed.append(str(e))
+        except ThinstackError as e:
+            if vg:
+                raise
+            failed.append(str(e))
+    if failed:
+        raise ThinstackError("; ".join(failed))
+    return names
