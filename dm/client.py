@@ -15,6 +15,7 @@ is never completed (rules missing) fails instead of hanging.
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -138,7 +139,7 @@ class DeviceMapper:
     def exists(self, name: str) -> bool:
         return self.info(name) is not None
 
-    def list(self) -> list[DeviceInfo]:
+    def list(self) -> builtins.list[DeviceInfo]:
         out = self._dmsetup("info", "-c", "--noheadings", "--separator", _SEPARATOR,
                             "-o", _INFO_FIELDS)
         return [_parse_info(line) for line in out.splitlines()
@@ -147,7 +148,7 @@ class DeviceMapper:
     def table(self, name: str, *, inactive: bool = False) -> Table:
         return Table.parse(self._dmsetup("table", *(["--inactive"] if inactive else []), name))
 
-    def lines_of_type(self, target_type: str) -> list[tuple[str, TableLine]]:
+    def lines_of_type(self, target_type: str) -> builtins.list[tuple[str, TableLine]]:
         """Every table line of every device that uses `target_type`, with the device's name."""
         out = self._dmsetup("table", "--target", target_type)
         found = []
@@ -161,7 +162,7 @@ class DeviceMapper:
             found.append((name, TableLine.parse(rest)))
         return found
 
-    def status(self, name: str) -> list[StatusLine]:
+    def status(self, name: str) -> builtins.list[StatusLine]:
         return parse_status_lines(self._dmsetup("status", name))
 
     def target_status(self, name: str) -> TargetStatus:

@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import sh
 
@@ -137,7 +138,7 @@ def _traced(argv: list[str]) -> Iterator[None]:
                   file=sys.stderr)
 
 
-def _passing(fds: Collection[int]) -> dict[str, object]:
+def _passing(fds: Collection[int]) -> dict[str, Any]:
     """sh's options to hand `fds` to the child: ours are close-on-exec (as every descriptor
     thinstack opens), so the child makes its copies inheritable before it execs."""
     if not fds:

@@ -24,7 +24,7 @@ class Target:
     type_name: ClassVar[str]
     _types: ClassVar[dict[str, type[Target]]] = {}
 
-    def __init_subclass__(cls, **kwargs):
+    def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
         if "type_name" in cls.__dict__:
             Target._types[cls.type_name] = cls
@@ -200,7 +200,7 @@ class SnapshotTarget(Target):
     FEATURES: ClassVar = ("discard_zeroes_cow", "discard_passdown_origin")
     PERSISTENCE: ClassVar = ("P", "PO", "N")
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.persistence not in self.PERSISTENCE:
             raise ValueError(f"snapshot persistence must be one of {self.PERSISTENCE}")
 
@@ -243,7 +243,9 @@ class SnapshotOriginTarget(Target):
 
 @dataclass(frozen=True)
 class CloneTarget(Target):
-    """region_size is in sectors; None for a core argument means the kernel's default."""
+    """dm-clone: `destination` reads from `source` until hydrated. For live import (a volume
+    usable while its image is still being copied in), not yet called by thinstack.
+    region_size is in sectors; None for a core argument means the kernel's default."""
 
     type_name = "clone"
     metadata: Device
@@ -279,8 +281,10 @@ class CloneTarget(Target):
             raise a.fail(f"bad core arguments {' '.join(core)!r}")
         if not all(v.isdigit() for v in values):
             raise a.fail(f"core argument values must be numbers: {' '.join(core)!r}")
+        core_args = {k: int(v) for k, v in zip(keys, values, strict=True)}
         return cls(metadata, destination, source, region_size, **flags,
-                   **{k: int(v) for k, v in zip(keys, values, strict=True)})
+                   hydration_threshold=core_args.get("hydration_threshold"),
+                   hydration_batch_size=core_args.get("hydration_batch_size"))
 
 
 @dataclass(frozen=True)
@@ -293,7 +297,7 @@ class CorruptBioByte:
     value: int
     flags: int = 0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.direction not in ("r", "w"):
             raise ValueError("corrupt_bio_byte direction must be 'r' or 'w'")
 
@@ -302,7 +306,7 @@ class CorruptBioByte:
 class FlakeyTarget(Target):
     """Works like linear for `up` seconds, then misbehaves for `down` seconds, repeating.
     With no feature given the kernel fails all I/O while down (newer kernels print that as
-    error_reads error_writes)."""
+    error_reads error_writes). For fault tests: a disk that fails under an operation."""
 
     type_name = "flakey"
     device: Device
@@ -347,7 +351,8 @@ class FlakeyTarget(Target):
 class OtherTarget(Target):
     """A target type thinstack does not model (striped, raid, cache, ...), kept verbatim."""
 
-    type_name: str
+    # Its type is per instance: the one place the class-level name is a field.
+    type_name: str  # type: ignore[misc]
     params: tuple[str, ...] = ()
 
     def args(self) -> list[str]:
@@ -380,7 +385,7 @@ class Table:
 
     lines: tuple[TableLine, ...]
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not self.lines:
             raise ValueError("a table needs at least one line")
         end = 0

@@ -10,10 +10,10 @@ All block numbers and lengths are in pool data blocks of `data_block_size` secto
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from xml.parsers import expat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import Enum
+from xml.parsers import expat
 
 from thinstack.dm.command import RUNNER, CommandError, CommandNotFound, CommandTimeout, Runner
 from thinstack.dm.errors import ParseError

@@ -216,7 +216,7 @@ def _print_json(obj) -> None:
 def _table(rows: list[list[str]], header: list[str]) -> None:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, *rows]:
-        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
 def _bytes(n: int | None) -> str:
@@ -409,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except KeyboardInterrupt:
         what = ("the import is kept: continue it with --resume, or remove it with "
-                "`thinstack recover`") if args.command == "import" else "the operation was rolled back"
+                "`thinstack recover`") if args.command == "import" else \
+            "the operation was rolled back"
         print(f"thinstack: interrupted; {what}", file=sys.stderr)
         return 130
     except Exception as e:

@@ -24,7 +24,6 @@ from pathlib import Path
 from thinstack.dm import command
 from thinstack.errors import ThinstackError
 
-
 INIT = Path(__file__).with_name("lab_init.sh")
 PACKAGES = ("user-mode-linux", "libc6")
 
@@ -59,7 +58,7 @@ class Kernel:
     modules: Path  # the folder that becomes /lib/modules/$(uname -r) inside the guest
 
     @classmethod
-    def find(cls, cache: Path | None = None) -> "Kernel":
+    def find(cls, cache: Path | None = None) -> Kernel:
         root = (cache or cache_dir()) / "uml"
         binary = root / "linux"
         versions = sorted((root / "root/usr/lib/uml/modules").glob("[0-9]*"))
@@ -82,7 +81,8 @@ def debian_mirror(sources_dir: Path = Path("/etc/apt")) -> tuple[str, str | None
             if uris and suites and not any(s.endswith("-security") for s in suites) \
                     and "deb" in fields.get("Types", "deb").split():
                 return uris[0], fields.get("Signed-By")
-    for f in [sources_dir / "sources.list", *sorted((sources_dir / "sources.list.d").glob("*.list"))]:
+    lists = sorted((sources_dir / "sources.list.d").glob("*.list"))
+    for f in [sources_dir / "sources.list", *lists]:
         if not f.exists():
             continue
         for line in f.read_text().splitlines():
@@ -312,11 +312,12 @@ def _outcome(job: Path, kernel_status: int) -> int:
 
 def _last_console_line(job: Path) -> str:
     try:
-        lines = [l.strip() for l in (job / "console.log").read_text(errors="replace").splitlines()]
+        text = (job / "console.log").read_text(errors="replace")
     except OSError:
         return "no console output"
-    panics = [l for l in lines if "panic" in l.lower() or "error" in l.lower()]
-    return (panics or [l for l in lines if l] or ["no console output"])[-1]
+    lines = [line.strip() for line in text.splitlines()]
+    panics = [line for line in lines if "panic" in line.lower() or "error" in line.lower()]
+    return (panics or [line for line in lines if line] or ["no console output"])[-1]
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

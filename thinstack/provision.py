@@ -13,6 +13,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from thinstack.dm.client import DeviceMapper
 from thinstack.dm.command import RUNNER, CommandError, Runner
@@ -24,7 +25,7 @@ class PreparedVG:
     """A volume group scheduled in blivet but not yet written: nothing on disk has changed."""
 
     pvs: list[str]  # the devices that become PVs: the disks, the md array, or the loop device
-    _storage: object
+    _storage: Any  # a blivet.Blivet (blivet is imported only when provisioning)
 
     def create(self) -> None:
         """Write it all: md superblocks, PV labels, the VG metadata."""

@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import os
 
-import pyudev
 import pytest
+import pyudev
 
 from tests.patterns import blocks_match, is_zero, write_blocks
 from thinstack.dm.client import DeviceMapper
 from thinstack.dm.command import CommandError
 from thinstack.dm.status import CloneStatus, OtherStatus, SnapshotStatus
 from thinstack.dm.targets import (
-    CloneTarget, CorruptBioByte, ErrorTarget, FlakeyTarget, LinearTarget, SnapshotOriginTarget,
-    SnapshotTarget, Table, TableLine, ZeroTarget,
+    CloneTarget,
+    CorruptBioByte,
+    ErrorTarget,
+    FlakeyTarget,
+    LinearTarget,
+    SnapshotOriginTarget,
+    SnapshotTarget,
+    Table,
+    TableLine,
+    ZeroTarget,
 )
 
 MiB = 1 << 20

@@ -9,12 +9,25 @@ import os
 import pytest
 
 from tests.patterns import (
-    BLOCK, blocks_match, digest, is_zero, pattern, read_direct, write_blocks,
+    BLOCK,
+    blocks_match,
+    digest,
+    is_zero,
+    pattern,
+    read_direct,
+    write_blocks,
+)
+from tests.rawpool import (
+    CreateSnap,
+    CreateThin,
+    Delete,
+    RawPool,
+    Transaction,
+    TransactionConflict,
+    create_pool,
 )
 from thinstack.dm import tools
 from thinstack.dm.client import DeviceMapper
-from tests.rawpool import (CreateSnap, CreateThin, Delete, RawPool, Transaction,
-                           TransactionConflict, create_pool)
 from thinstack.dm.status import PoolMode
 from thinstack.dm.targets import LinearTarget, Table, ThinPoolTarget
 from thinstack.dm.tools import BlockRange, DeltaKind, DeltaRange

@@ -68,7 +68,8 @@ def test_state_dir_keeps_disks_between_runs(tmp_path):
     first = lab("--disks", "1", "--state", str(state), "--", "sh", "-c",
                 "pvcreate -q /dev/ubdb && vgcreate -q keptvg /dev/ubdb")
     assert first.returncode == 0, first.stderr
-    second = lab("--disks", "1", "--state", str(state), "--", "vgs", "--noheadings", "-o", "vg_name")
+    second = lab("--disks", "1", "--state", str(state), "--", "vgs", "--noheadings", "-o",
+                 "vg_name")
     assert second.returncode == 0, second.stderr
     assert second.stdout.split() == ["keptvg"]
 

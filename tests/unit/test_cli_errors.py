@@ -14,7 +14,14 @@ from thinstack.dm import command
 from thinstack.dm.command import CommandError, CommandNotFound, CommandTimeout
 from thinstack.dm.errors import DmError, MetadataSnapHeld, ParseError
 from thinstack.errors import (
-    Alert, BadImage, Exists, NoSpace, NotFound, Refused, ThinstackError, Usage,
+    Alert,
+    BadImage,
+    Exists,
+    NoSpace,
+    NotFound,
+    Refused,
+    ThinstackError,
+    Usage,
 )
 from thinstack.exporters import ExportError
 from thinstack.importers import ImageError

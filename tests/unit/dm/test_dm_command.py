@@ -1,7 +1,16 @@
 import pytest
 
-from thinstack.dm.command import (DEFAULT_TIMEOUT, RUNNER, CommandError, CommandNotFound,
-                                  CommandTimeout, Runner, run, stream, summary)
+from thinstack.dm.command import (
+    DEFAULT_TIMEOUT,
+    RUNNER,
+    CommandError,
+    CommandNotFound,
+    CommandTimeout,
+    Runner,
+    run,
+    stream,
+    summary,
+)
 
 
 def test_returns_standard_output():

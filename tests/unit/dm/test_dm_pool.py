@@ -9,16 +9,25 @@ from hypothesis import strategies as st
 from tests import rawpool as pool_module
 from tests.fakes import FakeRunner
 from tests.rawpool import (
-    MAX_DEVICE_ID, CreateSnap, CreateThin, Delete, Plan, RawPool, Transaction,
-    TransactionConflict, create_pool, next_device_id, parse_message, plan,
+    MAX_DEVICE_ID,
+    CreateSnap,
+    CreateThin,
+    Delete,
+    Plan,
+    RawPool,
+    Transaction,
+    TransactionConflict,
+    create_pool,
+    next_device_id,
+    parse_message,
+    plan,
 )
 from thinstack.dm.client import DeviceInfo
 from thinstack.dm.command import CommandError
 from thinstack.dm.errors import DmError, MetadataSnapHeld, ParseError
-from thinstack.dm.pool import Pool, device_path
+from thinstack.dm.pool import device_path
 from thinstack.dm.status import Discards, Failed, PoolMode, ThinPoolStatus
 from thinstack.dm.targets import Table, TableLine, ThinPoolTarget, ThinTarget
-from thinstack.dm.tools import ThinLsEntry
 
 # --- device ids -------------------------------------------------------------------------------
 

@@ -3,8 +3,19 @@ import pytest
 from tests.unit.dm.dmfixtures import captured
 from thinstack.dm.errors import ParseError
 from thinstack.dm.status import (
-    CloneStatus, Discards, Failed, OtherStatus, PoolMode, SnapshotState, SnapshotStatus,
-    SnapshotUnusable, StatusLine, ThinPoolStatus, ThinStatus, parse_status, parse_status_lines,
+    CloneStatus,
+    Discards,
+    Failed,
+    OtherStatus,
+    PoolMode,
+    SnapshotState,
+    SnapshotStatus,
+    SnapshotUnusable,
+    StatusLine,
+    ThinPoolStatus,
+    ThinStatus,
+    parse_status,
+    parse_status_lines,
 )
 
 STATUS = captured("status.txt")

@@ -5,9 +5,20 @@ from hypothesis import strategies as st
 from tests.unit.dm.dmfixtures import captured
 from thinstack.dm.errors import DmError, ParseError
 from thinstack.dm.targets import (
-    CloneTarget, CorruptBioByte, ErrorTarget, FlakeyTarget, LinearTarget, OtherTarget, Table,
-    TableLine, ThinPoolTarget, ThinTarget, SnapshotMergeTarget, SnapshotOriginTarget,
-    SnapshotTarget, ZeroTarget,
+    CloneTarget,
+    CorruptBioByte,
+    ErrorTarget,
+    FlakeyTarget,
+    LinearTarget,
+    OtherTarget,
+    SnapshotMergeTarget,
+    SnapshotOriginTarget,
+    SnapshotTarget,
+    Table,
+    TableLine,
+    ThinPoolTarget,
+    ThinTarget,
+    ZeroTarget,
 )
 
 TABLES = captured("tables.txt")

@@ -6,7 +6,13 @@ from thinstack.dm import tools
 from thinstack.dm.command import CommandError, CommandNotFound
 from thinstack.dm.errors import ParseError
 from thinstack.dm.tools import (
-    BlockRange, DeltaKind, DeltaRange, Mapping, ThinCheckResult, ThinLsEntry, coalesce,
+    BlockRange,
+    DeltaKind,
+    DeltaRange,
+    Mapping,
+    ThinCheckResult,
+    ThinLsEntry,
+    coalesce,
 )
 
 
@@ -80,7 +86,8 @@ def test_thin_check_clean(run):
 
 def test_thin_check_finding_damage_is_a_result(run):
     run.on("thin_check", CommandError(["thin_check"], 1, "bad checksum in superblock\n"))
-    assert tools.thin_check("/dev/m", runner=run) == ThinCheckResult(False, "bad checksum in superblock")
+    assert tools.thin_check("/dev/m", runner=run) == ThinCheckResult(
+        False, "bad checksum in superblock")
     assert run.calls[-1].argv == ["thin_check", "/dev/m"]
 
 
