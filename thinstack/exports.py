@@ -43,6 +43,7 @@ import os
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from enum import StrEnum
 from pathlib import Path
 
 from thinstack import extorigin, faults, lvm, mapping, tags, thinpool
@@ -55,7 +56,7 @@ from thinstack.exporters import ExportError, driver
 from thinstack.exporters.atomic import partial_name, remove_partial
 from thinstack.extents import Extent, Kind
 from thinstack.importers import Policy
-from thinstack.journal import Entry, Journal
+from thinstack.journal import Entry, Journal, write_atomically
 from thinstack.lock import held, vg_lock
 from thinstack.lvm import LV, VolumeRef
 from thinstack.progress import Bar
@@ -67,7 +68,7 @@ INCREMENTAL = {"vhd": "a differencing VHD", "qcow2": "a qcow2 overlay",
                "gow3": "a GOW3 image of the next session"}
 # An incremental image of these is a full image: it may replace the very file it builds on.
 SELF_CONTAINED = {"gow3"}
-LAST_EXPORT = ".last-export"  # NAME.last-export: the base of the next --incremental export
+LAST_EXPORT_SUFFIX = ".last-export"  # NAME.last-export: the next --incremental export's base
 FORMAT_XATTR = "user.thinstack.format"  # on every image: the --format that restores it
 # Journal steps around the suspension of an outside device's clone: "suspend:DM_NAME DM_UUID"
 # before it, "resumed:DM_NAME" after.
@@ -159,7 +160,7 @@ def last_export(source: LV, lvs: list[LV]) -> LV | None:
     """NAME.last-export, the base snapshot --incremental keeps, if there is one. Its name alone
     proves nothing: it is thinstack's only with the tag its export added at the commit, as a thin
     snapshot of the volume. Any other volume of that name is refused, never used nor removed."""
-    found = next((lv for lv in lvs if lv.name == source.name + LAST_EXPORT), None)
+    found = next((lv for lv in lvs if lv.name == source.name + LAST_EXPORT_SUFFIX), None)
     if found is None:
         return None
     if tags.LAST_EXPORT in found.tags and found.is_thin and found.origin == source.name:
@@ -194,30 +195,37 @@ def since_base(snap: LV, source: LV, parent: Path | None, record: Record | None)
     return Base(snap.name, snap.thin_id, parent)
 
 
-def source_kind(source: LV, lvs: list[LV]) -> str:
-    """How a volume's content is found. "thin": its thin mapping says where the data is.
-    "external": a thin volume over an external origin, which reads the origin wherever the
-    volume maps nothing, so all of it is data. "plain": a read-only volume outside the pool,
-    all data too. A writable volume outside the pool cannot be exported: no thin snapshot
-    would keep it from changing while it is read."""
+class SourceKind(StrEnum):
+    """How a volume's content is found."""
+    THIN = "thin"  # its thin mapping says where the data is
+    # A thin volume over an external origin, which reads the origin wherever the volume maps
+    # nothing: all of it is data.
+    EXTERNAL = "external"
+    PLAIN = "plain"  # a read-only volume outside the pool: all data too
+
+
+def source_kind(source: LV, lvs: list[LV]) -> SourceKind:
+    """How `source`'s content is found. A writable volume outside the pool cannot be exported:
+    no thin snapshot would keep it from changing while it is read."""
     origin = next((lv for lv in lvs if lv.name == source.origin), None)
     if source.is_thin and extorigin.is_outside_clone(source):
-        return "external"
+        return SourceKind.EXTERNAL
     if source.is_thin:
-        return "thin" if origin is None or origin.is_thin else "external"
+        return SourceKind.THIN if origin is None or origin.is_thin else SourceKind.EXTERNAL
     if source.readonly:
-        return "plain"
+        return SourceKind.PLAIN
     raise Refused(f"{source.ref} is neither a thin volume (which a thin snapshot freezes for the "
                   f"export) nor read-only: nothing would keep it from changing while it is read")
 
 
-def volume_extents(kind: str, size: int, mapped: tools.ThinRanges | None,
+def volume_extents(kind: SourceKind, size: int, mapped: tools.ThinRanges | None,
                    delta: tools.ThinDelta | None) -> list[Extent]:
     """What to copy: the changes since the base when there is a delta, else the whole volume
     (a thin one as its mapping has it)."""
     if delta is not None:
-        return list(mapping.changed_extents(delta, size, unmapped_reads_zero=kind == "thin"))
-    if kind == "thin":
+        return list(mapping.changed_extents(delta, size,
+                                            unmapped_reads_zero=kind == SourceKind.THIN))
+    if kind == SourceKind.THIN:
         return list(mapping.mapped_extents(mapped, size))
     return [Extent(0, size, Kind.DATA)]
 
@@ -254,7 +262,7 @@ class Summary:
 class _Job:
     entry: Entry
     source: LV
-    kind: str  # see source_kind
+    kind: SourceKind
     read_from: LV  # the snapshot, or the read-only source itself
     pool: LV | None
     base: Base | None
@@ -295,7 +303,7 @@ def export_volume(ref: VolumeRef, dest: str | os.PathLike, *, format: str = "raw
         _finish(job, dest, format, keep=job.keep)
     return Summary(
         path=dest, format=format, volume=str(ref), size=job.read_from.size,
-        snapshot=ref.name + LAST_EXPORT if job.keep else None,
+        snapshot=ref.name + LAST_EXPORT_SUFFIX if job.keep else None,
         base=job.base.snapshot if job.base else None,
         parent=str(job.base.parent) if job.base else None, reason=job.reason, block_size=unit,
         bytes_mapped=mapped, changed_blocks=mapping.block_count(extents, unit),
@@ -314,7 +322,7 @@ def _start(ref: VolumeRef, dest: Path, format: str, incremental: bool, since: st
         lvs = lvm.volumes_of(ref.vg)
         source = _find(ref.name, lvs, ref)
         kind = source_kind(source, lvs)
-        if (since or incremental) and kind == "plain":
+        if (since or incremental) and kind == SourceKind.PLAIN:
             raise Refused(f"{ref} is not a thin volume: only thin volumes export incrementally")
         record = read_record(ref)
         check_dest(dest.resolve(), record)
@@ -356,7 +364,7 @@ def _extents(job: _Job) -> tuple[list[Extent], int, int]:
     """The extents to copy, the bytes the pool maps for the volume, and the pool's block size
     (the chunk the copy works in)."""
     size = job.read_from.size
-    if job.kind == "plain":
+    if job.kind == SourceKind.PLAIN:
         return volume_extents(job.kind, size, None, None), size, PLAIN_CHUNK
     thin_id = job.read_from.thin_id
     ranges, delta = mapping.read(job.pool, thin_id, job.base.thin_id if job.base else None,
@@ -421,7 +429,7 @@ def _rotate(job: _Job, dest: Path, format: str) -> None:
     comes off at the end, recovery removes it: a kill in between leaves no base, and the next
     export is a full one."""
     snapshot = job.read_from
-    last = VolumeRef(snapshot.vg, job.source.name + LAST_EXPORT)
+    last = VolumeRef(snapshot.vg, job.source.name + LAST_EXPORT_SUFFIX)
     # Still the base checked at the start (the VG lock was let go meanwhile): the same LV.
     current = lvm.find_lv(job.last.ref) if job.last is not None else None
     if current is not None and current.uuid == job.last.uuid:
@@ -506,13 +514,7 @@ def read_record(ref: VolumeRef) -> Record | None:
 
 
 def write_record(ref: VolumeRef, record: Record) -> None:
-    path = _record_path(ref)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(asdict(record)))
-    with open(tmp) as f:
-        os.fsync(f.fileno())
-    os.rename(tmp, path)
+    write_atomically(_record_path(ref), json.dumps(asdict(record)).encode())
 
 
 # --- one export per volume at a time, and recovery -------------------------------------------

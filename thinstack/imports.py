@@ -40,7 +40,7 @@ from thinstack.journal import Entry, Journal
 from thinstack.lock import vg_lock
 from thinstack.lvm import LV, VolumeRef
 from thinstack.progress import Bar
-from thinstack.sizes import format_size, parse_size
+from thinstack.sizes import SECTOR, format_size, parse_size
 
 TEMP_SUFFIX = ".importing"
 # How much is copied between two journalled positions: a resume repeats at most this much, and
@@ -48,7 +48,6 @@ TEMP_SUFFIX = ".importing"
 CHECKPOINT_BYTES = 128 << 20
 DEFAULT_MAX_VIRTUAL_SIZE = 16 << 40
 MAX_VIRTUAL_SIZE_ENV = "THINSTACK_MAX_VIRTUAL_SIZE"
-SECTOR = 512
 
 
 @dataclass(frozen=True)

@@ -153,6 +153,21 @@ def sync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` (0600) so that a crash leaves the old or the new content, never
+    a torn one: written beside it, fsynced, renamed over it, and its folder fsynced."""
+    make_dir(path.parent)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    sync_dir(path.parent)
+
+
 def make_dir(folder: Path, mode: int = 0o700) -> None:
     """mkdir -p whose new folders survive a crash (each parent fsynced after its child)."""
     if folder.is_dir():
@@ -233,15 +248,4 @@ class Journal:
         return self.root / f"{entry.vg}.{entry.id}.json"
 
     def _write(self, entry: Entry) -> None:
-        make_dir(self.root)
-        path = self._path(entry)
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600)
-        try:
-            write_all(fd, json.dumps(asdict(entry)).encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
-        sync_dir(self.root)
+        write_atomically(self._path(entry), json.dumps(asdict(entry)).encode())

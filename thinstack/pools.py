@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from thinstack import backing, faults, growth, lvm, recovery, tags
+from thinstack import backing, faults, growth, lvm, provision, recovery, tags
 from thinstack.attach import attach
 from thinstack.dm.command import CommandError
 from thinstack.errors import Exists, NoSpace, ThinstackError
@@ -238,6 +238,7 @@ def create(vg: str, *, devices: list[str] = (), file: Path | None = None, raid1:
     devices = list(devices)
     file = Path(os.path.abspath(file)) if file is not None else None
     check_create_args(vg, devices, file, raid1, size, chunk, grow_threshold, grow_step)
+    provision.require_thin_pool(default_lvm().runner)  # before anything is made
     journal = Journal()
     with vg_lock(vg):
         recovery.recover_vg(vg, journal)
@@ -259,8 +260,6 @@ def create(vg: str, *, devices: list[str] = (), file: Path | None = None, raid1:
 
 def _create(journal: Journal, entry: Entry, devices: list[str], file: Path | None, raid1: bool,
             size: int | None, chunk: int, pool_tag_list: list[str], reuse: bool = False) -> None:
-    from thinstack import provision
-
     vg = entry.vg
     if file is not None:
         journal.step(entry, f"file:{file}")

@@ -409,8 +409,8 @@ def test_an_export_during_writes_holds_the_volume_at_one_instant(vg, tmp_path):
 
 HOLD_AND_DIE = """
 import os, signal
-from thinstack import pools
-pool = pools.kernel_pool(pools._pool_lv("vg0"))
+from thinstack import poolstatus, thinpool
+pool = thinpool.kernel_pool(poolstatus.pool_lv("vg0"))
 held = pool.metadata_snap()  # kept referenced: a collected generator would release it
 held.__enter__()
 os.kill(os.getpid(), signal.SIGKILL)

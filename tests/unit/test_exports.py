@@ -5,12 +5,12 @@ import json
 from pathlib import Path
 
 import pytest
-from thinstack.dm import tools
-from thinstack.exporters import ExportError
 
 from thinstack import exports, recovery
+from thinstack.dm import tools
 from thinstack.errors import NotFound, Refused
-from thinstack.exports import Base, Record
+from thinstack.exporters import ExportError
+from thinstack.exports import Base, Record, SourceKind
 from thinstack.extents import Extent, Kind
 from thinstack.journal import Entry
 from thinstack.lvm import LV, VolumeRef
@@ -158,10 +158,10 @@ def test_how_volumes_are_read():
     gold = lv("gold", attr="Vri-a-tz--")
     ext_origin = lv("img", attr="ori-a-----")
     lvs = [SOURCE, gold, ext_origin]
-    assert exports.source_kind(SOURCE, lvs) == "thin"
-    assert exports.source_kind(lv("clone", origin="gold"), lvs) == "thin"
-    assert exports.source_kind(lv("ext", origin="img"), lvs) == "external"
-    assert exports.source_kind(lv("plain", attr="-ri-a-----"), lvs) == "plain"
+    assert exports.source_kind(SOURCE, lvs) is SourceKind.THIN
+    assert exports.source_kind(lv("clone", origin="gold"), lvs) is SourceKind.THIN
+    assert exports.source_kind(lv("ext", origin="img"), lvs) is SourceKind.EXTERNAL
+    assert exports.source_kind(lv("plain", attr="-ri-a-----"), lvs) is SourceKind.PLAIN
     with pytest.raises(Refused, match="neither a thin volume"):
         exports.source_kind(lv("linear", attr="-wi-a-----"), lvs)
 
@@ -179,14 +179,14 @@ DELTA = tools.parse_thin_delta(
 
 def test_what_is_copied():
     H, D, Z = Kind.HOLE, Kind.DATA, Kind.ZERO
-    assert exports.volume_extents("thin", 3 * K, DUMP, None) == [
+    assert exports.volume_extents(SourceKind.THIN, 3 * K, DUMP, None) == [
         Extent(0, K, H), Extent(K, K, D), Extent(2 * K, K, H)]
-    assert exports.volume_extents("thin", 3 * K, DUMP, DELTA) == [
+    assert exports.volume_extents(SourceKind.THIN, 3 * K, DUMP, DELTA) == [
         Extent(0, K, Z), Extent(K, K, D), Extent(2 * K, K, H)]
     # Over an external origin, unmapped is not zero: all of it, or all changes, are data.
-    assert exports.volume_extents("external", 3 * K, DUMP, None) == [Extent(0, 3 * K, D)]
-    assert exports.volume_extents("external", 3 * K, DUMP, DELTA)[0] == Extent(0, 2 * K, D)
-    assert exports.volume_extents("plain", 3 * K, None, None) == [Extent(0, 3 * K, D)]
+    assert exports.volume_extents(SourceKind.EXTERNAL, 3 * K, DUMP, None) == [Extent(0, 3 * K, D)]
+    assert exports.volume_extents(SourceKind.EXTERNAL, 3 * K, DUMP, DELTA)[0] == Extent(0, 2 * K, D)
+    assert exports.volume_extents(SourceKind.PLAIN, 3 * K, None, None) == [Extent(0, 3 * K, D)]
 
 
 # --- state: the record, the lock, recovery -------------------------------------------------------

@@ -168,3 +168,13 @@ def test_recover_tells_the_operator_what_to_do_with_a_damaged_entry(tmp_path, ca
     assert path.exists()
     path.unlink()
     assert cli.main(["recover"]) == 0
+
+
+def test_write_atomically_replaces_whole_files_0600_in_a_new_folder(tmp_path):
+    from thinstack.journal import write_atomically
+
+    path = tmp_path / "new" / "record.json"
+    write_atomically(path, b"one")
+    write_atomically(path, b"two")
+    assert path.read_bytes() == b"two" and path.stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in path.parent.iterdir()] == ["record.json"]  # no temporary left

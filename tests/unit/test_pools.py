@@ -291,6 +291,7 @@ def system(monkeypatch, mocker):
         return FakePrepared(name, [f"/dev/md/{md_name}"] if md_name else devices)
 
     mocker.patch("thinstack.provision.prepare_vg", side_effect=prepare)
+    mocker.patch("thinstack.provision.require_thin_pool")  # the host may have no dm-thin
     mocker.patch.dict(pools.UNDO, {kind: (lambda kind: lambda vg_, undo, lvm: state[
         "undone"].append((kind, undo.target)))(kind) for kind in pools.UNDO})
     return state

@@ -4,6 +4,7 @@ documents, the metadata check and per-volume usage (a fake kernel device handed 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import re
 from pathlib import Path
 
@@ -19,9 +20,9 @@ from thinstack.errors import Refused, ThinstackError
 from thinstack.lock import LockTimeout
 
 
-def schema_keys() -> list[str]:
+def schema_keys(section: str = "## `pool status --json`") -> list[str]:
     doc = (Path(__file__).parents[2] / "docs" / "json.md").read_text()
-    block = doc.split("## `pool status --json`")[1].split("\n## ")[0]
+    block = doc.split(section)[1].split("\n## ")[0]
     return re.findall(r"^\| `(\w+)` \|", block, re.MULTILINE)
 
 
@@ -29,6 +30,17 @@ def test_documented_schema_is_the_json():
     status = poolstatus.pool_status(vg(), lv(), [lv()], kernel())
     assert schema_keys() == list(status.to_json()) == \
         [f.name for f in dataclasses.fields(poolstatus.PoolStatus)]
+
+
+@pytest.mark.parametrize("section, cls", [
+    ("## `list --json`", "thinstack.volumes:VolumeInfo"),
+    ("## `import --json`", "thinstack.imports:Summary"),
+    ("## `export --json`", "thinstack.exports:Summary"),
+])
+def test_every_documented_json_is_its_class(section, cls):
+    module, _, name = cls.partition(":")
+    fields = [f.name for f in dataclasses.fields(getattr(importlib.import_module(module), name))]
+    assert schema_keys(section) == fields
 
 
 def test_status_of_an_active_pool():
