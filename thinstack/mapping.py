@@ -90,9 +90,7 @@ def read(pool: LV, thin_id: int, base_id: int | None = None, *, device=None
             # Held after our attempt failed (ours is released however it ends): another reader
             # has it. Wait for it a while; a reader that died holding it never lets go.
             if device.status().held_metadata_root is None:
-                if isinstance(e, DmError):  # the dm layer's own error, for the operator
-                    raise ThinstackError(f"{pool.ref}: {e}") from None
-                raise
+                raise ThinstackError(f"{pool.ref}: {e}") from None
             if time.monotonic() > deadline:
                 raise Refused(str(e)) from None
         time.sleep(0.2)

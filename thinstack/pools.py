@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,7 +156,7 @@ def _recorded(steps: list[str], kind: str) -> str | None:
     return found
 
 
-def foreign(steps: list[str], tag: str, vg: lvm.VG, lvs: list[LV]) -> str | None:
+def foreign(steps: list[str], tag: str, vg: lvm.VG, lvs: Sequence[LV]) -> str | None:
     """Why the existing VG `vg` (with its visible volumes `lvs`) is not, or no longer only, what
     the creation that recorded `steps` made; None when it is. The creation tags the VG right
     after making it and then records its uuid: a VG without the tag is its own only if it was
@@ -179,7 +179,7 @@ def foreign(steps: list[str], tag: str, vg: lvm.VG, lvs: list[LV]) -> str | None
 
 
 def rollback_plan(steps: list[str], tag: str = "", vg: lvm.VG | None = None,
-                  lvs: list[LV] = ()) -> Rollback:
+                  lvs: Sequence[LV] = ()) -> Rollback:
     """What undoes a creation that recorded `steps` (`kind:target`, each recorded before its
     resource was made), given the VG of its name as it is now (`vg`, or None) and its visible
     volumes: the reverse order, so each resource goes before what it was built on, each undo
@@ -229,7 +229,7 @@ def creation_steps(vg: str, pvs: list[str], md_members: list[str], file: Path | 
 
 # --- pool create -------------------------------------------------------------------------------
 
-def create(vg: str, *, devices: list[str] = (), file: Path | None = None, raid1: bool = False,
+def create(vg: str, *, devices: Sequence[str] = (), file: Path | None = None, raid1: bool = False,
            size: int | None = None, chunk: int = DEFAULT_CHUNK,
            grow_threshold: float = growth.DEFAULT_THRESHOLD,
            grow_step: int = DEFAULT_GROW_STEP) -> PoolStatus:
