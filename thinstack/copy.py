@@ -13,9 +13,9 @@
 
 DATA is widened to whole chunks of the destination (the thin pool's block size) and read whole,
 so every chunk the sink gets is written in full: none is ever left partly written, so none can
-show what the pool's disk held before, whether or not the pool zeroes new chunks. Chunks that turn out all-zero are dropped (mark_zero, not
-write): a thin volume allocates nothing for them. Consecutive non-zero chunks go out as one
-write of up to `batch` bytes.
+show what the pool's disk held before, whether or not the pool zeroes new chunks. Chunks that
+turn out all-zero are dropped (mark_zero, not write): a thin volume allocates nothing for them.
+Consecutive non-zero chunks go out as one write of up to `batch` bytes.
 
 `checkpoint(position)` is called every `checkpoint_every` bytes read, after the writes before
 `position` have been issued; a caller syncs its sink there and journals the position. A later
@@ -30,9 +30,10 @@ import functools
 import mmap
 import os
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Protocol
+from typing import Protocol
 
 from thinstack.extents import Extent, Kind
 from thinstack.sizes import round_down, round_up

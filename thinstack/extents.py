@@ -7,13 +7,13 @@ describes a thin device the same way from its thin mapping. One copy loop moves 
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
 
 class Kind(enum.Enum):
     DATA = "data"  # bytes are stored; read them
-    ZERO = "zero"  # known to read as zeros (qcow2 zero cluster, VHD block with clear bitmap bits...)
+    ZERO = "zero"  # known to read as zeros (a qcow2 zero cluster, VHD bits clear in a bitmap...)
     HOLE = "hole"  # nothing allocated: reads as zeros, or from a parent the importer already merged
 
 

@@ -8,8 +8,8 @@ All sizes are bytes; times are seconds; percentages are 0-100.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Sequence
 
 from thinstack import tags
 from thinstack.dm.status import ThinPoolStatus

@@ -210,7 +210,8 @@ def _run(op: volumes.Op, ref: VolumeRef, image: Image, extents: list[Extent],
     pool = lvm.pool_of(ref.vg, op.lvs)
     # The volume this import made before it was interrupted, if any: NAME.importing, or NAME if
     # it was renamed already. A journalled position counts only on that volume.
-    by_image = direct(image, pool.attr, f"{ref.vg}/{pool.name}")  # refused, if it must be, before anything is made
+    # Refused, if it must be, before anything is made.
+    by_image = direct(image, pool.attr, f"{ref.vg}/{pool.name}")
     made = next((lv for lv in op.lvs if op.entry.tag in lv.tags), None)
     # A direct writer cannot start midway: a resumed one writes everything again.
     start = copied(op.entry) if made and not by_image else 0

@@ -12,13 +12,12 @@ atomically, and their journal entry only records the intent.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 from thinstack import extorigin, lvm, tags
 from thinstack.journal import Entry, Journal
 from thinstack.lvm import LV
-
 from thinstack.tags import GOLD as TAG_GOLD
 from thinstack.tags import OP_PREFIX as OP_TAG_PREFIX
 

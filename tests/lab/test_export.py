@@ -169,7 +169,8 @@ def test_incremental_chains_through_writes_and_discards(vg, tmp_path):
         ts("create", f"vg0/{name}", "--size", "64M")
         first = scatter(dev, "day0", blocks, 200)
 
-        def nightly(day: int) -> tuple[dict, object]:
+        def nightly(day: int, name: str = name, dev: str = dev, format: str = format,
+                    qemu_format: str | None = qemu_format) -> tuple[dict, object]:
             dest = tmp_path / f"{name}-{day}.{format}"
             summary = export_here(f"vg0/{name}", dest, format=format, incremental=True)
             if qemu_format:

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.labtools import sh, ts
 from thinstack import exporters, faults, imports
 from thinstack.lvm import VolumeRef
-from tests.labtools import sh, ts
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 CHUNK = 64 * KiB

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.labtools import sh, ts
 from tests.patterns import BLOCK, blocks_match, write_blocks
 from thinstack import faults, lvm, pools
-from tests.labtools import sh, ts
 
 MiB = 1 << 20
 

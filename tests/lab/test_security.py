@@ -70,7 +70,7 @@ def test_hostile_images_are_refused_by_import(vg, tmp_path):
                 done = ts(*args, check=False, timeout=60)
                 failures += _problems(name, case, done.returncode, done.stderr)
             else:
-                result = hostile.bounded(lambda: _cli(args), timeout=60)
+                result = hostile.bounded(lambda args=args: _cli(args), timeout=60)
                 if result["status"] != "ran":
                     failures.append(f"{name}: {result['status']}: {result.get('message')}")
                 else:

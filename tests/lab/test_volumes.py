@@ -10,9 +10,9 @@ import subprocess
 
 import pytest
 
+from tests.labtools import assert_pool_consistent, lvs, sh, ts
 from tests.patterns import BLOCK, blocks_match, digest, pattern, read_direct, write_blocks
 from thinstack import faults
-from tests.labtools import assert_pool_consistent, lvs, sh, ts
 
 MiB = 1 << 20
 
@@ -102,7 +102,8 @@ def test_snapshots_are_isolated_both_ways_and_resize_is_online(vg):
         write_blocks("/dev/vg0/vm", "tail", [200 * MiB])
     finally:
         os.close(fd)
-    assert blocks_match("/dev/vg0/vm", "v2", [0]) and blocks_match("/dev/vg0/vm", "tail", [200 * MiB])
+    assert blocks_match("/dev/vg0/vm", "v2", [0])
+    assert blocks_match("/dev/vg0/vm", "tail", [200 * MiB])
     refused = ts("resize", "vg0/vm", "64M", check=False)
     assert refused.returncode == 5 and "--yes" in refused.stderr
     ts("resize", "vg0/vm", "64M", "--yes")
@@ -117,7 +118,8 @@ def test_cow_volume_over_a_read_only_origin(vg):
     sh("lvchange", "-pr", "vg0/golden")
     ts("cow", "vg0/golden", "vg0/scratch", "--store", "8M")
     write_blocks("/dev/vg0/scratch", "w", [10 * BLOCK])
-    assert blocks_match("/dev/vg0/scratch", "g", [0]) and blocks_match("/dev/vg0/scratch", "w", [10 * BLOCK])
+    assert blocks_match("/dev/vg0/scratch", "g", [0])
+    assert blocks_match("/dev/vg0/scratch", "w", [10 * BLOCK])
     assert blocks_match("/dev/vg0/golden", "g", [0, 10 * BLOCK])
     info = json.loads(ts("info", "vg0/scratch", "--json").stdout)
     assert info["kind"] == "cow" and info["origin"] == "golden"
@@ -225,10 +227,10 @@ def test_twenty_concurrent_commands_stay_consistent(vg):
     cmds += [["delete", f"vg0/v{i}"] for i in range(4)]
     with concurrent.futures.ThreadPoolExecutor(max_workers=20) as pool:
         results = list(pool.map(lambda a: ts(*a, check=False), cmds))
-    dup = [r for a, r in zip(cmds, results) if a[1] == "vg0/dup"]
+    dup = [r for a, r in zip(cmds, results, strict=True) if a[1] == "vg0/dup"]
     assert sorted(r.returncode for r in dup) == [0, 4]
     assert any("already exists" in r.stderr for r in dup)
-    for args, r in zip(cmds, results):
+    for args, r in zip(cmds, results, strict=True):
         if args[0] != "delete" and args[1] != "vg0/dup":
             assert r.returncode == 0, (args, r.stderr)
     table = lvs("vg0")

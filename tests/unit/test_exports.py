@@ -290,7 +290,8 @@ def test_a_device_suspended_and_not_resumed_is_known_from_the_journal():
 def test_a_dead_export_is_rolled_back_by_any_recovery_a_live_one_by_none(dirs):
     """Finding 9: the recovery at the start of every command rolls back a dead export (which may
     have left a device suspended); a running export's entry is left to it."""
-    entry = Entry(id="abc", op="export", vg="vg", args=dict(name="vm1", dest="/b/d", partial="/b/.d"))
+    entry = Entry(id="abc", op="export", vg="vg",
+                  args=dict(name="vm1", dest="/b/d", partial="/b/.d"))
     assert not recovery.deferred(entry, explicit=False)
     with exports.export_lock(REF):
         assert recovery.deferred(entry, explicit=False)

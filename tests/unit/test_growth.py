@@ -4,11 +4,27 @@ from __future__ import annotations
 
 import pytest
 
-from thinstack.growth import (DEFAULT_THRESHOLD, METADATA_MAX, CowView, PoolPlan, PoolView,
-                              Reading, Settings, Space, cow_max_size, growth, low_water_mark,
-                              lvm_threshold, metadata_projection_ok, plan_cow, plan_pool,
-                              settings, spaces, write_rate)
 from thinstack.dm.status import Discards, PoolMode, ThinPoolStatus
+from thinstack.growth import (
+    DEFAULT_THRESHOLD,
+    METADATA_MAX,
+    CowView,
+    PoolPlan,
+    PoolView,
+    Reading,
+    Settings,
+    Space,
+    cow_max_size,
+    growth,
+    low_water_mark,
+    lvm_threshold,
+    metadata_projection_ok,
+    plan_cow,
+    plan_pool,
+    settings,
+    spaces,
+    write_rate,
+)
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 EXTENT = 4 * MiB
@@ -222,7 +238,10 @@ def test_metadata_projection_counts_the_new_devices():
 
 # --- CoW stores --------------------------------------------------------------------------------
 
-def cow(used, size=8 * MiB, *, origin=GiB, invalid=False, settings=Settings(70.0, None, True)):
+DEFAULT_SETTINGS = Settings(70.0, None, True)
+
+
+def cow(used, size=8 * MiB, *, origin=GiB, invalid=False, settings=DEFAULT_SETTINGS):
     return CowView(store=Space(used, size), origin_size=origin, chunk=4 * KiB, invalid=invalid,
                    settings=settings)
 

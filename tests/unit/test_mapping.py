@@ -16,7 +16,8 @@ K = 64 << 10  # the pool's block size
 SIZE = 4 << 20
 
 THIN_DUMP = """\
-<superblock uuid="" time="1" transaction="2" flags="0" version="2" data_block_size="128" nr_data_blocks="0">
+<superblock uuid="" time="1" transaction="2" flags="0" version="2" data_block_size="128" \
+nr_data_blocks="0">
   <device dev_id="1" mapped_blocks="7" transaction="0" creation_time="0" snap_time="1">
     <single_mapping origin_block="1" data_block="0" time="0"/>
     <single_mapping origin_block="2" data_block="8" time="1"/>

@@ -6,13 +6,13 @@ import signal
 from unittest import mock
 
 import pytest
+
+from thinstack import monitor
 from thinstack.dm.client import DeviceInfo
 from thinstack.dm.command import CommandError
 from thinstack.dm.errors import DmError
 from thinstack.dm.status import Discards, Failed, PoolMode, ThinPoolStatus
 from thinstack.dm.targets import Table, ThinPoolTarget
-
-from thinstack import monitor
 from thinstack.errors import Alert
 from thinstack.lvm import LV, VG
 

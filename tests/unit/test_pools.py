@@ -7,10 +7,10 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-from thinstack.dm.status import Discards, PoolMode, ThinPoolStatus
 
 from tests.fakes import FakeRunner
 from thinstack import backing, pools, recovery
+from thinstack.dm.status import Discards, PoolMode, ThinPoolStatus
 from thinstack.errors import Exists, NoSpace, NotFound, ThinstackError
 from thinstack.journal import Journal
 from thinstack.lvm import LV, PV, VG, BadName, Lvm
@@ -292,8 +292,10 @@ def system(monkeypatch, mocker):
 
     mocker.patch("thinstack.provision.prepare_vg", side_effect=prepare)
     mocker.patch("thinstack.provision.require_thin_pool")  # the host may have no dm-thin
-    mocker.patch.dict(pools.UNDO, {kind: (lambda kind: lambda vg_, undo, lvm: state[
-        "undone"].append((kind, undo.target)))(kind) for kind in pools.UNDO})
+    def recorder(kind):
+        return lambda vg_, undo, lvm: state["undone"].append((kind, undo.target))
+
+    mocker.patch.dict(pools.UNDO, {kind: recorder(kind) for kind in pools.UNDO})
     return state
 
 

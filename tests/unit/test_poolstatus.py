@@ -9,13 +9,13 @@ import re
 from pathlib import Path
 
 import pytest
+
+from tests.unit.test_pools import CHUNK, MiB, kernel, lv, vg
+from thinstack import poolstatus
 from thinstack.dm.command import CommandError
 from thinstack.dm.errors import DmError, MetadataSnapHeld
 from thinstack.dm.status import Failed, PoolMode
 from thinstack.dm.tools import ThinCheckResult, ThinLsEntry
-
-from tests.unit.test_pools import CHUNK, MiB, kernel, lv, vg
-from thinstack import poolstatus
 from thinstack.errors import Refused, ThinstackError
 from thinstack.lock import LockTimeout
 
@@ -59,7 +59,8 @@ def test_status_of_an_active_pool():
 
 def test_status_reads_mode_and_policy_from_kernel_and_tags():
     pool = lv(attr="twi-a-t---", tags=("ts_pool", "ts_grow_threshold=80", "ts_grow_step=1048576"))
-    s = poolstatus.pool_status(vg(), pool, [pool], kernel(mode=PoolMode.OUT_OF_DATA_SPACE, error=True))
+    s = poolstatus.pool_status(vg(), pool, [pool],
+                               kernel(mode=PoolMode.OUT_OF_DATA_SPACE, error=True))
     assert (s.mode, s.when_full, s.zeroing) == ("out_of_data_space", "error", False)
     assert (s.grow_threshold, s.grow_step) == (80.0, MiB)
     off = lv(tags=("ts_pool", "ts_no_grow"))
