@@ -39,8 +39,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -260,7 +260,8 @@ def report(runs: list[dict], context: dict) -> str:
     lines = [
         "# Import benchmark", "",
         "Made by `bench/import_bench.py` (its docstring says exactly what each method runs) in "
-        "the lab, User-Mode Linux, whose I/O and process start-up are slower than bare metal's:", "",
+        "the lab, User-Mode Linux, whose I/O and process start-up are slower than bare metal's:",
+        "",
         "    thinstack lab run --disks 1 --disk-size 12G --mem 2G -- "
         ".venv/bin/python bench/import_bench.py", "",
         f"Source: a {context['virtual'] // MiB} MiB raw disk with {context['runs']} runs of "

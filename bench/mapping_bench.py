@@ -22,12 +22,12 @@ REPORTS = Path(__file__).parent / "reports"
 
 METHODS = {
     "whole tree (parse_thin_dump)": (
-        "from thinstack.dm import tools; from thinstack.dm.command import run;"
-        "d = tools.parse_thin_dump(run(['cat', PATH]));"
+        "from thinstack.dm import tools; from thinstack.dm.command import RUNNER;"
+        "d = tools.parse_thin_dump(RUNNER.run(['cat', PATH]));"
         "n = len(d.devices[1].virtual_ranges())"),
     "streamed (thin_ranges)": (
-        "from thinstack.dm import tools; from thinstack.dm.command import stream;"
-        "r = tools.parse_thin_ranges(stream(['cat', PATH]), 1); n = len(r.ranges)"),
+        "from thinstack.dm import tools; from thinstack.dm.command import RUNNER;"
+        "r = tools.parse_thin_ranges(RUNNER.stream(['cat', PATH]), 1); n = len(r.ranges)"),
 }
 
 MEASURE = """
@@ -75,7 +75,8 @@ def main(sizes: list[int]) -> None:
     lines = ["# Reading a fragmented thin mapping", "",
              "Written by `bench/mapping_bench.py` (see its docstring for the method). Both readers "
              "find the same ranges; time and peak memory of the reading process.", "",
-             "| mappings | thin_dump output | method | time | peak RSS | time ratio | memory ratio |",
+             "| mappings | thin_dump output | method | time | peak RSS | time ratio "
+             "| memory ratio |",
              "|---|---|---|---|---|---|---|"]
     for row in rows:
         whole, streamed = row["results"].values()

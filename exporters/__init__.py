@@ -18,7 +18,8 @@ _MODULES = {"raw": "raw", "vhd": "vhd", "vhd-fixed": "vhd", "qcow2": "qcow2",
 
 
 class ExportError(Usage):
-    """An export that cannot be made as asked: an unknown format, options that do not go together."""
+    """An export that cannot be made as asked: an unknown format, options that do not go
+    together."""
 
 
 class Writer(Protocol):

@@ -40,6 +40,8 @@ def create(path: str | os.PathLike, virtual_size: int, *, format: str = "gow3",
 
 
 class GowWriter(FileWriter):
+    parent: fmt.GowImage | None
+
     def __init__(self, path: Path, size: int, version: int, parent: Path | None,
                  partial: str | None = None):
         self.parent = None if parent is None else _open_parent(parent)
@@ -104,15 +106,15 @@ class GowWriter(FileWriter):
     def _settle(self, upto: int) -> None:
         """Blocks this session did not touch, up to `upto`, stay as the parent has them."""
         if self.parent is not None:
-            parent_blocks = self.parent.header.blocks
-            for index in range(self.settled, min(upto, parent_blocks)):
-                self.versions[index] = self.parent.versions[index]
+            versions = self.parent.block_versions()  # a parent is v3: _open_parent checks
+            for index in range(self.settled, min(upto, self.parent.header.blocks)):
+                self.versions[index] = versions[index]
                 data = self._parent_block(index)
                 if data is not None:
                     self._store(index, data)
         self.settled = max(self.settled, upto)
 
-    def _parent_block(self, index: int) -> bytes | None:
+    def _parent_block(self, index: int) -> bytes | bytearray | None:
         if self.parent is None or index >= self.parent.header.blocks:
             return None
         data = self.parent.block(index)

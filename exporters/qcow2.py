@@ -18,6 +18,7 @@ from pathlib import Path
 
 from thinstack.importers import ImageError, detect, open_image
 from thinstack.importers import qcow2 as fmt
+from thinstack.sizes import SECTOR, round_up
 
 from . import ExportError
 from .atomic import FileWriter
@@ -56,7 +57,7 @@ class Qcow2Writer(FileWriter):
         if parent is not None:
             self.parent, self.backing = _open_parent(path, parent)
         # QEMU counts a disk in sectors; a size between sectors would lose its tail there.
-        super().__init__(path, -(-virtual_size // fmt.SECTOR) * fmt.SECTOR, partial)
+        super().__init__(path, round_up(virtual_size, SECTOR), partial)
         self.end = CLUSTER  # where the next append lands; cluster 0 waits for the header
         self.packed_at = self.packed_end = 0  # free bytes for compressed clusters
         self.out = bytearray()  # appended bytes not yet written, from end - len(out)
@@ -123,7 +124,10 @@ class Qcow2Writer(FileWriter):
             self.covered.append([start, end])
 
     def _flush_buffer(self) -> None:
+        """Store the cluster being assembled, if any."""
         index, buf = self.buf_index, self.buf
+        if buf is None:
+            return
         self.buf = None
         if self.parent is not None:
             pos, base = 0, index * CLUSTER
@@ -157,7 +161,7 @@ class Qcow2Writer(FileWriter):
         host = self.packed_at
         self._put(host, packed)
         self.packed_at += len(packed)
-        extra_sectors = (host + len(packed) - 1) // fmt.SECTOR - host // fmt.SECTOR
+        extra_sectors = (host + len(packed) - 1) // SECTOR - host // SECTOR
         # Each compressed cluster counts one reference on each host cluster it touches.
         self._reference(host, len(packed))
         return fmt.OFLAG_COMPRESSED | extra_sectors << COMPRESSED_SECTOR_SHIFT | host
@@ -166,7 +170,7 @@ class Qcow2Writer(FileWriter):
 
     def _set_l2(self, index: int, entry: int) -> None:
         l1_index, i = divmod(index, L2_ENTRIES)
-        if l1_index != self.l2_index:
+        if self.l2 is None or l1_index != self.l2_index:
             self._flush_l2()
             self.l2, self.l2_index = array("Q", bytes(CLUSTER)), l1_index
         self.l2[i] = entry
@@ -177,8 +181,7 @@ class Qcow2Writer(FileWriter):
             self.l2 = None
 
     def _finish(self) -> None:
-        if self.buf is not None:
-            self._flush_buffer()
+        self._flush_buffer()
         self._flush_l2()
         l1_offset = self._append_clusters(_big_endian(self.l1))
         table_offset, table_clusters = self._append_refcounts()
@@ -231,7 +234,7 @@ class Qcow2Writer(FileWriter):
         host = self.end
         self.out += data
         self.out += bytes(-len(data) % CLUSTER)
-        self.end = host + -(-len(data) // CLUSTER) * CLUSTER
+        self.end = host + round_up(len(data), CLUSTER)
         if counted:
             self._reference(host, self.end - host)
         if len(self.out) >= BATCH:

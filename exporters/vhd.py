@@ -3,6 +3,7 @@ export. Structures and checksums are the importer's (importers.vhd)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -13,13 +14,14 @@ from pathlib import Path
 from thinstack.extents import Kind
 from thinstack.importers import ImageError
 from thinstack.importers import vhd as fmt
+from thinstack.sizes import SECTOR, round_up
 
 from . import ExportError
 from .atomic import FileWriter
 
 BLOCK_SIZE = 2 << 20
 # The spec's limit (and QEMU's): 2040 GiB.
-MAX_SIZE = 0xFF000000 * fmt.SECTOR
+MAX_SIZE = 0xFF000000 * SECTOR
 # QEMU (7.2, as Debian 12 ships it) sizes a disk by CHS unless its creator is one it knows to
 # use current_size ("win ", "qem2", "d2v ", "CTXS", "tap\0"): with an own tag such as "tnst",
 # qemu-img sees a smaller disk than we wrote (tested). Hyper-V's tag is the one every reader
@@ -28,15 +30,14 @@ CREATOR_APP = b"win "
 CREATOR_VERSION = 0x00000001  # thinstack 0.1
 # The spec knows only Windows and Macintosh hosts; readers expect one of them.
 CREATOR_OS = b"Wi2k"
-_SECTOR = fmt.SECTOR
 
 
 def create(path: str | os.PathLike, virtual_size: int, *, format: str = "vhd",
            parent: str | os.PathLike | None = None, round_to_mib: bool = False,
            partial: str | None = None, **_):
     if round_to_mib:
-        virtual_size = -(-virtual_size // (1 << 20)) << 20
-    if virtual_size % _SECTOR or not 0 < virtual_size <= MAX_SIZE:
+        virtual_size = round_up(virtual_size, 1 << 20)
+    if virtual_size % SECTOR or not 0 < virtual_size <= MAX_SIZE:
         raise ExportError(f"VHD size {virtual_size} is not a whole number of sectors up to "
                           f"{MAX_SIZE} bytes")
     if format == "vhd-fixed":
@@ -54,7 +55,7 @@ def create(path: str | os.PathLike, virtual_size: int, *, format: str = "vhd",
 def geometry(size: int) -> tuple[int, int, int]:
     """Cylinders, heads, sectors per track for `size` bytes: the spec's appendix algorithm,
     which rounds down, saturating at 65535/16/255."""
-    total = min(size // _SECTOR, 65535 * 16 * 255)
+    total = min(size // SECTOR, 65535 * 16 * 255)
     if total >= 65535 * 16 * 63:
         sectors, heads = 255, 16
         cylinders_heads = total // sectors
@@ -106,19 +107,21 @@ class DynamicWriter(FileWriter):
     sector partly written takes the parent's bytes for the rest, and a range marked zero where
     the parent has data is stored as zeros."""
 
+    parent: fmt.VhdImage | None
+
     def __init__(self, path: Path, size: int, parent: Path | None, partial: str | None = None):
         self.bitmap_bytes = fmt.bitmap_size(BLOCK_SIZE)
         self.bat = array("I", [fmt.UNALLOCATED]) * -(-size // BLOCK_SIZE)
         self.table_offset = fmt.FOOTER_SIZE + fmt.HEADER_SIZE
-        end = self.table_offset + _round_up(len(self.bat) * 4)
+        end = self.table_offset + round_up(len(self.bat) * 4, SECTOR)
         self.parent = None
         self.locators: tuple[fmt.Locator, ...] = ()
         self.locator_data: list[bytes] = []
         if parent is not None:
             for platform, name in _locator_paths(path, parent):
                 data = name.encode("utf-16-le")
-                space = _round_up(len(data))
-                self.locators += (fmt.Locator(platform, space // _SECTOR, len(data), end),)
+                space = round_up(len(data), SECTOR)
+                self.locators += (fmt.Locator(platform, space // SECTOR, len(data), end),)
                 self.locator_data.append(data)
                 end += space
             self.parent = _open_parent(parent)
@@ -150,68 +153,68 @@ class DynamicWriter(FileWriter):
             base = self._enter(index) - index * BLOCK_SIZE  # file offset of disk offset 0
             if self.parent is not None:
                 # Only the range's first and last sectors can be partly covered.
-                for sector in {pos // _SECTOR, (stop - 1) // _SECTOR}:
-                    partial = sector * _SECTOR < pos or stop < (sector + 1) * _SECTOR
+                for sector in {pos // SECTOR, (stop - 1) // SECTOR}:
+                    partial = sector * SECTOR < pos or stop < (sector + 1) * SECTOR
                     if partial and not self._holds(sector):
-                        self._copy_from_parent(sector, base)
+                        self._copy_from_parent(self.parent, sector, base)
             if data is not None:
                 self.file.pwrite(data[pos - offset:stop - offset], base + pos)
             else:
                 # Whole sectors not written before are zeros already; the partial ones at the
                 # edges may hold bytes from the parent.
-                head = min(stop, _round_up(pos))
-                tail = max(head, stop - stop % _SECTOR)
+                head = min(stop, round_up(pos, SECTOR))
+                tail = max(head, stop - stop % SECTOR)
                 self.file.pwrite(bytes(head - pos), base + pos)
                 self.file.pwrite(bytes(stop - tail), base + tail)
-            first = pos % BLOCK_SIZE // _SECTOR
-            _set_bits(self.bitmap, first, -(-(stop - index * BLOCK_SIZE) // _SECTOR) - first)
+            first = pos % BLOCK_SIZE // SECTOR
+            _set_bits(self.bitmap, first, -(-(stop - index * BLOCK_SIZE) // SECTOR) - first)
             pos = stop
 
     def _holds(self, sector: int) -> bool:
         """Whether the current block already holds `sector` (ordered writes never go back to
         an earlier block)."""
-        index, bit = divmod(sector, BLOCK_SIZE // _SECTOR)
+        index, bit = divmod(sector, BLOCK_SIZE // SECTOR)
         return index == self.block and bool(self.bitmap[bit >> 3] & (0x80 >> (bit & 7)))
 
-    def _copy_from_parent(self, sector: int, base: int) -> None:
-        offset = sector * _SECTOR
-        if offset < self.parent.virtual_size:  # past a smaller parent: zeros already
-            self.file.pwrite(self.parent.read(offset, _SECTOR), base + offset)
+    def _copy_from_parent(self, parent: fmt.VhdImage, sector: int, base: int) -> None:
+        offset = sector * SECTOR
+        if offset < parent.virtual_size:  # past a smaller parent: zeros already
+            self.file.pwrite(parent.read(offset, SECTOR), base + offset)
 
     def _enter(self, index: int) -> int:
         """File offset of block `index`'s data, allocating it when the writes first reach it."""
         if index != self.block:
             self._flush_bitmap()
             self.block = index
-            self.bat[index] = self.next_block // _SECTOR
+            self.bat[index] = self.next_block // SECTOR
             self.next_block += self.bitmap_bytes + BLOCK_SIZE
-        return self.bat[index] * _SECTOR + self.bitmap_bytes
+        return self.bat[index] * SECTOR + self.bitmap_bytes
 
     def _flush_bitmap(self) -> None:
         if self.block >= 0:
-            self.file.pwrite(bytes(self.bitmap), self.bat[self.block] * _SECTOR)
+            self.file.pwrite(bytes(self.bitmap), self.bat[self.block] * SECTOR)
             self.bitmap = bytearray(self.bitmap_bytes)
 
     def _finish(self) -> None:
         self._flush_bitmap()
         disk_type = fmt.DYNAMIC if self.parent is None else fmt.DIFFERENCING
         footer = _footer(disk_type, self.size, data_offset=fmt.FOOTER_SIZE).pack()
-        parent = {}
-        if self.parent is not None:
-            parent = dict(parent_uuid=self.parent.uuid, parent_name=self.parent_path.name,
-                          parent_timestamp=_timestamp(os.stat(self.parent_path).st_mtime))
-            for loc, data in zip(self.locators, self.locator_data):
-                self.file.pwrite(data, loc.data_offset)
         header = fmt.DynamicHeader(table_offset=self.table_offset, block_size=BLOCK_SIZE,
-                                   max_table_entries=len(self.bat), locators=self.locators,
-                                   **parent)
+                                   max_table_entries=len(self.bat), locators=self.locators)
+        if self.parent is not None:
+            header = dataclasses.replace(
+                header, parent_uuid=self.parent.uuid, parent_name=self.parent_path.name,
+                parent_timestamp=_timestamp(os.stat(self.parent_path).st_mtime))
+            for loc, data in zip(self.locators, self.locator_data, strict=True):
+                self.file.pwrite(data, loc.data_offset)
         bat = array("I", self.bat)
         if sys.byteorder == "little":
             bat.byteswap()
         self.file.pwrite(footer, 0)
         self.file.pwrite(header.pack(), fmt.FOOTER_SIZE)
         # Unused entries and the padding to the sector are all ones, as the spec asks.
-        self.file.pwrite(bat.tobytes().ljust(_round_up(len(bat) * 4), b"\xff"), self.table_offset)
+        self.file.pwrite(bat.tobytes().ljust(round_up(len(bat) * 4, SECTOR), b"\xff"),
+                         self.table_offset)
         self.file.pwrite(footer, self.next_block)
         self.file.truncate(self.next_block + fmt.FOOTER_SIZE)
 
@@ -247,7 +250,3 @@ def _set_bits(bitmap: bytearray, first: int, count: int) -> None:
     while first < end:
         bitmap[first >> 3] |= 0x80 >> (first & 7)
         first += 1
-
-
-def _round_up(n: int) -> int:
-    return -(-n // _SECTOR) * _SECTOR

@@ -20,9 +20,10 @@ import fcntl
 import importlib
 import os
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Protocol
 
 from thinstack.errors import BadImage
 from thinstack.extents import Extent
@@ -84,6 +85,9 @@ class Policy:
         if child.regular and not any(own.is_relative_to(p) for p in NEVER_IMPLICIT):
             roots.insert(0, own)
         return tuple(roots)
+
+
+DEFAULT_POLICY = Policy()  # frozen: one instance serves every default
 
 
 class Image(Protocol):
@@ -277,7 +281,8 @@ def detect(target: str | os.PathLike | Source) -> str:
     return "raw"
 
 
-def open_image(path: str | os.PathLike, policy: Policy = Policy(), format: str = "auto") -> Image:
+def open_image(path: str | os.PathLike, policy: Policy = DEFAULT_POLICY,
+               format: str = "auto") -> Image:
     """The image at `path`. `format="raw"` reads the bytes as they are, whatever they look like
     (a raw backup holds whatever its guest wrote); "auto" detects the format but follows no
     reference to another file; any other format must match the content."""

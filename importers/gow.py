@@ -18,12 +18,13 @@ import struct
 import sys
 import zlib
 from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 from thinstack.extents import Extent, Kind, coalesce
+from thinstack.sizes import SECTOR, round_up
 
-from . import ImageError, Policy, Source
+from . import DEFAULT_POLICY, ImageError, Policy, Source
 
 MAGIC = b"GOWDISK\0"
 BLOCK_SIZE = 64 << 10
@@ -58,7 +59,7 @@ class Header:
     def data_offset(self) -> int:
         """v1 data follows the map directly; v2 and v3 start it at a 512-byte boundary."""
         end = HEADER_SIZE + 4 * self.entries * (2 if self.version == 3 else 1)
-        return end if self.version == 1 else -(-end // 512) * 512
+        return end if self.version == 1 else round_up(end, SECTOR)
 
     @classmethod
     def parse(cls, raw: bytes) -> Header:
@@ -100,7 +101,7 @@ def probe(head: bytes, tail: bytes) -> bool:
     return head[:8] == MAGIC
 
 
-def open(target: str | os.PathLike | Source, policy: Policy = Policy()) -> GowImage:
+def open(target: str | os.PathLike | Source, policy: Policy = DEFAULT_POLICY) -> GowImage:
     source = Source.of(target)
     try:
         return GowImage(source, policy)

@@ -17,12 +17,24 @@ import sys
 import zlib
 from array import array
 from collections import OrderedDict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from thinstack.extents import Extent, Kind, coalesce
-from . import ImageError, MissingFile, Policy, ReferenceRefused, Source, detect, driver
+from thinstack.sizes import SECTOR, round_up
+
+from . import (
+    DEFAULT_POLICY,
+    Image,
+    ImageError,
+    MissingFile,
+    Policy,
+    ReferenceRefused,
+    Source,
+    detect,
+    driver,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +70,6 @@ L1_RESERVED = 0x7F00_0000_0000_01FF
 L2_RESERVED = 0x3F00_0000_0000_01FE  # bits 1-8 and 56-61 of a standard descriptor
 SUBCLUSTERS = 32  # per cluster, with extended L2 entries
 ALL_SUBCLUSTERS = (1 << SUBCLUSTERS) - 1
-SECTOR = 512
 
 MIN_CLUSTER_BITS = 9
 MAX_CLUSTER_BITS = 21  # QEMU's limit; nothing larger exists in the wild
@@ -112,7 +123,7 @@ class Header:
         header_length = v3[-1]
         present = header_length > COMPRESSION_TYPE_OFFSET and len(data) > COMPRESSION_TYPE_OFFSET
         compression = data[COMPRESSION_TYPE_OFFSET] if present else COMPRESSION_ZLIB
-        return cls(version, *v2, *v3, compression_type=compression)
+        return dataclasses.replace(cls(version, *v2, *v3), compression_type=compression)
 
     def pack(self) -> bytes:
         fields = dataclasses.astuple(self)
@@ -147,7 +158,7 @@ class Header:
 
 
 def pack_extension(kind: int, payload: bytes) -> bytes:
-    return EXTENSION.pack(kind, len(payload)) + payload.ljust(-(-len(payload) // 8) * 8, b"\0")
+    return EXTENSION.pack(kind, len(payload)) + payload.ljust(round_up(len(payload), 8), b"\0")
 
 
 def parse_extensions(path: Path, first: bytes, start: int, end: int) -> dict[int, bytes]:
@@ -164,7 +175,7 @@ def parse_extensions(path: Path, first: bytes, start: int, end: int) -> dict[int
             raise ImageError(path, f"header extension {kind:#x} ({length} bytes) runs past the "
                                    f"header area")
         found[kind] = first[pos:pos + length]
-        pos += -(-length // 8) * 8
+        pos += round_up(length, 8)
     if pos != end:
         raise ImageError(path, "header extensions are not terminated")
     return found
@@ -176,7 +187,7 @@ def probe(head: bytes, tail: bytes) -> bool:
     return head[:4] == MAGIC and head[4:8] != b"\0\0\0\1"
 
 
-def open(target: str | os.PathLike | Source, policy: Policy = Policy()) -> Qcow2Image:
+def open(target: str | os.PathLike | Source, policy: Policy = DEFAULT_POLICY) -> Qcow2Image:
     source = Source.of(target)
     if source.identity in _opening.get():
         source.close()
@@ -242,9 +253,9 @@ class Qcow2Image:
 
     def __init__(self, source: Source):
         self.path = source.path
-        self.src: Source | None = source
-        self.data: Source | None = None  # where guest clusters live: this file or a data file
-        self.backing = None
+        self.src = source
+        self.data = source  # where guest clusters live: this file, or its external data file
+        self.backing: Image | None = None
         self._l2_cache: OrderedDict[int, array] = OrderedDict()
         self._inflated: tuple[int, bytes] | None = None
 
@@ -294,9 +305,9 @@ class Qcow2Image:
         self.l1 = _read_words(src, h.l1_table_offset, h.l1_entries_needed, "L1 table")
         self._taken = self._metadata_clusters(h, src.size, policy)
 
-        self.data = src
         if self.external:
-            name = _text(self.path, extensions.get(EXT_DATA_FILE), "external data file name")
+            name = _text(self.path, extensions.get(EXT_DATA_FILE, b""),
+                         "external data file name")
             if not name:
                 raise ImageError(self.path, "uses an external data file but does not name it")
             self.data = Source.named(name, by=src, what="external data file", policy=policy)
@@ -309,7 +320,8 @@ class Qcow2Image:
                 raise ImageError(self.path, f"backing file name of {h.backing_file_size} bytes "
                                             f"(limit {MAX_BACKING_NAME})")
             raw_name = src.read_at(h.backing_file_offset, h.backing_file_size, "backing file name")
-            fmt = _text(self.path, extensions.get(EXT_BACKING_FORMAT), "backing format")
+            named = extensions.get(EXT_BACKING_FORMAT)
+            fmt = None if named is None else _text(self.path, named, "backing format")
             self.backing = self._open_backing(_text(self.path, raw_name, "backing file name"),
                                               fmt, policy)
 
@@ -372,7 +384,7 @@ class Qcow2Image:
                 raise ImageError(self.path, f"{what} at {offset:#x} (+{length}) lies past the "
                                             f"end of the file ({file_size} bytes)")
 
-    def _open_backing(self, name: str, fmt: str | None, policy: Policy):
+    def _open_backing(self, name: str, fmt: str | None, policy: Policy) -> Image:
         """The backing file, opened once as a file this image names. A backing format in the
         header is taken as the operator's own naming of it (raw means raw, never probed);
         without one the format is detected, and a detected backing file names nothing further:
@@ -410,8 +422,9 @@ class Qcow2Image:
                 raise
             raise ImageError(self.path, f"backing file {name} is {found} by its content (the "
                                         f"header names no backing format) and names its own "
-                                        f"{e.what} ({e.name!r}); a detected format follows no reference: "
-                                        f"record the backing format (qemu-img rebase -u -F "
+                                        f"{e.what} ({e.name!r}); a detected format follows no "
+                                        f"reference: record the backing format (qemu-img "
+                                        f"rebase -u -F "
                                         f"{DRIVER_TO_QEMU_FORMAT[found]} -b {name})") from None
         finally:
             _opening.reset(token)
@@ -448,12 +461,9 @@ class Qcow2Image:
         if self.backing is not None:
             self.backing.close()
             self.backing = None
-        if self.data is not None and self.data is not self.src:
+        if self.data is not self.src:
             self.data.close()
-        self.data = None
-        if self.src is not None:
-            self.src.close()
-            self.src = None
+        self.src.close()  # closing a Source twice is harmless
 
     def _own_extents(self) -> Iterator[Extent]:
         """This image's map alone: HOLE where a cluster is unallocated here. An allocated range
@@ -747,7 +757,7 @@ def _unzstd(packed: bytes, limit: int) -> bytes:
         raise ValueError(str(e)) from None
 
 
-def _overlay(own: Iterable[Extent], backing) -> Iterator[Extent]:
+def _overlay(own: Iterable[Extent], backing: Image) -> Iterator[Extent]:
     """This image's extents with each HOLE replaced by what the backing file says there; past the
     backing file's end the image reads zeros."""
     below = iter(backing.extents())
@@ -771,7 +781,7 @@ def _overlay(own: Iterable[Extent], backing) -> Iterator[Extent]:
             pos = stop
 
 
-def read_clipped(image, offset: int, length: int) -> bytes:
+def read_clipped(image: Image, offset: int, length: int) -> bytes:
     """A parent's bytes, zeros past its end (a parent may be shorter than its child)."""
     inside = max(0, min(length, image.virtual_size - offset))
     data = image.read(offset, inside) if inside else b""
@@ -806,9 +816,7 @@ def _words(data: bytes) -> array:
     return table
 
 
-def _text(path: Path, raw: bytes | None, what: str) -> str | None:
-    if raw is None:
-        return None
+def _text(path: Path, raw: bytes, what: str) -> str:
     if b"\0" in raw:
         raise ImageError(path, f"{what} contains a NUL byte")
     return os.fsdecode(raw)

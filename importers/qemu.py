@@ -27,14 +27,15 @@ import os
 import shutil
 import struct
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Iterator
 
 from thinstack.dm import command
 from thinstack.extents import Extent, Kind, coalesce
+from thinstack.sizes import SECTOR
 
-from . import ImageError, Policy, Source
+from . import DEFAULT_POLICY, ImageError, Policy, Source
 
 INFO_TIMEOUT = 60
 MAP_TIMEOUT = 600
@@ -107,7 +108,7 @@ def embedded_descriptor(head: bytes) -> tuple[int, int] | None:
     _, _, _, capacity, _, desc_sector, _ = _VMDK4.unpack_from(head)
     if capacity != 0 or desc_sector == 0:
         return None
-    return desc_sector * 512, DESCRIPTOR_LIMIT
+    return desc_sector * SECTOR, DESCRIPTOR_LIMIT
 
 
 def link_name(name: str, path: Path) -> PurePosixPath:
@@ -212,7 +213,7 @@ class Pins:
 
 # --- the driver --------------------------------------------------------------------------------
 
-def open(target: str | os.PathLike | Source, policy: Policy = Policy()) -> QemuImage:
+def open(target: str | os.PathLike | Source, policy: Policy = DEFAULT_POLICY) -> QemuImage:
     source = Source.of(target)
     pins = Pins()
     pins.keep(source)
@@ -360,12 +361,10 @@ def _node_spec(fmt: str, link: Path, source: Source) -> dict:
 def _spec(nodes: list[Node]) -> dict:
     """The whole chain for qemu: each node with its backing given explicitly, so no header's
     backing name is ever looked up."""
-    spec = None
-    for node in reversed(nodes):
-        below = spec
-        spec = _node_spec(node.format, node.link, node.source)
-        if below is not None:
-            spec["backing"] = below
+    last = nodes[-1]
+    spec = _node_spec(last.format, last.link, last.source)
+    for node in reversed(nodes[:-1]):
+        spec = {**_node_spec(node.format, node.link, node.source), "backing": spec}
     return spec
 
 
@@ -445,7 +444,7 @@ def _qemu_img(path: Path, timeout: float, fds: tuple[int, ...], *args: str) -> s
     """Run qemu-img through the one runner, with our pinned descriptors at the same numbers;
     any failure is an ImageError (`check`'s statuses come back as _Exit, which mean things)."""
     try:
-        return command.run(["qemu-img", *args], timeout=timeout, pass_fds=fds)
+        return command.RUNNER.run(["qemu-img", *args], timeout=timeout, pass_fds=fds)
     except command.CommandError as e:
         raise _failure(path, args[0], e) from None
 
@@ -455,7 +454,8 @@ def _qemu_img_lines(path: Path, timeout: float, fds: tuple[int, ...], *args: str
     """qemu-img's output line by line as it comes (a map of a large image is large)."""
     rest = ""
     try:
-        for piece in command.stream(["qemu-img", *args], timeout=timeout, pass_fds=fds):
+        for piece in command.RUNNER.stream(["qemu-img", *args], timeout=timeout,
+                                           pass_fds=fds):
             *lines, rest = (rest + piece).split("\n")
             yield from lines
     except command.CommandError as e:
@@ -477,7 +477,7 @@ def _failure(path: Path, verb: str, e: command.CommandError) -> Exception:
 
 
 class _Exit(Exception):
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int | None, message: str):
         self.status, self.message = status, message
 
 

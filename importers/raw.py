@@ -4,11 +4,11 @@ a block device, or a file system that cannot tell, is all data."""
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 from thinstack.extents import Extent, Kind
 
-from . import ImageError, Policy, Source
+from . import DEFAULT_POLICY, ImageError, Policy, Source
 
 
 def probe(head: bytes, tail: bytes) -> bool:
@@ -16,7 +16,7 @@ def probe(head: bytes, tail: bytes) -> bool:
     return True
 
 
-def open(target: str | os.PathLike | Source, policy: Policy = Policy()) -> RawImage:
+def open(target: str | os.PathLike | Source, policy: Policy = DEFAULT_POLICY) -> RawImage:
     source = Source.of(target)
     if source.size > policy.max_virtual_size:
         source.close()

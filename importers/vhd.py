@@ -15,15 +15,15 @@ import re
 import struct
 import sys
 from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from thinstack.extents import Extent, Kind, coalesce
+from thinstack.sizes import SECTOR
 
-from . import ImageError, MissingFile, Policy, Source
+from . import DEFAULT_POLICY, ImageError, MissingFile, Policy, Source
 
-SECTOR = 512
 FOOTER_SIZE = 512
 HEADER_SIZE = 1024
 FOOTER_COOKIE = b"conectix"
@@ -175,18 +175,19 @@ def probe(head: bytes, tail: bytes) -> bool:
     return False
 
 
-def open(target: str | os.PathLike | Source, policy: Policy = Policy()) -> VhdImage:
+def open(target: str | os.PathLike | Source, policy: Policy = DEFAULT_POLICY) -> VhdImage:
     source = Source.of(target)
     layers: list[_Layer] = []
     try:
         layer = _open_layer(source, policy)
         layers.append(layer)
         seen = {source.identity}
-        while layer.footer.disk_type == DIFFERENCING:
+        # A differencing disk is a dynamic one: _open_layer has read its header.
+        while layer.footer.disk_type == DIFFERENCING and (header := layer.header) is not None:
             if len(layers) > policy.max_chain_depth:  # counting parents, as qcow2 counts backings
                 raise ImageError(source.path, f"differencing chain has more than "
                                               f"{policy.max_chain_depth} parents")
-            found = _find_parent(layer, policy)
+            found = _find_parent(layer, header, policy)
             if found.identity in seen:
                 found.close()
                 raise ImageError(layer.path, f"parent {found.path} is already in the chain "
@@ -194,10 +195,10 @@ def open(target: str | os.PathLike | Source, policy: Policy = Policy()) -> VhdIm
             seen.add(found.identity)
             parent = _open_layer(found, policy)
             layers.append(parent)
-            if parent.footer.uuid != layer.header.parent_uuid:
+            if parent.footer.uuid != header.parent_uuid:
                 raise ImageError(layer.path, f"parent {found.path} has UUID "
                                              f"{parent.footer.uuid.hex()}, the child expects "
-                                             f"{layer.header.parent_uuid.hex()}")
+                                             f"{header.parent_uuid.hex()}")
             layer.parent = parent
             layer = parent
     except BaseException:
@@ -249,7 +250,7 @@ class _Layer:
         self.footer = footer
         self.size = size
         self.header = header
-        self.bat = bat
+        self.bat = array("I") if bat is None else bat  # a fixed disk has none
         self.parent: _Layer | None = None
         if header is not None:
             self.block_size = header.block_size
@@ -448,12 +449,11 @@ def _check_blocks(path: Path, bat: array, block_bytes: int, data_end: int,
             raise ImageError(path, f"data block at offset {starts[first]} overlaps the {name}")
 
 
-def _find_parent(layer: _Layer, policy: Policy) -> Source:
+def _find_parent(layer: _Layer, header: DynamicHeader, policy: Policy) -> Source:
     """The parent, opened, from the locators (relative first, then absolute; Mac aliases are not
     followed), falling back to the parent's file name beside the child. Each name is opened as
     a file the image names (Source.named): one that does not exist is passed over, any other
     refusal (a symlink, a folder the policy does not allow) is final."""
-    header = layer.header
     tried: list[str] = []
     for platform in (W2RU, W2KU):
         for loc in header.locators:
@@ -477,5 +477,6 @@ def _find_parent(layer: _Layer, policy: Policy) -> Source:
             return Source.named(name, by=layer.source, what="parent", policy=policy)
         except MissingFile:
             continue
+    places = ", ".join(str(here / n) for n in tried) or "no locator"
     raise ImageError(layer.path, f"parent image {header.parent_name or '(unnamed)'} not found "
-                                 f"(tried {', '.join(str(here / n) for n in tried) or 'no locator'})")
+                                 f"(tried {places})")

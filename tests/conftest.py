@@ -1,9 +1,18 @@
 import bz2
 import lzma
+import os
 import shutil
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+from _pytest.reports import TestReport
+
+from thinstack import lab
+from thinstack.sizes import parse_size
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT.parent / "shared" / "corpus"
@@ -32,17 +41,6 @@ def corpus(tmp_path):
 # `thinstack lab run -- python -m pytest NODEID` and reports the inner result as the test's own.
 # Inside the lab (THINSTACK_IN_LAB=1) tests run normally. A lab that cannot boot fails the test
 # with the lab's error: lab tests are never skipped silently.
-
-import os
-import sys
-import tempfile
-import time
-import xml.etree.ElementTree as ET
-
-from _pytest.reports import TestReport
-
-from thinstack import lab
-from thinstack.sizes import parse_size
 
 IN_LAB = os.environ.get("THINSTACK_IN_LAB") == "1"
 

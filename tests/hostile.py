@@ -21,9 +21,9 @@ import subprocess
 import sys
 import uuid as uuidlib
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 from thinstack.importers import gow as gowfmt
 from thinstack.importers import qcow2 as qfmt

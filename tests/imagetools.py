@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from thinstack.exporters import vhd as vhd_out
 from thinstack.extents import Kind
-from thinstack.importers import Policy, open_image
+from thinstack.importers import DEFAULT_POLICY, Policy, open_image
 
 
 def content(image, extents=None) -> bytes:
@@ -37,7 +37,7 @@ def walk(image) -> None:
     assert pos == image.virtual_size
 
 
-def imported(path: Path, policy: Policy = Policy()) -> bytes:
+def imported(path: Path, policy: Policy = DEFAULT_POLICY) -> bytes:
     image = open_image(path, policy)
     try:
         return content(image)

@@ -14,9 +14,9 @@ import ctypes
 import ctypes.util
 import os
 import struct
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
 
 IN_OPEN = 0x00000020
 IN_NONBLOCK = 0o4000

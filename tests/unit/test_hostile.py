@@ -11,9 +11,8 @@ import os
 import pytest
 
 from tests import hostile, tripwire
-from thinstack.importers import Policy, open_image
-
 from tests.imagetools import content
+from thinstack.importers import Policy, open_image
 
 
 def test_corpus_covers_every_family():

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from thinstack.dm import command
 from thinstack.extents import Kind
-from thinstack.importers import ImageError, Policy, detect, open_image
-from thinstack.importers import qemu
+from thinstack.importers import DEFAULT_POLICY, ImageError, Policy, detect, open_image, qemu
 
 pytestmark = pytest.mark.skipif(not shutil.which("qemu-img"), reason="needs qemu-img")
 
@@ -46,7 +46,7 @@ def convert(source: Path, fmt: str, options: str = "", name: str | None = None) 
     return out
 
 
-def assert_like_qemu(path: Path, policy: Policy = Policy()) -> None:
+def assert_like_qemu(path: Path, policy: Policy = DEFAULT_POLICY) -> None:
     ref = path.with_name("ref.raw")
     run("qemu-img", "convert", "-O", "raw", path, ref)
     expected = ref.read_bytes()
@@ -91,6 +91,28 @@ def test_qcow_v1_is_not_qcow2(source):
     assert qemu.qemu_format(head) == "qcow"
     from thinstack.importers import qcow2
     assert not qcow2.probe(head, b"")
+
+
+def test_qemu_img_runs_through_the_one_runner(source, monkeypatch):
+    """So it has the runner's time limits and shows in THINSTACK_TRACE like every command."""
+    real, seen = command.RUNNER, []
+
+    class Recording(command.Runner):
+        def run(self, argv, **options):
+            seen.append(argv[1])
+            return real.run(argv, **options)
+
+        def stream(self, argv, **options):
+            seen.append(argv[1])
+            return real.stream(argv, **options)
+
+    monkeypatch.setattr(command, "RUNNER", Recording())
+    image = open_image(convert(source, "vdi"), DEFAULT_POLICY, "qemu")
+    try:
+        list(image.extents())
+    finally:
+        image.close()
+    assert {"info", "check", "map"} <= set(seen)
 
 
 def test_temporary_copy_left_nowhere(source, tmp_path, monkeypatch):

@@ -4,7 +4,6 @@ is never opened by anyone (inotify sees qemu-img's opens too)."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import struct
 import subprocess
@@ -13,8 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests import tripwire
-from thinstack.importers import ImageError, Policy, open_image
-from thinstack.importers import qemu
+from thinstack.importers import DEFAULT_POLICY, ImageError, Policy, open_image, qemu
 
 pytestmark = pytest.mark.skipif(not shutil.which("qemu-img"), reason="needs qemu-img")
 
@@ -37,7 +35,7 @@ def dirs(tmp_path) -> tuple[Path, Path]:
     return vm, outside
 
 
-def content(path: Path, policy: Policy = Policy()) -> bytes:
+def content(path: Path, policy: Policy = DEFAULT_POLICY) -> bytes:
     image = open_image(path, policy, "qemu")
     try:
         return image.read(0, image.virtual_size)
@@ -45,7 +43,7 @@ def content(path: Path, policy: Policy = Policy()) -> bytes:
         image.close()
 
 
-def refused(path: Path, outside: Path, words: str, policy: Policy = Policy()) -> None:
+def refused(path: Path, outside: Path, words: str, policy: Policy = DEFAULT_POLICY) -> None:
     with tripwire.watch([outside]) as wire:
         with pytest.raises(ImageError, match=words):
             content(path, policy)

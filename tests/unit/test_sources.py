@@ -15,7 +15,6 @@ import pytest
 
 from tests import tripwire
 from tests.imagetools import export, walk
-
 from thinstack.exporters import gow as gow_out
 from thinstack.exporters import qcow2 as qcow2_out
 from thinstack.importers import ImageError, Policy, Source, detect, open_image, qcow2
