@@ -14,7 +14,8 @@ import secrets
 import stat
 from pathlib import Path
 
-from . import ExportError
+from thinstack.errors import ThinstackError
+from thinstack.importers import Image
 
 PARTIAL = ".partial-"  # .DEST.partial-RANDOM
 NEW_MODE = 0o600
@@ -55,7 +56,7 @@ class AtomicFile:
         self.dest = Path(dest)
         self.name = partial or partial_name(self.dest)
         if "/" in self.name or not self.name.startswith("."):
-            raise ExportError(f"bad temporary file name {self.name!r}")
+            raise ThinstackError(f"bad temporary file name {self.name!r}")
         self.tmp = self.dest.with_name(self.name)
         self.fd = -1
         self.dirfd = _open_dir(self.dest.parent)
@@ -64,15 +65,15 @@ class AtomicFile:
                               | os.O_CLOEXEC, NEW_MODE, dir_fd=self.dirfd)
         except FileExistsError:
             os.close(self.dirfd)
-            raise ExportError(f"{self.tmp} already exists, though its name was drawn at random: "
-                              "left alone; the export is abandoned") from None
+            raise ThinstackError(f"{self.tmp} already exists, though its name was drawn at "
+                                 "random: left alone; the export is abandoned") from None
         except BaseException:
             os.close(self.dirfd)
             raise
         st = os.fstat(self.fd)
         self.identity = st.st_ino, st.st_dev
 
-    def pwrite(self, data: bytes, offset: int) -> None:
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
         view = memoryview(data)
         while view:
             n = os.pwrite(self.fd, view, offset)
@@ -140,7 +141,7 @@ class FileWriter:
     closing, leaves the destination untouched. An open parent image is closed either way.
     Subclasses open their parent before calling __init__, so a bad parent leaves no file."""
 
-    parent = None
+    parent: Image | None = None
 
     def __init__(self, path: Path, size: int, partial: str | None = None):
         self.size = size
@@ -149,8 +150,8 @@ class FileWriter:
 
     def _advance(self, offset: int, length: int) -> None:
         if offset < self.pos or length < 0 or offset + length > self.size:
-            raise ExportError(f"range {offset}+{length} is out of order or outside the disk "
-                              f"({self.size} bytes, next offset {self.pos})")
+            raise ThinstackError(f"range {offset}+{length} is out of order or outside the "
+                                 f"disk ({self.size} bytes, next offset {self.pos})")
         self.pos = offset + length
 
     def _finish(self) -> None:

@@ -13,13 +13,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.imagetools import content, export, imported, ordered_ops, patch, walk
+from thinstack.errors import ThinstackError
 from thinstack.exporters import ExportError
 from thinstack.exporters import gow as gow_out
 from thinstack.extents import Extent, Kind
-from thinstack.importers import ImageError, Policy, detect, open_image
-from thinstack.importers import gow
-
-from tests.imagetools import content, export, imported, ordered_ops, patch, walk
+from thinstack.importers import ImageError, Policy, detect, gow, open_image
 
 MiB, GiB = 1 << 20, 1 << 30
 BLOCK = gow.BLOCK_SIZE
@@ -98,8 +97,10 @@ def test_abort_leaves_destination_untouched(tmp_path, format):
 def test_writes_must_be_ordered(tmp_path):
     writer = gow_out.create(tmp_path / "x.gow", MiB, format="gow1")
     writer.write(BLOCK, b"x")
-    with pytest.raises(ExportError, match="out of order"):
+    # A caller's bug, not the operator's: exit 1, not usage's 2.
+    with pytest.raises(ThinstackError, match="out of order") as raised:
         writer.write(0, b"y")
+    assert raised.value.exit_status == 1
     writer.abort()
 
 
@@ -213,7 +214,7 @@ def v3(tmp_path) -> Path:
 def patch_header(path: Path, **fields) -> None:
     """Rewrite header fields, with a valid checksum; the layout as docs/formats/gow.md has it."""
     header = dict(zip(("magic", "version", "block_size", "size", "entries", "session"),
-                      struct.unpack_from("<8sIIQII", path.read_bytes())), **fields)
+                      struct.unpack_from("<8sIIQII", path.read_bytes()), strict=True), **fields)
     raw = struct.pack("<8sIIQII28x", *header.values())
     patch(path, 0, raw + zlib.crc32(raw).to_bytes(4, "little"))
 

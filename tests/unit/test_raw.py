@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from thinstack.exporters import ExportError
+from thinstack.errors import ThinstackError
 from thinstack.exporters import raw as writer
 from thinstack.extents import Extent, Kind
-from thinstack.importers import ImageError, open_image
-from thinstack.importers import raw
+from thinstack.importers import ImageError, open_image, raw
 
 KiB, MiB = 1 << 10, 1 << 20
 
@@ -128,7 +127,7 @@ def test_export_abort_keeps_destination(tmp_path):
     dst.write_bytes(b"old")
     w = writer.create(dst, MiB)
     w.write(0, b"new")
-    with pytest.raises(ExportError):
+    with pytest.raises(ThinstackError, match="outside the disk"):
         w.write(MiB - 1, b"xx")
     w.abort()
     assert dst.read_bytes() == b"old"

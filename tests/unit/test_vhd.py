@@ -17,17 +17,16 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from tests.imagetools import content, export, ordered_ops, patch, walk
-
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.imagetools import content, export, ordered_ops, patch, walk
+from thinstack.errors import ThinstackError
 from thinstack.exporters import ExportError
 from thinstack.exporters import vhd as vhd_out
 from thinstack.extents import Extent, Kind
-from thinstack.importers import ImageError, Policy, detect, open_image
-from thinstack.importers import vhd
+from thinstack.importers import DEFAULT_POLICY, ImageError, Policy, detect, open_image, vhd
 
 MiB = 1 << 20
 BLOCK = vhd_out.BLOCK_SIZE
@@ -35,7 +34,7 @@ BLOCK = vhd_out.BLOCK_SIZE
 needs_qemu = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="needs qemu-img")
 
 
-def imported(path: Path, policy: Policy = Policy()) -> bytes:
+def imported(path: Path, policy: Policy = DEFAULT_POLICY) -> bytes:
     """The disk as `import --format vhd` reads it: with its parents (--format auto follows none)."""
     image = open_image(path, policy, "vhd")
     try:
@@ -177,7 +176,7 @@ def test_export_refuses_bad_sizes_and_disorder(tmp_path):
         vhd_out.create(tmp_path / "a.vhd", vhd_out.MAX_SIZE + 512)
     writer = vhd_out.create(tmp_path / "a.vhd", MiB)
     writer.write(4096, b"x")
-    with pytest.raises(ExportError):
+    with pytest.raises(ThinstackError, match="out of order"):
         writer.write(0, b"y")
     writer.abort()
 
