@@ -7,29 +7,27 @@ from thinstack.dm.command import (
     CommandNotFound,
     CommandTimeout,
     Runner,
-    run,
-    stream,
     summary,
 )
 
 
 def test_returns_standard_output():
-    assert run(["echo", "hello"]) == "hello\n"
+    assert RUNNER.run(["echo", "hello"]) == "hello\n"
 
 
 def test_feeds_standard_input_as_text_or_bytes():
-    assert run(["cat"], input="table\n") == "table\n"
-    assert run(["cat"], input=b"\x00bytes") == "\x00bytes"
+    assert RUNNER.run(["cat"], input="table\n") == "table\n"
+    assert RUNNER.run(["cat"], input=b"\x00bytes") == "\x00bytes"
 
 
 def test_runs_in_the_c_locale():
-    assert run(["sh", "-c", "echo $LC_ALL"]) == "C\n"
+    assert RUNNER.run(["sh", "-c", "echo $LC_ALL"]) == "C\n"
 
 
 def test_failure_is_one_command_error_with_a_one_line_message():
     with pytest.raises(CommandError) as caught:
-        run(["sh", "-c", "echo partial; echo 'device-mapper: reload ioctl on x failed: "
-                         "Invalid argument' >&2; echo 'Command failed.' >&2; exit 1"])
+        RUNNER.run(["sh", "-c", "echo partial; echo 'device-mapper: reload ioctl on x failed: "
+                                "Invalid argument' >&2; echo 'Command failed.' >&2; exit 1"])
     e = caught.value
     assert (e.exit_status, e.stdout) == (1, "partial\n")
     assert "Command failed." in e.stderr
@@ -40,7 +38,7 @@ def test_failure_is_one_command_error_with_a_one_line_message():
 
 def test_a_missing_program_is_a_command_error():
     with pytest.raises(CommandError) as caught:
-        run(["thinstack-no-such-program", "x"])
+        RUNNER.run(["thinstack-no-such-program", "x"])
     assert isinstance(caught.value, CommandNotFound)
     assert str(caught.value) == ("thinstack-no-such-program x: program not found: "
                                  "thinstack-no-such-program")
@@ -48,14 +46,14 @@ def test_a_missing_program_is_a_command_error():
 
 def test_a_timeout_is_a_command_error():
     with pytest.raises(CommandError) as caught:
-        run(["sleep", "10"], timeout=0.2)
+        RUNNER.run(["sleep", "10"], timeout=0.2)
     assert isinstance(caught.value, CommandTimeout)
     assert str(caught.value) == "sleep 10: timed out after 0.2s"
 
 
 def test_a_long_command_line_is_shortened_in_the_message():
     with pytest.raises(CommandError) as caught:
-        run(["sh", "-c", "exit 2", "x" * 500])
+        RUNNER.run(["sh", "-c", "exit 2", "x" * 500])
     assert len(str(caught.value)) < 200
 
 
@@ -72,19 +70,19 @@ def test_summary_picks_the_telling_line(output, line):
 
 
 def test_stream_yields_large_output_in_pieces_and_reports_failure_at_the_end(capfd):
-    pieces = list(stream(["seq", "1", "300000"], piece=1 << 16))
+    pieces = list(RUNNER.stream(["seq", "1", "300000"], piece=1 << 16))
     assert len(pieces) > 10 and "".join(pieces) == "".join(f"{i}\n" for i in range(1, 300001))
     seen = []
     with pytest.raises(CommandError) as caught:
-        for piece in stream(["sh", "-c", "echo early; echo 'bad metadata' >&2; exit 2"]):
+        for piece in RUNNER.stream(["sh", "-c", "echo early; echo 'bad metadata' >&2; exit 2"]):
             seen.append(piece)
     assert seen == ["early\n"] and caught.value.exit_status == 2
     assert str(caught.value).endswith("exit 2: bad metadata")
     assert capfd.readouterr().err == ""  # nothing printed behind the caller's back
     with pytest.raises(CommandNotFound):
-        list(stream(["thinstack-no-such-program"]))
+        list(RUNNER.stream(["thinstack-no-such-program"]))
     with pytest.raises(CommandTimeout):
-        list(stream(["sleep", "10"], timeout=0.2))
+        list(RUNNER.stream(["sleep", "10"], timeout=0.2))
 
 
 def test_every_command_has_a_time_limit_even_when_the_caller_names_none():
