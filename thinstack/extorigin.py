@@ -66,7 +66,12 @@ def recorded(lv: LV) -> tuple[str, int] | None:
 
 
 def is_outside_clone(lv: LV) -> bool:
-    return tags.value(lv.tags, tags.EXT_ORIGIN) is not None
+    return origin_path(lv) is not None
+
+
+def origin_path(lv: LV) -> str | None:
+    """The recorded origin's path, if `lv` is a clone of a device outside the VG."""
+    return tags.value(lv.tags, tags.EXT_ORIGIN)
 
 
 def origin_tags(origin: Origin) -> list[str]:
@@ -128,6 +133,8 @@ def check_usable(origin: Origin) -> None:
 
 
 def table(lv: LV, pool_devno: str, origin_devno: str) -> Table:
+    if lv.thin_id is None:
+        raise Refused(f"{lv.vg}/{lv.name} is not a thin volume")
     return Table.of(lv.size // SECTOR, ThinTarget(pool_devno, lv.thin_id, origin_devno))
 
 
@@ -173,7 +180,10 @@ def activate(lv: LV, pool: LV) -> str:
     dm = DeviceMapper()
     if active(lv, dm):
         return f"/dev/mapper/{dm_name(lv)}"
-    path, size = recorded(lv)
+    found = recorded(lv)
+    if found is None:
+        raise Refused(f"{lv.vg}/{lv.name} is not a clone of a device outside the VG")
+    path, size = found
     origin = probe(path)
     if origin.size != size:
         raise Refused(f"{lv.vg}/{lv.name}: its origin {path} is {origin.size} bytes, but was "
@@ -253,6 +263,6 @@ def activate_all(lvs: list[LV], pool: LV) -> list[NotFound | Refused]:
 def dependants(path: str, lvs: list[LV]) -> list[LV]:
     """The clones, among `lvs`, whose recorded origin is the device at `path`."""
     target = os.path.realpath(path)
-    return [lv for lv in lvs if is_outside_clone(lv)
-            and os.path.realpath(recorded(lv)[0]) == target
+    return [lv for lv in lvs if (origin := origin_path(lv)) is not None
+            and os.path.realpath(origin) == target
             and not any(t.startswith(tags.OP_PREFIX) for t in lv.tags)]

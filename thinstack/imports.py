@@ -26,6 +26,7 @@ import errno
 import math
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -68,7 +69,7 @@ class Summary:
 
 # --- decisions ---------------------------------------------------------------------------------
 
-def policy(allow_dirs: tuple[Path, ...], env: dict[str, str] = os.environ) -> Policy:
+def policy(allow_dirs: tuple[Path, ...], env: Mapping[str, str] = os.environ) -> Policy:
     text = env.get(MAX_VIRTUAL_SIZE_ENV)
     try:
         limit = parse_size(text) if text else DEFAULT_MAX_VIRTUAL_SIZE

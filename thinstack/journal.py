@@ -125,9 +125,9 @@ def check(data: object, vg: str, id: str) -> str | None:
     for step in data["steps"]:
         if not isinstance(step, str):
             return f"steps: {type(step).__name__} where str belongs"
-        kind, _, target = step.partition(":")
-        if kind in _NUMERIC_STEPS and not target.isdigit():
-            return f"step {step!r} is not {kind}:NUMBER"
+        step_kind, _, target = step.partition(":")
+        if step_kind in _NUMERIC_STEPS and not target.isdigit():
+            return f"step {step!r} is not {step_kind}:NUMBER"
     return None
 
 

@@ -20,6 +20,7 @@ from thinstack import thinpool
 from thinstack.dm import tools
 from thinstack.dm.command import CommandError
 from thinstack.dm.errors import DmError
+from thinstack.dm.pool import Pool
 from thinstack.errors import Refused, ThinstackError
 from thinstack.extents import Extent, Kind, coalesce, fill_gaps
 from thinstack.lvm import LV
@@ -69,7 +70,7 @@ def block_count(extents: list[Extent], unit: int) -> int:
 
 # --- reading the pool's metadata ---------------------------------------------------------------
 
-def read(pool: LV, thin_id: int, base_id: int | None = None, *, device=None
+def read(pool: LV, thin_id: int, base_id: int | None = None, *, device: Pool | None = None
          ) -> tuple[tools.ThinRanges, tools.ThinDelta | None]:
     """Thin device `thin_id`'s mappings and, given a base, how it differs from thin device
     `base_id`: both from one metadata snapshot of the live pool. `device`: the pool's kernel

@@ -27,7 +27,8 @@ from pathlib import Path
 from thinstack import lvm, thinpool
 from thinstack.dm.client import DeviceMapper
 from thinstack.dm.errors import DmError
-from thinstack.dm.status import Failed
+from thinstack.dm.status import Failed, ThinPoolStatus
+from thinstack.dm.targets import ThinPoolTarget
 from thinstack.errors import Alert, ThinstackError
 from thinstack.growth import (
     CowView,
@@ -136,11 +137,14 @@ class Monitor:
         if isinstance(st, Failed):
             return Report("pool", lv.vg, lv.name, mode="fail", alert=(
                 "the pool has failed: it needs `thinstack pool check` and repair")), 0
+        target = kernel.dm.table(kernel.name).target
+        if not isinstance(st, ThinPoolStatus) or not isinstance(target, ThinPoolTarget):
+            raise DmError(f"{kernel.name} is not a thin-pool device")
         data, metadata = spaces(st, lv.chunk_size)
         view = PoolView(
             data=data, metadata=metadata, chunk=lv.chunk_size, mode=st.mode.value,
             error_if_no_space=st.error_if_no_space, needs_check=st.needs_check,
-            low_water_mark=kernel.dm.table(kernel.name).target.low_water_mark,
+            low_water_mark=target.low_water_mark,
             settings=settings(lv.tags))
         h = self._history(lv, view.data.used, view.metadata.used)
         plan = plan_pool(view, room=room, extent=extent, data_rate=write_rate(h.data),

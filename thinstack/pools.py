@@ -262,6 +262,7 @@ def _create(journal: Journal, entry: Entry, devices: list[str], file: Path | Non
             size: int | None, chunk: int, pool_tag_list: list[str], reuse: bool = False) -> None:
     vg = entry.vg
     if file is not None:
+        assert size is not None  # check_create_args: --file needs --size
         journal.step(entry, f"file:{file}")
         journal.step(entry, f"file-id:{backing.make_sparse_file(file, size, reuse)}")
         journal.step(entry, f"loop:{file}")

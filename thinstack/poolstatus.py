@@ -88,7 +88,12 @@ def pool_status(info: lvm.VG, pool: LV, lvs: list[LV],
 
 def _kernel_status(pool: LV) -> ThinPoolStatus | Failed | None:
     device = kernel_pool(pool)
-    return device.dm.target_status(device.name) if device is not None else None
+    if device is None:
+        return None
+    status = device.dm.target_status(device.name)
+    if not isinstance(status, ThinPoolStatus | Failed):
+        raise ThinstackError(f"{pool.ref}: {device.name} is not a thin-pool device")
+    return status
 
 
 def check(vg: str) -> str:

@@ -56,18 +56,19 @@ def plan(entries: Iterable[Entry], lvs: list[LV], keep: frozenset[str] = frozens
             continue
         for step in e.steps:
             kind, _, name = step.partition(":")
-            lv = by_name.get(name)
+            target = by_name.get(name)
             # A gold master stays read-only whatever else happened: its tag is gold's commit.
-            if kind == "inactive" and lv is not None and not lv.active:
-                actions.append(Action("activate", str(lv.ref)))
+            if kind == "inactive" and target is not None and not target.active:
+                actions.append(Action("activate", str(target.ref)))
             # A device outside the VG made read-only for a clone, unless a clone still reads it.
             if kind == "devro" and not any(
                     tags.value(o.tags, tags.EXT_ORIGIN) == name and o.name not in removed
                     for o in lvs):
                 actions.append(Action("device-writable", name))
-            if kind == "readonly" and lv is not None and lv.readonly and TAG_GOLD not in lv.tags \
+            if kind == "readonly" and target is not None and target.readonly \
+                    and TAG_GOLD not in target.tags \
                     and not any(o.origin == name and o.name not in removed for o in lvs):
-                actions.append(Action("writable", str(lv.ref)))
+                actions.append(Action("writable", str(target.ref)))
     return actions
 
 
@@ -94,13 +95,18 @@ def _remove(a: Action) -> None:
     lvm.lvm("lvremove", "-y", "-f", a.target)
 
 
+def _release(a: Action) -> None:
+    vg, _, name = a.target.partition("/")
+    extorigin.release_device(vg, name, a.arg)
+
+
 _EXECUTORS: dict[str, Callable[[Action], object]] = {
     "remove": _remove,
     "deltag": lambda a: lvm.lvm("lvchange", "--deltag", a.arg, a.target),
     "writable": lambda a: lvm.lvm("lvchange", "-prw", a.target),
     "activate": lambda a: lvm.lvm("lvchange", "-ay", "-K", a.target),
     "device-writable": lambda a: extorigin.set_writable(a.target),
-    "release": lambda a: extorigin.release_device(*a.target.split("/", 1), a.arg),
+    "release": _release,
 }
 
 # Operations outside this module recover their own entries, before the generic volume plan.
@@ -151,8 +157,9 @@ def recover_vg(vg: str, journal: Journal | None = None, *, explicit: bool = Fals
     later = [e for e in pending if deferred(e, explicit)]
     entries = [e for e in pending if e not in later]
     for e in entries:
-        if e.op in HANDLERS:
-            _handler(e.op)(e)
+        handler = _handler(e.op)
+        if handler is not None:
+            handler(e)
     if lvs is None or any(e.op in HANDLERS for e in entries):
         lvs = lvm.lvs(vg) if lvm.vgs(vg) else []
     actions = plan([e for e in entries if e.op not in HANDLERS], lvs,

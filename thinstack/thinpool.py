@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -45,7 +46,7 @@ def kernel_pool(pool: LV, dm: DeviceMapper | None = None) -> Pool | None:
     name = os.path.basename(pool.dm_path)
     for candidate in (f"{name}-tpool", name):
         if dm.exists(candidate):
-            return Pool(dm, candidate, reader_lock=lambda name=candidate: metadata_reader(name))
+            return Pool(dm, candidate, reader_lock=partial(metadata_reader, candidate))
     return None
 
 

@@ -192,7 +192,7 @@ def _outside_clone(op: Op, path: str, ref: VolumeRef) -> None:
 
 
 def _outside_refusal(lv: LV) -> str:
-    path, _ = extorigin.recorded(lv)
+    path = extorigin.origin_path(lv)
     return (f"{lv.ref} reads a device outside LVM ({path}), which LVM cannot give a snapshot; "
             f"clone {path} again instead")
 
