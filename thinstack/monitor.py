@@ -24,7 +24,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from thinstack import lvm, thinpool
+from thinstack import thinpool
 from thinstack.dm.client import DeviceMapper
 from thinstack.dm.errors import DmError
 from thinstack.dm.status import Failed, ThinPoolStatus
@@ -43,7 +43,7 @@ from thinstack.growth import (
     write_rate,
 )
 from thinstack.lock import LockTimeout, flocked
-from thinstack.lvm import LV, CommandError
+from thinstack.lvm import LV, CommandError, Lvm, default_lvm
 from thinstack.sizes import format_size
 from thinstack.state import run_dir
 from thinstack.tags import POOL as TAG_POOL
@@ -77,9 +77,10 @@ class History:
 
 
 class Monitor:
-    def __init__(self, interval: float, dm: DeviceMapper | None = None):
+    def __init__(self, interval: float, dm: DeviceMapper | None = None, lvm: Lvm | None = None):
         self.interval = interval
         self.dm = dm or DeviceMapper()
+        self.lvm = lvm or default_lvm()
         self.history: dict[str, History] = {}
         self.alerts: set[str] = set()  # the volumes in alert at the last pass
         self.command_times = deque([FIRST_COMMAND_SECONDS], maxlen=TIMED_COMMANDS)
@@ -97,10 +98,10 @@ class Monitor:
 
     def check_all(self) -> list[Report]:
         """One pass over every VG's thinstack pools and CoW volumes."""
-        lvs = lvm.lvs()
+        lvs = self.lvm.lvs()
         reports: list[Report] = []
         self.pool_devices = set()
-        for vg in lvm.vgs():
+        for vg in self.lvm.vgs():
             room = vg.free  # what is left for the next device once this one has grown
             in_vg = {lv.name: lv for lv in lvs if lv.vg == vg.name}
             for lv in in_vg.values():
@@ -166,11 +167,11 @@ class Monitor:
             self._grow(h, ref, view.metadata.size, plan.grow_metadata, "metadata",
                        "--poolmetadatasize", *config)
         if plan.error_if_no_space is not None:
-            lvm.lvm("lvchange", "-q", "--errorwhenfull", "y" if plan.error_if_no_space else "n",
-                    ref, *config)
+            self.lvm.run("lvchange", "-q", "--errorwhenfull",
+                         "y" if plan.error_if_no_space else "n", ref, *config)
             log(f"{ref}: {'errors' if plan.error_if_no_space else 'queues'} writes when full")
         if plan.rearm:
-            lvm.lvm("lvchange", "-q", "--refresh", ref, *config)
+            self.lvm.run("lvchange", "-q", "--refresh", ref, *config)
         mode = plan.error_if_no_space if plan.error_if_no_space is not None \
             else view.error_if_no_space
         return Report("pool", lv.vg, lv.name, data_percent=view.data.percent,
@@ -203,7 +204,7 @@ class Monitor:
     def _grow(self, h: History, ref: str, size: int, add: int, what: str, option: str,
               *config: str) -> None:
         start = time.monotonic()
-        lvm.lvm("lvextend", "-q", option, f"+{add}b", ref, *config)
+        self.lvm.run("lvextend", "-q", option, f"+{add}b", ref, *config)
         self.command_times.append(time.monotonic() - start)
         h.growths += 1
         log(f"{ref}: grew {what} by {format_size(add)} to {format_size(size + add)} "
@@ -311,8 +312,9 @@ class Watcher(threading.Thread):
             self.wake.set()  # the device went away or changed: look again
 
 
-def run(*, once: bool, interval: float, dm: DeviceMapper | None = None) -> int:
-    monitor = Monitor(interval, dm)
+def run(*, once: bool, interval: float, dm: DeviceMapper | None = None,
+        lvm: Lvm | None = None) -> int:
+    monitor = Monitor(interval, dm, lvm)
     if once:
         reports = monitor.check_all()
         write_metrics(reports)

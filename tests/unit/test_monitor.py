@@ -1,4 +1,4 @@
-"""The monitor's mapping of decisions to commands, with LVM and device-mapper mocked out."""
+"""The monitor's mapping of decisions to commands, over a fake LVM and a fake device-mapper."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from unittest import mock
 
 import pytest
 
+from tests.unit.test_pools import FakeLvm
 from thinstack import monitor
 from thinstack.dm.client import DeviceInfo
 from thinstack.dm.command import CommandError
@@ -69,18 +70,20 @@ class FakeDM:
 
 
 @pytest.fixture
-def env(tmp_path, monkeypatch, mocker):
+def env(tmp_path, monkeypatch):
+    """A fake LVM, the default for a Monitor that is handed none."""
     monkeypatch.setenv("THINSTACK_RUN_DIR", str(tmp_path / "run"))
-    return mocker.patch("thinstack.lvm.lvm", return_value="")
+    fake = FakeLvm()
+    monkeypatch.setattr("thinstack.lvm.LVM", fake)
+    return fake
 
 
-def setup(mocker, lvs, vgs):
-    mocker.patch("thinstack.lvm.lvs", return_value=lvs)
-    mocker.patch("thinstack.lvm.vgs", return_value=vgs)
+def setup(fake, lvs, vgs):
+    fake.lv_list[:], fake.vg_list[:] = lvs, vgs
 
 
-def commands(lvm_mock):
-    return [list(c.args) for c in lvm_mock.call_args_list]
+def commands(fake):
+    return [list(c) for c in fake.commands]
 
 
 def one_pass(dm, interval=5.0):
@@ -90,47 +93,47 @@ def one_pass(dm, interval=5.0):
 # --- pools -------------------------------------------------------------------------------------
 
 def test_pool_below_threshold_with_its_event_armed_runs_nothing(env, mocker):
-    setup(mocker, [pool_lv()], [vg()])
+    setup(env, [pool_lv()], [vg()])
     [report] = one_pass(FakeDM(**{"vg-pool-tpool": (status(1000), ARMED)}))
     assert commands(env) == []
     assert report.alert is None and report.data_percent == pytest.approx(1000 / 40.96)
 
 
 def test_pool_over_threshold_is_extended_by_the_step(env, mocker):
-    setup(mocker, [pool_lv()], [vg()])
+    setup(env, [pool_lv()], [vg()])
     [report] = one_pass(FakeDM(**{"vg-pool-tpool": (status(3000), ARMED)}))
     assert commands(env) == [["lvextend", "-q", "-L", f"+{64 * MiB}b", "vg/pool", *CONFIG]]
     assert report.growths == 1
 
 
 def test_the_pool_itself_when_it_has_no_thin_volumes_yet(env, mocker):
-    setup(mocker, [pool_lv()], [vg()])
+    setup(env, [pool_lv()], [vg()])
     one_pass(FakeDM(**{"vg-pool": (status(3000), ARMED)}))
     assert commands(env)[0][0] == "lvextend"
 
 
 def test_metadata_over_threshold_grows_the_metadata(env, mocker):
-    setup(mocker, [pool_lv()], [vg()])
+    setup(env, [pool_lv()], [vg()])
     one_pass(FakeDM(**{"vg-pool-tpool": (status(10, meta_used=800), ARMED)}))
     assert commands(env) == [["lvextend", "-q", "--poolmetadatasize", f"+{4 * MiB}b", "vg/pool",
                               *CONFIG]]
 
 
 def test_a_disarmed_low_water_mark_is_set_again_through_lvm(env, mocker):
-    setup(mocker, [pool_lv()], [vg()])
+    setup(env, [pool_lv()], [vg()])
     one_pass(FakeDM(**{"vg-pool-tpool": (status(10), 0)}))
     assert commands(env) == [["lvchange", "-q", "--refresh", "vg/pool", *CONFIG]]
 
 
 def test_threshold_below_lvms_minimum_is_given_as_50(env, mocker):
     tags = frozenset({"ts_pool", "ts_grow_threshold=30"})
-    setup(mocker, [pool_lv(tags)], [vg()])
+    setup(env, [pool_lv(tags)], [vg()])
     one_pass(FakeDM(**{"vg-pool-tpool": (status(10), 0)}))
     assert commands(env)[0][-1] == "activation{thin_pool_autoextend_threshold=50}"
 
 
 def test_no_room_switches_to_error_mode_and_once_exits_7(env, mocker, tmp_path, capsys):
-    setup(mocker, [pool_lv()], [vg(free=0)])
+    setup(env, [pool_lv()], [vg(free=0)])
     with pytest.raises(Alert) as raised:
         monitor.run(once=True, interval=5, dm=FakeDM(**{"vg-pool-tpool": (status(3000), ARMED)}))
     assert raised.value.exit_status == 7
@@ -142,7 +145,7 @@ def test_no_room_switches_to_error_mode_and_once_exits_7(env, mocker, tmp_path, 
 
 
 def test_room_back_grows_then_queues_again(env, mocker, tmp_path):
-    setup(mocker, [pool_lv()], [vg()])
+    setup(env, [pool_lv()], [vg()])
     full = status(BLOCKS_256M, mode=PoolMode.OUT_OF_DATA_SPACE, error_if_no_space=True)
     assert monitor.run(once=True, interval=5, dm=FakeDM(**{"vg-pool-tpool": (full, ARMED)})) == 0
     [grow, mode] = commands(env)
@@ -154,27 +157,27 @@ def test_room_back_grows_then_queues_again(env, mocker, tmp_path):
 
 
 def test_no_grow_pool_is_left_alone(env, mocker):
-    setup(mocker, [pool_lv(POOL_TAGS | {"ts_no_grow"})], [vg(free=0)])
+    setup(env, [pool_lv(POOL_TAGS | {"ts_no_grow"})], [vg(free=0)])
     [report] = one_pass(FakeDM(**{"vg-pool-tpool": (status(BLOCKS_256M - 1), 0)}))
     assert commands(env) == [] and report.alert is None
 
 
 def test_untagged_pools_are_not_thinstacks(env, mocker):
-    setup(mocker, [pool_lv(frozenset())], [vg()])
+    setup(env, [pool_lv(frozenset())], [vg()])
     assert one_pass(FakeDM()) == []
 
 
 def test_a_failed_pool_is_an_alert(env, mocker):
-    setup(mocker, [pool_lv()], [vg()])
+    setup(env, [pool_lv()], [vg()])
     dm = FakeDM(**{"vg-pool-tpool": (Failed(), 0)})
     [report] = one_pass(dm)
     assert commands(env) == [] and "failed" in report.alert and report.mode == "fail"
 
 
 def test_a_fast_writer_gets_a_bigger_step(env, mocker):
-    setup(mocker, [pool_lv()], [vg()])
+    setup(env, [pool_lv()], [vg()])
     clock = mocker.patch("thinstack.monitor.time.monotonic", return_value=100.0)
-    env.side_effect = lambda *args: setattr(clock, "return_value", clock.return_value + 3) or ""
+    env.on_command = lambda *args: setattr(clock, "return_value", clock.return_value + 3)
     dm = FakeDM(**{"vg-pool-tpool": (status(100), ARMED)})
     m = monitor.Monitor(1.0, dm)
     m.check_all()
@@ -192,8 +195,8 @@ def test_a_fast_writer_gets_a_bigger_step(env, mocker):
 
 
 def test_one_pools_failure_does_not_stop_the_others(env, mocker):
-    setup(mocker, [pool_lv(vg="a"), pool_lv(vg="b")], [vg(name="a"), vg(name="b")])
-    env.side_effect = [CommandError(["lvm"], 5, "boom"), ""]
+    setup(env, [pool_lv(vg="a"), pool_lv(vg="b")], [vg(name="a"), vg(name="b")])
+    env.runner.on("lvm", CommandError(["lvm"], 5, "boom"), "")
     dm = FakeDM(**{"a-pool-tpool": (status(3000), ARMED),
                    "b-pool-tpool": (status(3000), ARMED)})
     a, b = one_pass(dm)
@@ -210,14 +213,14 @@ def cow_lvs(percent, *, size=8 * MiB, tags=frozenset()):
 
 
 def test_cow_over_threshold_grows_its_store(env, mocker):
-    setup(mocker, cow_lvs(75.0), [vg()])
+    setup(env, cow_lvs(75.0), [vg()])
     [report] = one_pass(FakeDM())
     assert commands(env) == [["lvextend", "-q", "-L", f"+{64 * MiB}b", "vg/cow"]]
     assert report.kind == "cow" and report.growths == 1
 
 
 def test_cow_below_threshold_runs_nothing(env, mocker):
-    setup(mocker, cow_lvs(50.0), [vg()])
+    setup(env, cow_lvs(50.0), [vg()])
     one_pass(FakeDM())
     assert commands(env) == []
 
@@ -225,13 +228,13 @@ def test_cow_below_threshold_runs_nothing(env, mocker):
 def test_invalid_cow_is_an_alert(env, mocker):
     lvs = cow_lvs(None)
     lvs[1] = lv("cow", "swi-I-s---", size=8 * MiB, origin="base", chunk=4 * KiB)
-    setup(mocker, lvs, [vg()])
+    setup(env, lvs, [vg()])
     [report] = one_pass(FakeDM())
     assert "invalid" in report.alert and commands(env) == []
 
 
 def test_devices_in_one_vg_share_its_room(env, mocker):
-    setup(mocker, [pool_lv(), *cow_lvs(75.0)], [vg(free=96 * MiB)])
+    setup(env, [pool_lv(), *cow_lvs(75.0)], [vg(free=96 * MiB)])
     pool, cow = one_pass(FakeDM(**{"vg-pool-tpool": (status(3000), ARMED)}))
     assert [c[3] for c in commands(env)] == [f"+{64 * MiB}b", f"+{32 * MiB}b"]
     assert pool.alert is None and cow.alert is None
@@ -280,7 +283,7 @@ def test_watcher_waits_from_each_new_event_and_ends_with_its_device():
 
 
 def test_loop_runs_passes_until_sigterm_and_exits_cleanly(env, mocker, tmp_path):
-    setup(mocker, [], [])
+    setup(env, [], [])
     handlers = {}
     mocker.patch("thinstack.monitor.signal.signal",
                  side_effect=lambda sig, handler: handlers.setdefault(sig, handler))
@@ -314,7 +317,7 @@ def test_two_monitors_never_grow_the_same_pool_at_once(env, mocker):
     second monitor in this same process conflicts as one in another process would)."""
     from thinstack.lock import flocked
 
-    setup(mocker, [pool_lv()], [vg()])
+    setup(env, [pool_lv()], [vg()])
     dm = FakeDM(**{"vg-pool-tpool": (status(3000), ARMED)})
     with flocked(monitor.growth_lock(pool_lv()), 1, "held"):  # the other monitor, mid-growth
         [report] = one_pass(dm)
@@ -328,7 +331,7 @@ def test_concurrent_passes_grow_once(env, mocker):
     read it over its threshold: one lvextend, not two."""
     import threading
 
-    setup(mocker, [pool_lv()], [vg()])
+    setup(env, [pool_lv()], [vg()])
     dm = FakeDM(**{"vg-pool-tpool": (status(3000), ARMED)})
     together = threading.Barrier(2, timeout=1)
     real = monitor.Monitor.check_pool

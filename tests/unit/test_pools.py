@@ -252,7 +252,9 @@ class FakeLvm(Lvm):
 
     def __init__(self, vgs=(), lvs=(), pvs=(), on_command=None):
         super().__init__(FakeRunner())
-        self.vg_list, self.lv_list, self.pv_list = vgs, list(lvs), list(pvs)
+        # vgs: kept as given, so a test may grow the list the fake reads
+        self.vg_list = vgs if isinstance(vgs, list) else list(vgs)
+        self.lv_list, self.pv_list = list(lvs), list(pvs)
         self.on_command = on_command
 
     def run(self, *args, timeout=None):
