@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.unit.test_pools import FakeLvm
 from thinstack import exports, recovery
 from thinstack.dm import tools
 from thinstack.errors import NotFound, Refused
@@ -237,11 +238,10 @@ def test_recovery_removes_the_snapshot_and_the_temporary_file(dirs, mocker):
     partial.write_bytes(b"half an image")
     entry = Entry(id="abc", op="export", vg="vg", args=dict(
         name="vm1", dest=str(dirs / "d.vhd"), partial=str(partial)))
-    mocker.patch("thinstack.lvm.volumes_of", return_value=[
-        SOURCE, lv("vm1.export-abc", origin="vm1", tags={entry.tag}), LAST])
-    run = mocker.patch("thinstack.lvm.lvm")
+    fake = FakeLvm(lvs=[SOURCE, lv("vm1.export-abc", origin="vm1", tags={entry.tag}), LAST])
+    mocker.patch("thinstack.lvm.LVM", fake)
     exports.recover(entry)
-    run.assert_called_once_with("lvremove", "-q", "-y", "-f", "vg/vm1.export-abc")
+    assert fake.commands == [("lvremove", "-q", "-y", "-f", "vg/vm1.export-abc")]
     assert not partial.exists()
 
 
@@ -273,11 +273,11 @@ def test_a_foreign_last_export_is_never_the_base(dirs):
 def test_rollback_removes_only_a_snapshot_of_the_exported_volume(dirs, mocker):
     entry = Entry(id="abc", op="export", vg="vg", args=dict(
         name="vm1", dest=str(dirs / "d.vhd"), partial=str(dirs / ".d.vhd.partial-1")))
-    mocker.patch("thinstack.lvm.volumes_of", return_value=[
-        SOURCE, lv("other", origin="vm2", tags={entry.tag}), lv("vm1.export-abc", origin="vm1")])
-    run = mocker.patch("thinstack.lvm.lvm")
+    fake = FakeLvm(lvs=[SOURCE, lv("other", origin="vm2", tags={entry.tag}),
+                        lv("vm1.export-abc", origin="vm1")])
+    mocker.patch("thinstack.lvm.LVM", fake)
     exports.recover(entry)
-    run.assert_not_called()
+    assert fake.commands == []
 
 
 def test_a_device_suspended_and_not_resumed_is_known_from_the_journal():

@@ -3,10 +3,11 @@ import os
 
 import pytest
 
+from tests.unit.test_pools import FakeLvm
 from thinstack import journal as journal_module
 from thinstack import recovery
 from thinstack.journal import Journal, check, write_all
-from thinstack.lvm import LV
+from thinstack.lvm import LV, VG
 
 
 @pytest.fixture(autouse=True)
@@ -137,18 +138,17 @@ def lv(name, tags=()):
 
 
 @pytest.mark.parametrize("explicit", [False, True])
-def test_recovery_leaves_the_volumes_of_a_damaged_entry_alone(tmp_path, capsys, mocker,
+def test_recovery_leaves_the_volumes_of_a_damaged_entry_alone(tmp_path, capsys, monkeypatch,
                                                               explicit):
     j, e, path = torn(tmp_path, capsys)
     other = j.begin("create", "vg0", name="x")
     volumes = [lv("vm1.importing", {e.tag}), lv("x", {other.tag})]
-    mocker.patch("thinstack.lvm.vgs", return_value=["vg0"])
-    mocker.patch("thinstack.lvm.lvs", return_value=volumes)
-    run = mocker.patch("thinstack.lvm.lvm")
+    fake = FakeLvm(vgs=[VG("vg0", "u", 0, 0, 0, 0, 0, 1, frozenset())], lvs=volumes)
+    monkeypatch.setattr("thinstack.lvm.LVM", fake)
     actions = recovery.recover_vg("vg0", j, explicit=explicit, lvs=volumes)
     # The readable entry is rolled back; the damaged one's volume stays, and so does its file.
     assert [(a.kind, a.target) for a in actions] == [("remove", "vg0/x")]
-    assert all("vm1.importing" not in " ".join(c.args) for c in run.call_args_list)
+    assert all("vm1.importing" not in " ".join(c) for c in fake.commands)
     assert path.exists() and j.pending() == []
 
 
@@ -159,9 +159,7 @@ def test_recover_tells_the_operator_what_to_do_with_a_damaged_entry(tmp_path, ca
     monkeypatch.setenv("THINSTACK_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.setenv("THINSTACK_RUN_DIR", str(tmp_path / "run"))
     j, e, path = torn(tmp_path / "state" / "journal", capsys)
-    mocker.patch("thinstack.lvm.vgs", return_value=[])
-    mocker.patch("thinstack.lvm.lvs", return_value=[])
-    mocker.patch("thinstack.lvm.lvm")
+    monkeypatch.setattr("thinstack.lvm.LVM", FakeLvm())
     assert cli.main(["recover"]) == 1
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert str(path) in line and f"delete {path}" in line and f"@ts_op_{e.id}" in line
