@@ -145,7 +145,8 @@ def test_every_format_reads_back_as_the_volume_and_only_mapped_blocks_are_read(v
 
     # What cannot be done fails with one clear line and the documented status.
     cases = [
-        (("vg0/vm1", str(tmp_path / "x.raw"), "--incremental"), 1, "raw has no incremental form"),
+        (("vg0/vm1", str(tmp_path / "x.raw"), "--incremental"), 2,  # usage
+         "raw has no incremental form"),
         (("vg0/nope", str(tmp_path / "x.raw")), 3, "no such volume"),
         (("vg0/vm1", str(tmp_path / "no/such/dir.raw")), 3, "no such directory"),
         (("vg0/vm1", str(tmp_path / "x.vhd"), "--format", "vhd", "--since", "nope",
