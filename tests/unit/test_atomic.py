@@ -7,6 +7,7 @@ import stat
 import pytest
 
 from thinstack import exports
+from thinstack.errors import ThinstackError
 from thinstack.exporters import ExportError, driver
 from thinstack.exporters.atomic import AtomicFile, kept_mode, partial_name, remove_partial
 
@@ -77,8 +78,10 @@ def test_no_planted_symlink_is_followed(tmp_path, loose_umask):
     os.symlink(victim, folder / f".d.raw.partial-{os.getpid()}")  # the old name
     chosen = partial_name(dest)
     os.symlink(victim, folder / chosen)
-    with pytest.raises(ExportError, match="already exists"):
+    # Not the operator's mistake: a failure (exit 1), not a usage error.
+    with pytest.raises(ThinstackError, match="already exists") as raised:
         write_image("raw", dest, partial=chosen)
+    assert not isinstance(raised.value, ExportError) and raised.value.exit_status == 1
     assert os.path.islink(folder / chosen)  # left as it was
     write_image("raw", dest)
     assert victim.read_bytes() == b"precious" and mode(victim) == 0o644
@@ -94,8 +97,9 @@ def test_a_file_planted_at_the_chosen_name_fails_the_export_and_stays(tmp_path):
     dest = tmp_path / "d.qcow2"
     chosen = partial_name(dest)
     (tmp_path / chosen).write_bytes(b"not ours")
-    with pytest.raises(ExportError, match="already exists"):
+    with pytest.raises(ThinstackError, match="already exists") as raised:
         write_image("qcow2", dest, partial=chosen)
+    assert raised.value.exit_status == 1
     assert (tmp_path / chosen).read_bytes() == b"not ours" and not dest.exists()
 
 
