@@ -23,7 +23,7 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from thinstack.errors import BadImage
 from thinstack.extents import Extent
@@ -102,6 +102,13 @@ class Image(Protocol):
         """Bytes of any range in [0, virtual_size); holes read as zeros."""
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class Converting(Image, Protocol):
+    """An image that writes itself into a device (qemu-img convert), rather than being read."""
+
+    def convert_into(self, path: str) -> None: ...
 
 
 def driver(name: str):

@@ -1,4 +1,5 @@
-"""Fakes to hand in where the product takes a collaborator: `FakeRunner` for a command Runner."""
+"""Fakes to hand in where the product takes a collaborator: `FakeRunner` for a command Runner,
+`FakeLvm` for an Lvm."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 
 from thinstack.dm.command import CommandError, Runner
+from thinstack.lvm import Lvm
 
 
 @dataclass(frozen=True)
@@ -73,3 +75,37 @@ class FakeRunner(Runner):
 
 def _raise(e: BaseException) -> str:
     raise e
+
+
+class FakeLvm(Lvm):
+    """An Lvm whose reports are these objects; its commands are recorded by a FakeRunner
+    (`commands`: without the leading `lvm`) and then handed to `on_command`."""
+
+    def __init__(self, vgs=(), lvs=(), pvs=(), on_command=None):
+        super().__init__(FakeRunner())
+        # vgs: kept as given, so a test may grow the list the fake reads
+        self.vg_list = vgs if isinstance(vgs, list) else list(vgs)
+        self.lv_list, self.pv_list = list(lvs), list(pvs)
+        self.on_command = on_command
+
+    def run(self, *args, timeout=None):
+        out = super().run(*args, timeout=timeout)
+        if self.on_command:
+            self.on_command(*args)
+        return out
+
+    def vgs(self, vg=None):
+        return [v for v in self.vg_list if vg in (None, v.name)]
+
+    def lvs(self, vg=None, *, all_=False):
+        return [x for x in self.lv_list if vg in (None, x.vg)]
+
+    def find_lv(self, ref):
+        return next((x for x in self.lv_list if x.ref == ref), None)
+
+    def pvs(self):
+        return self.pv_list
+
+    @property
+    def commands(self):
+        return [tuple(c.argv[1:]) for c in self.runner.calls if c.argv[:1] == ["lvm"]]

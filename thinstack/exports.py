@@ -123,7 +123,7 @@ def next_record(last: Record | None, base: Base | None, snapshot: str, uuid: str
                 format: str) -> Record:
     """The record of an --incremental export to `path` from snapshot `snapshot`, over `base`
     (the last export's snapshot, whose record is `last`) or full."""
-    chain = (str(path),)
+    chain: tuple[str, ...] = (str(path),)
     if base is not None and last is not None and format not in SELF_CONTAINED:
         chain += last.chain
     return Record(snapshot, uuid, str(path), format, chain)
@@ -153,6 +153,7 @@ def incremental_base(format: str, dest: Path, record: Record | None, last: LV | 
         return None, f"the chain has {len(record.chain)} images, the most readers follow"
     if Path(record.path) == dest and format not in SELF_CONTAINED:
         return None, f"DEST is the last export, which {INCREMENTAL[format]} needs as its parent"
+    assert last.thin_id is not None  # last_export: a thin snapshot
     return Base(last.name, last.thin_id, Path(record.path)), f"changes since {last.name}"
 
 
@@ -192,6 +193,7 @@ def since_base(snap: LV, source: LV, parent: Path | None, record: Record | None)
             raise NotFound(f"no image is recorded for {snap.ref}: pass --parent IMAGE, the image "
                            f"exported from it")
         parent = Path(record.path)
+    assert snap.thin_id is not None  # is_thin, checked above
     return Base(snap.name, snap.thin_id, parent)
 
 
@@ -226,6 +228,7 @@ def volume_extents(kind: SourceKind, size: int, mapped: tools.ThinRanges | None,
         return list(mapping.changed_extents(delta, size,
                                             unmapped_reads_zero=kind == SourceKind.THIN))
     if kind == SourceKind.THIN:
+        assert mapped is not None  # a thin volume's mapping is always read
         return list(mapping.mapped_extents(mapped, size))
     return [Extent(0, size, Kind.DATA)]
 
@@ -348,6 +351,7 @@ def _start(ref: VolumeRef, dest: Path, format: str, incremental: bool, since: st
             # A read-only volume cannot change under the copy; --incremental keeps a snapshot
             # even of one, as the next export's base.
             if incremental or not source.readonly:
+                assert pool is not None  # source_kind: only a thin volume may be writable
                 kernel = thinpool.kernel_pool(pool)
                 thinpool.refuse_if_metadata_would_run_out(pool, kernel)
                 read_from = _snapshot(entry, source, active=active, pool=pool)
@@ -367,6 +371,7 @@ def _extents(job: _Job) -> tuple[list[Extent], int, int]:
     if job.kind == SourceKind.PLAIN:
         return volume_extents(job.kind, size, None, None), size, PLAIN_CHUNK
     thin_id = job.read_from.thin_id
+    assert job.pool is not None and thin_id is not None  # not PLAIN: a thin volume
     ranges, delta = mapping.read(job.pool, thin_id, job.base.thin_id if job.base else None,
                                  device=job.kernel)
     unit = mapping.block_size(ranges)
@@ -432,7 +437,7 @@ def _rotate(job: _Job, dest: Path, format: str) -> None:
     last = VolumeRef(snapshot.vg, job.source.name + LAST_EXPORT_SUFFIX)
     # Still the base checked at the start (the VG lock was let go meanwhile): the same LV.
     current = lvm.find_lv(job.last.ref) if job.last is not None else None
-    if current is not None and current.uuid == job.last.uuid:
+    if current is not None and job.last is not None and current.uuid == job.last.uuid:
         lvm.lvm("lvremove", "-q", "-y", "-f", str(job.last.ref))
     # A base is only ever read from the pool's metadata: it needs no device. (Renaming an
     # inactive LV is also much quicker: no device to suspend.)

@@ -36,7 +36,7 @@ from thinstack.dm.client import DeviceMapper
 from thinstack.dm.status import ThinStatus
 from thinstack.errors import Exists, NoSpace, NotFound, Refused, ThinstackError
 from thinstack.extents import Extent, Kind
-from thinstack.importers import Image, ImageError, Policy, open_image
+from thinstack.importers import Converting, Image, ImageError, Policy, open_image
 from thinstack.journal import Entry, Journal
 from thinstack.lock import vg_lock
 from thinstack.lvm import LV, VolumeRef
@@ -256,7 +256,7 @@ def _check_space(vg: str, pool: LV, needed: int) -> None:
 def _copy(op: volumes.Op, temp: VolumeRef, image: Image, extents: list[Extent], start: int,
           chunk: int, progress: bool) -> CopyStats:
     size = image.virtual_size
-    if hasattr(image, "convert_into"):
+    if isinstance(image, Converting):
         return _convert(op, temp, image, extents)
     bar = Bar(f"import {op.entry.vg}/{op.entry.args['name']}",
               data_bytes(extents, size=size, chunk=chunk, start=start)) if progress else None
@@ -288,7 +288,7 @@ def _copy(op: volumes.Op, temp: VolumeRef, image: Image, extents: list[Extent], 
     return stats
 
 
-def _convert(op: volumes.Op, temp: VolumeRef, image: Image, extents: list[Extent]
+def _convert(op: volumes.Op, temp: VolumeRef, image: Converting, extents: list[Extent]
              ) -> CopyStats:
     """The image writes itself straight into the fresh volume (no copy in $TMPDIR); what it
     skips reads as zeros there. It flushes the volume before it returns."""

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.test_pools import FakeLvm
+from tests.fakes import FakeLvm
 from thinstack import exports, recovery
 from thinstack.dm import tools
 from thinstack.errors import NotFound, Refused

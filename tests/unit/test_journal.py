@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from tests.unit.test_pools import FakeLvm
+from tests.fakes import FakeLvm
 from thinstack import journal as journal_module
 from thinstack import recovery
 from thinstack.journal import Journal, check, write_all

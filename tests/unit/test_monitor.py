@@ -7,7 +7,7 @@ from unittest import mock
 
 import pytest
 
-from tests.unit.test_pools import FakeLvm
+from tests.fakes import FakeLvm
 from thinstack import monitor
 from thinstack.dm.client import DeviceInfo
 from thinstack.dm.command import CommandError

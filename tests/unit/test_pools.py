@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.fakes import FakeRunner
+from tests.fakes import FakeLvm
 from thinstack import backing, pools, recovery
 from thinstack.dm.status import Discards, PoolMode, ThinPoolStatus
 from thinstack.errors import Exists, NoSpace, NotFound, ThinstackError
 from thinstack.journal import Journal
-from thinstack.lvm import LV, PV, VG, BadName, Lvm
+from thinstack.lvm import LV, PV, VG, BadName
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 EXTENT = 4 * MiB
@@ -244,40 +244,6 @@ class FakePrepared:
 
     def create(self):
         self.created = True
-
-
-class FakeLvm(Lvm):
-    """An Lvm whose reports are these objects; its commands are recorded by a FakeRunner
-    (`commands`: without the leading `lvm`) and then handed to `on_command`."""
-
-    def __init__(self, vgs=(), lvs=(), pvs=(), on_command=None):
-        super().__init__(FakeRunner())
-        # vgs: kept as given, so a test may grow the list the fake reads
-        self.vg_list = vgs if isinstance(vgs, list) else list(vgs)
-        self.lv_list, self.pv_list = list(lvs), list(pvs)
-        self.on_command = on_command
-
-    def run(self, *args, timeout=None):
-        out = super().run(*args, timeout=timeout)
-        if self.on_command:
-            self.on_command(*args)
-        return out
-
-    def vgs(self, vg=None):
-        return [v for v in self.vg_list if vg in (None, v.name)]
-
-    def lvs(self, vg=None, *, all_=False):
-        return [x for x in self.lv_list if vg in (None, x.vg)]
-
-    def find_lv(self, ref):
-        return next((x for x in self.lv_list if x.ref == ref), None)
-
-    def pvs(self):
-        return self.pv_list
-
-    @property
-    def commands(self):
-        return [tuple(c.argv[1:]) for c in self.runner.calls if c.argv[:1] == ["lvm"]]
 
 
 @pytest.fixture
