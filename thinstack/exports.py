@@ -61,7 +61,6 @@ from thinstack.lock import held, vg_lock
 from thinstack.lvm import LV, VolumeRef
 from thinstack.progress import Bar
 from thinstack.state import run_dir, state_dir
-from thinstack.tags import OP_PREFIX
 
 # The formats with an incremental form, and what that form is.
 INCREMENTAL = {"vhd": "a differencing VHD", "qcow2": "a qcow2 overlay",
@@ -454,7 +453,7 @@ def _rotate(job: _Job, dest: Path, format: str) -> None:
 def _find(name: str, lvs: list[LV], ref: VolumeRef) -> LV:
     for lv in lvs:
         if lv.name == name and not lv.internal and not lv.is_thin_pool \
-                and not any(t.startswith(OP_PREFIX) for t in lv.tags):
+                and not lv.op_tags:
             return lv
     raise NotFound(f"{ref.vg}/{name}: no such volume")
 

@@ -251,7 +251,7 @@ def activate_all(lvs: list[LV], pool: LV) -> list[NotFound | Refused]:
     whose origin is missing must not keep the others down)."""
     failed = []
     for lv in lvs:
-        if is_outside_clone(lv) and not any(t.startswith(tags.OP_PREFIX) for t in lv.tags) \
+        if is_outside_clone(lv) and not lv.op_tags \
                 and tags.LAST_EXPORT not in lv.tags:
             try:
                 activate(lv, pool)
@@ -265,4 +265,4 @@ def dependants(path: str, lvs: list[LV]) -> list[LV]:
     target = os.path.realpath(path)
     return [lv for lv in lvs if (origin := origin_path(lv)) is not None
             and os.path.realpath(origin) == target
-            and not any(t.startswith(tags.OP_PREFIX) for t in lv.tags)]
+            and not lv.op_tags]

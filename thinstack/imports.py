@@ -30,16 +30,16 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from thinstack import faults, growth, lvm, recovery, volumes
+from thinstack import faults, growth, lvm
 from thinstack.copy import BlockDeviceSink, CopyStats, copy_extents, data_bytes
 from thinstack.dm.client import DeviceMapper
 from thinstack.dm.status import ThinStatus
 from thinstack.errors import Exists, NoSpace, NotFound, Refused, ThinstackError
 from thinstack.extents import Extent, Kind
 from thinstack.importers import Converting, Image, ImageError, Policy, open_image
-from thinstack.journal import Entry, Journal
-from thinstack.lock import vg_lock
+from thinstack.journal import Entry, Journal, Step, StepKind, last_target
 from thinstack.lvm import LV, VolumeRef
+from thinstack.operation import KEEP_FOR_RESUME, ROLL_BACK, Op, operation
 from thinstack.progress import Bar
 from thinstack.sizes import SECTOR, format_size, parse_size
 
@@ -110,13 +110,13 @@ def changed(journalled: dict, now: dict) -> list[str]:
 
 def copied(entry: Entry) -> int:
     """The journalled copy position: everything before it is on the volume."""
-    done = [int(s.partition(":")[2]) for s in entry.steps if s.startswith("copied:")]
-    return done[-1] if done else 0
+    return int(last_target(entry.steps, StepKind.COPIED) or 0)
 
 
 def resumable(error: BaseException, entry: Entry) -> bool:
     """Worth keeping for --resume: the volume was made, and the image itself was fine."""
-    return any(s.startswith("created:") for s in entry.steps) and not isinstance(error, ImageError)
+    return last_target(entry.steps, StepKind.CREATED) is not None \
+        and not isinstance(error, ImageError)
 
 
 def direct(image: Image, pool_attr: str, pool: str = "VG/POOL") -> bool:
@@ -151,20 +151,13 @@ def import_image(source: str | os.PathLike, ref: VolumeRef, *, format: str = "au
         extents = list(image.extents())
         wanted = volume_size(image.virtual_size, size)
         journal = Journal()
-        # As volumes.operation(), except that a resumed import continues its old entry.
-        with vg_lock(ref.vg):
-            lvs = lvm.volumes_of(ref.vg)
-            if recovery.recover_vg(ref.vg, journal, lvs=lvs):
-                lvs = lvm.volumes_of(ref.vg)
-            op = volumes.Op(_entry(journal, ref, source, identity(source, image), wanted, resume),
-                            lvs)
-            try:
-                stats, chunk = _run(op, ref, image, extents, progress)
-            except BaseException as e:
-                if not resumable(e, op.entry):
-                    _abandon(journal, op.entry)
-                raise
-            journal.finish(op.entry)
+        # A resumed import continues its old entry; a failed one is kept for --resume when the
+        # volume was made and the image itself was fine.
+        with operation("import", ref.vg, lambda lvs: _entry(
+                journal, ref, source, identity(source, image), wanted, resume),
+                on_failure=lambda e, entry: KEEP_FOR_RESUME if resumable(e, entry) else ROLL_BACK,
+                journal=journal) as op:
+            stats, chunk = _run(op, ref, image, extents, progress)
     finally:
         image.close()
     return Summary(format=image.format, virtual_size=image.virtual_size,
@@ -179,11 +172,11 @@ def device_path(ref: VolumeRef) -> str:
 
 
 def _entry(journal: Journal, ref: VolumeRef, source: Path, ident: dict, size: int,
-           resume: bool) -> Entry:
-    """The journal entry to work under: a new one, or with resume the interrupted one."""
+           resume: bool) -> Entry | dict:
+    """The interrupted entry to continue (with resume), or the new entry's arguments."""
     # A committed entry is a finished import whose record was not yet removed: not ours.
     pending = [e for e in journal.pending(ref.vg) if e.op == "import"
-               and e.args.get("name") == ref.name and not e.done("committed")]
+               and e.args.get("name") == ref.name and not e.committed]
     if resume:
         if not pending:
             raise NotFound(f"{ref}: no interrupted import to resume")
@@ -197,13 +190,10 @@ def _entry(journal: Journal, ref: VolumeRef, source: Path, ident: dict, size: in
     if pending:
         raise Refused(f"an interrupted import into {ref} exists: continue it with `thinstack "
                       f"import --resume` or roll it back with `thinstack recover {ref.vg}`")
-    entry = journal.begin("import", ref.vg, name=ref.name, size=size, path=str(source),
-                          source=ident)
-    faults.point("import", "after-intent")
-    return entry
+    return dict(name=ref.name, size=size, path=str(source), source=ident)
 
 
-def _run(op: volumes.Op, ref: VolumeRef, image: Image, extents: list[Extent],
+def _run(op: Op, ref: VolumeRef, image: Image, extents: list[Extent],
          progress: bool) -> tuple[CopyStats, int]:
     """Make, fill, rename and commit the volume, continuing from wherever an interrupted run of
     this entry stopped. Returns what the copy did and the pool's chunk size."""
@@ -226,7 +216,7 @@ def _run(op: volumes.Op, ref: VolumeRef, image: Image, extents: list[Extent],
         lvm.lvm("lvcreate", "-q", "-y", "--type", "thin", "--thinpool", pool.name,
                      "-V", f"{op.entry.args['size']}b", "-n", temp.name, "--addtag", op.entry.tag,
                      "--setactivationskip", "n", ref.vg)
-        op.step(f"created:{temp.name}")
+        op.step(Step(StepKind.CREATED, temp.name))
         faults.point("import", "after-lvcreate")
     if made is None or made.name == temp.name:
         if made is not None and not made.active:  # interrupted while being renamed
@@ -241,7 +231,7 @@ def _run(op: volumes.Op, ref: VolumeRef, image: Image, extents: list[Extent],
     else:  # renamed before the interruption: only the commit is left
         stats = CopyStats(position=image.virtual_size)
     lvm.lvm("lvchange", "-q", "-ay", str(ref))
-    volumes.commit(op, ref)
+    op.commit(ref)
     return stats, pool.chunk_size
 
 
@@ -253,7 +243,7 @@ def _check_space(vg: str, pool: LV, needed: int) -> None:
     check_capacity(needed, free, lvm.vgs(vg)[0].free if growable else 0)
 
 
-def _copy(op: volumes.Op, temp: VolumeRef, image: Image, extents: list[Extent], start: int,
+def _copy(op: Op, temp: VolumeRef, image: Image, extents: list[Extent], start: int,
           chunk: int, progress: bool) -> CopyStats:
     size = image.virtual_size
     if isinstance(image, Converting):
@@ -288,7 +278,7 @@ def _copy(op: volumes.Op, temp: VolumeRef, image: Image, extents: list[Extent], 
     return stats
 
 
-def _convert(op: volumes.Op, temp: VolumeRef, image: Converting, extents: list[Extent]
+def _convert(op: Op, temp: VolumeRef, image: Converting, extents: list[Extent]
              ) -> CopyStats:
     """The image writes itself straight into the fresh volume (no copy in $TMPDIR); what it
     skips reads as zeros there. It flushes the volume before it returns."""
@@ -306,17 +296,10 @@ def _convert(op: volumes.Op, temp: VolumeRef, image: Converting, extents: list[E
     return CopyStats(bytes_read=data, bytes_written=data, position=image.virtual_size)
 
 
-def _journal_position(op: volumes.Op, position: int) -> None:
+def _journal_position(op: Op, position: int) -> None:
     # Only the latest position matters: one step, not one per checkpoint of a long copy.
-    op.entry.steps = [s for s in op.entry.steps if not s.startswith("copied:")]
-    op.step(f"copied:{position}")
-
-
-def _abandon(journal: Journal, entry: Entry) -> None:
-    """Roll back this import now (and only it), as `thinstack recover` would."""
-    ours = [lv for lv in lvm.lvs(entry.vg) if entry.tag in lv.tags]
-    recovery.apply(recovery.plan([entry], ours))
-    journal.finish(entry)
+    op.entry.steps = [str(s) for s in op.entry.parsed() if s.kind is not StepKind.COPIED]
+    op.step(Step(StepKind.COPIED, str(position)))
 
 
 def mapped_chunks(path: str, chunk: int) -> int:

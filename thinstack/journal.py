@@ -20,10 +20,61 @@ import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 from thinstack.state import state_dir
 from thinstack.tags import OP_PREFIX
+
+
+class StepKind(StrEnum):
+    """What a journalled step did (or is about to do) to its target."""
+    COMMITTED = "committed"  # the point of no return: a rollback stops here
+    READONLY = "readonly"  # NAME made read-only (a clone's or gold master's origin)
+    INACTIVE = "inactive"  # NAME deactivated (an external origin)
+    DEVRO = "devro"  # the device PATH outside the VG made read-only for a clone
+    CREATED = "created"  # import: NAME made
+    COPIED = "copied"  # import: every byte before NUMBER is on the volume
+    SUSPEND = "suspend"  # export: "DM_NAME DM_UUID" about to be suspended
+    RESUMED = "resumed"  # export: DM_NAME resumed
+    # pool create: each resource recorded before it is made, and its identity once it exists
+    FILE = "file"
+    FILE_ID = "file-id"
+    LOOP = "loop"
+    MD_MEMBER = "md-member"
+    MD = "md"
+    PV = "pv"
+    VG = "vg"
+    VG_UUID = "vg-uuid"
+    REGISTRY = "registry"
+    POOL = "pool"
+    POOL_UUID = "pool-uuid"
+
+
+@dataclass(frozen=True)
+class Step:
+    """One journalled step, `KIND:TARGET` (or `KIND`) in the entry's file."""
+    kind: StepKind
+    target: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.target}" if self.target else str(self.kind)
+
+    @classmethod
+    def parse(cls, text: str) -> Step:
+        """The step a journal's string says; ValueError when it says none."""
+        kind, _, target = text.partition(":")
+        try:
+            step = cls(StepKind(kind), target)
+        except ValueError:
+            raise ValueError(f"step {text!r}: unknown kind {kind!r}") from None
+        if step.kind is StepKind.COPIED and not target.isdigit():
+            raise ValueError(f"step {text!r} is not copied:NUMBER")
+        return step
+
+
+def parse_steps(steps: list[str]) -> list[Step]:
+    return [Step.parse(s) for s in steps]
 
 
 @dataclass
@@ -41,17 +92,21 @@ class Entry:
         """The LVM tag that marks volumes this operation made and has not yet committed."""
         return f"{OP_PREFIX}{self.id}"
 
-    def done(self, step: str) -> bool:
-        return step in self.steps
+    def done(self, step: str | Step) -> bool:
+        return str(step) in self.steps
 
-    def value(self, kind: str) -> str | None:
-        """The target of the last step `kind:TARGET`, or None."""
-        found = None
-        for step in self.steps:
-            k, sep, target = step.partition(":")
-            if sep and k == kind:
-                found = target
-        return found
+    @property
+    def committed(self) -> bool:
+        return self.done(StepKind.COMMITTED)
+
+    def parsed(self) -> list[Step]:
+        """The steps (checked valid when the entry was read or written)."""
+        return parse_steps(self.steps)
+
+
+def last_target(steps: list[str], kind: StepKind) -> str | None:
+    """The target of the last of `steps` of this kind, or None."""
+    return next((s.target for s in reversed(parse_steps(steps)) if s.kind is kind), None)
 
 
 @dataclass(frozen=True)
@@ -91,8 +146,6 @@ _ARGS: dict[str, type | tuple[type, ...]] = {
     "chunk": int}
 # Arguments an operation's recovery cannot do without.
 _REQUIRED_ARGS = {"import": ("name", "size", "source"), "export": ("name", "partial")}
-# Steps whose target is read as a number.
-_NUMERIC_STEPS = ("copied",)
 
 _reported: set[Path] = set()  # damaged entries this process has already reported
 
@@ -125,9 +178,10 @@ def check(data: object, vg: str, id: str) -> str | None:
     for step in data["steps"]:
         if not isinstance(step, str):
             return f"steps: {type(step).__name__} where str belongs"
-        step_kind, _, target = step.partition(":")
-        if step_kind in _NUMERIC_STEPS and not target.isdigit():
-            return f"step {step!r} is not {step_kind}:NUMBER"
+        try:
+            Step.parse(step)
+        except ValueError as e:
+            return str(e)
     return None
 
 
@@ -190,8 +244,8 @@ class Journal:
         self._write(entry)
         return entry
 
-    def step(self, entry: Entry, step: str) -> None:
-        entry.steps.append(step)
+    def step(self, entry: Entry, step: str | Step) -> None:
+        entry.steps.append(str(Step.parse(str(step))))
         self._write(entry)
 
     def finish(self, entry: Entry) -> None:

@@ -112,6 +112,12 @@ class LV:
         return VolumeRef(self.vg, self.name)
 
     @property
+    def op_tags(self) -> frozenset[str]:
+        """The tags of operations that made this volume and have not committed it (the
+        commit removes the tag): an unfinished volume, hidden from the operator."""
+        return frozenset(t for t in self.tags if t.startswith(tags.OP_PREFIX))
+
+    @property
     def active(self) -> bool:
         return self.attr[4] == "a"
 

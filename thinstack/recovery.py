@@ -16,10 +16,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from thinstack import extorigin, lvm, tags
-from thinstack.journal import Entry, Journal
+from thinstack.journal import Entry, Journal, StepKind
 from thinstack.lvm import LV
 from thinstack.tags import GOLD as TAG_GOLD
-from thinstack.tags import OP_PREFIX as OP_TAG_PREFIX
 
 
 @dataclass(frozen=True)
@@ -35,12 +34,11 @@ def plan(entries: Iterable[Entry], lvs: list[LV], keep: frozenset[str] = frozens
     """What to run so that every interrupted operation is completed or rolled back. Volumes
     tagged with a tag in `keep` belong to interrupted operations that may still resume."""
     entries = list(entries)
-    committed = {e.tag for e in entries if e.done("committed")} | set(keep)
+    committed = {e.tag for e in entries if e.committed} | set(keep)
     by_name = {lv.name: lv for lv in lvs}
     actions: list[Action] = []
 
-    unfinished = [lv for lv in lvs if any(t.startswith(OP_TAG_PREFIX) and t not in committed
-                                          for t in lv.tags)]
+    unfinished = [lv for lv in lvs if lv.op_tags - committed]
     for lv in _children_first(unfinished):
         if extorigin.is_outside_clone(lv):
             # LVM sees such a clone as inactive: its device must go before LVM removes it.
@@ -52,20 +50,20 @@ def plan(entries: Iterable[Entry], lvs: list[LV], keep: frozenset[str] = frozens
 
     removed = {lv.name for lv in unfinished}
     for e in entries:
-        if e.done("committed"):
+        if e.committed:
             continue
-        for step in e.steps:
-            kind, _, name = step.partition(":")
+        for step in e.parsed():
+            kind, name = step.kind, step.target
             target = by_name.get(name)
             # A gold master stays read-only whatever else happened: its tag is gold's commit.
-            if kind == "inactive" and target is not None and not target.active:
+            if kind is StepKind.INACTIVE and target is not None and not target.active:
                 actions.append(Action("activate", str(target.ref)))
             # A device outside the VG made read-only for a clone, unless a clone still reads it.
-            if kind == "devro" and not any(
+            if kind is StepKind.DEVRO and not any(
                     tags.value(o.tags, tags.EXT_ORIGIN) == name and o.name not in removed
                     for o in lvs):
                 actions.append(Action("device-writable", name))
-            if kind == "readonly" and target is not None and target.readonly \
+            if kind is StepKind.READONLY and target is not None and target.readonly \
                     and TAG_GOLD not in target.tags \
                     and not any(o.origin == name and o.name not in removed for o in lvs):
                 actions.append(Action("writable", str(target.ref)))
@@ -141,10 +139,22 @@ LIVE: dict[str, str | Callable[[Entry], bool]] = {"export": "thinstack.exports:r
 
 def deferred(entry: Entry, explicit: bool) -> bool:
     """Whether this recovery leaves the entry for later."""
-    if explicit or entry.op not in DEFERRED or entry.done("committed"):
+    if explicit or entry.op not in DEFERRED or entry.committed:
         return False
     live = _resolve(LIVE.get(entry.op))
     return live is None or live(entry)
+
+
+def roll_back(entry: Entry) -> None:
+    """Undo one interrupted operation now, as `thinstack recover` would, leaving the VG's other
+    unfinished operations as they are. The caller holds the VG lock and closes the entry."""
+    handler = _handler(entry.op)
+    if handler is not None:
+        handler(entry)
+        return
+    lvs = lvm.lvs(entry.vg)
+    others = frozenset(t for lv in lvs for t in lv.op_tags if t != entry.tag)
+    apply(plan([entry], lvs, keep=others))
 
 
 def recover_vg(vg: str, journal: Journal | None = None, *, explicit: bool = False,

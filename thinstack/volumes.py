@@ -1,64 +1,29 @@
 """VM disks: thin volumes, snapshots, gold masters, clones, CoW volumes.
 
-Each mutating operation runs inside `operation()`: the VG lock, recovery of anything an earlier
-run left, a journal entry before the first change, and rollback if anything fails. Operations
-that are one LVM command (create, snapshot, gold clone, cow, resize, delete) are atomic through
-LVM itself; those of several steps tag the volumes they create until the last step commits
-them by dropping the tag.
+Each mutating operation runs inside `operation.operation()`, which rolls it back if anything
+fails. Operations that are one LVM command (create, snapshot, gold clone, cow, resize, delete)
+are atomic through LVM itself; those of several steps tag the volumes they create until the
+last step commits them by dropping the tag.
 """
 
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 
-from thinstack import extorigin, faults, lvm, recovery, tags, thinpool
+from thinstack import extorigin, faults, lvm, tags, thinpool
 from thinstack.errors import Exists, NotFound, Refused
-from thinstack.journal import Entry, Journal
-from thinstack.lock import vg_lock
+from thinstack.journal import Step, StepKind
 from thinstack.lvm import LV, VolumeRef
+from thinstack.operation import Op, operation
 from thinstack.sizes import round_up
-
-
-@dataclass
-class Op:
-    entry: Entry
-    lvs: list[LV]  # the VG's volumes as the operation found them, after recovery
-
-    def step(self, name: str) -> None:
-        Journal().step(self.entry, name)
-
-
-@contextmanager
-def operation(op: str, vg: str, **args):
-    journal = Journal()
-    with vg_lock(vg):
-        lvs = lvm.volumes_of(vg)
-        if recovery.recover_vg(vg, journal, lvs=lvs):
-            lvs = lvm.volumes_of(vg)
-        entry = journal.begin(op, vg, **args)
-        faults.point(op, "after-intent")
-        try:
-            yield Op(entry, lvs)
-        except BaseException:
-            # Roll back exactly as a later `thinstack recover` would, then report the cause.
-            recovery.recover_vg(vg, journal)
-            raise
-        journal.finish(entry)
-
-
-def commit(op: Op, *refs: VolumeRef) -> None:
-    """The point of no return: the new volumes lose the operation's tag and become real."""
-    lvm.lvm("lvchange", "--deltag", op.entry.tag, *map(str, refs))
-    op.step("committed")
 
 
 def _visible(lvs: list[LV]) -> list[LV]:
     """What the operator manages: not LVM's internal volumes, not unfinished ones, not the
     snapshots thinstack keeps as the base of the next incremental export."""
     return [lv for lv in lvs if not lv.internal and tags.LAST_EXPORT not in lv.tags
-            and not any(t.startswith(tags.OP_PREFIX) for t in lv.tags)]
+            and not lv.op_tags]
 
 
 def _get(ref: VolumeRef, lvs: list[LV]) -> LV:
@@ -82,7 +47,7 @@ def dependants(lv: LV, lvs: list[LV]) -> list[LV]:
 # --- operations --------------------------------------------------------------------------------
 
 def create(ref: VolumeRef, size: int) -> LV:
-    with operation("create", ref.vg, name=ref.name, size=size) as op:
+    with operation("create", ref.vg, dict(name=ref.name, size=size)) as op:
         _absent(ref, op.lvs)
         pool = lvm.pool_of(ref.vg, op.lvs)
         lvm.lvm("lvcreate", "-q", "-y", "--type", "thin", "--thinpool", pool.name, "-V", f"{size}b",
@@ -93,7 +58,7 @@ def create(ref: VolumeRef, size: int) -> LV:
 
 def snapshot(origin: VolumeRef, name: str, *, readonly: bool = False) -> LV:
     ref = VolumeRef(origin.vg, lvm.check_user_name(name, "snapshot name"))
-    with operation("snapshot", ref.vg, name=name, origin=origin.name) as op:
+    with operation("snapshot", ref.vg, dict(name=name, origin=origin.name)) as op:
         source = _get(origin, op.lvs)
         _absent(ref, op.lvs)
         if not source.is_thin:
@@ -114,7 +79,7 @@ def _thin_snapshot(op: Op, source: LV, ref: VolumeRef, readonly: bool) -> None:
 
 
 def gold(ref: VolumeRef) -> LV:
-    with operation("gold", ref.vg, name=ref.name) as op:
+    with operation("gold", ref.vg, dict(name=ref.name)) as op:
         lv = _get(ref, op.lvs)
         if not lv.is_thin:
             raise Refused(f"{ref} is not a thin volume in the pool")
@@ -125,7 +90,7 @@ def gold(ref: VolumeRef) -> LV:
         _make_readonly(op, lv)
         faults.point("gold", "after-readonly")
         lvm.lvm("lvchange", "-q", "--addtag", tags.GOLD, str(ref))  # the commit point
-        op.step("committed")
+        op.commit()
     return lvm.lv(ref)
 
 
@@ -138,7 +103,7 @@ def clone(origin: VolumeRef | str, ref: VolumeRef) -> LV:
     if origin.vg != ref.vg:
         raise Refused(f"clone must be in the origin's volume group ({origin.vg}); "
                       f"give a volume of another VG as a device path (/dev/{origin})")
-    with operation("clone", ref.vg, name=ref.name, origin=origin.name) as op:
+    with operation("clone", ref.vg, dict(name=ref.name, origin=origin.name)) as op:
         _clone_lv(op, _get(origin, op.lvs), ref)
     return lvm.lv(ref)
 
@@ -161,7 +126,7 @@ def _clone_lv(op: Op, source: LV, ref: VolumeRef) -> None:
 
 
 def _clone_device(path: str, ref: VolumeRef) -> LV:
-    with operation("clone", ref.vg, name=ref.name, origin=path) as op:
+    with operation("clone", ref.vg, dict(name=ref.name, origin=path)) as op:
         real = os.path.realpath(path)
         same_vg = [lv for lv in _visible(op.lvs) if lv.active and real in
                    (os.path.realpath(lv.path), os.path.realpath(lv.dm_path))]
@@ -179,7 +144,7 @@ def _outside_clone(op: Op, path: str, ref: VolumeRef) -> None:
     origin_tags = extorigin.origin_tags(origin)
     pool = lvm.pool_of(ref.vg, op.lvs)
     if not origin.readonly:
-        op.step(f"devro:{path}")
+        op.step(Step(StepKind.DEVRO, path))
         extorigin.set_readonly(origin)
     faults.point("clone", "after-origin-readonly")
     # Inactive, and skipped by LVM's activation: only extorigin brings it up, with its origin.
@@ -188,7 +153,7 @@ def _outside_clone(op: Op, path: str, ref: VolumeRef) -> None:
             "--addtag", op.entry.tag, *(a for t in origin_tags for a in ("--addtag", t)), ref.vg)
     extorigin.activate(lvm.lv(ref), pool)
     faults.point("clone", "after-snapshot")
-    commit(op, ref)
+    op.commit(ref)
 
 
 def _outside_refusal(lv: LV) -> str:
@@ -203,7 +168,7 @@ def _external_clone(op: Op, source: LV, ref: VolumeRef) -> None:
     _make_readonly(op, source)
     if source.active:
         # LVM layers an external origin itself and refuses one that is already active.
-        op.step(f"inactive:{source.name}")
+        op.step(Step(StepKind.INACTIVE, source.name))
         lvm.lvm("lvchange", "-q", "-an", str(source.ref))
     faults.point("clone", "after-origin-readonly")
     pool = lvm.pool_of(ref.vg, op.lvs)
@@ -212,7 +177,7 @@ def _external_clone(op: Op, source: LV, ref: VolumeRef) -> None:
     faults.point("clone", "after-snapshot")
     if source.active:  # readable again, now through LVM's read-only layer
         lvm.lvm("lvchange", "-q", "-ay", str(source.ref))
-    commit(op, ref)
+    op.commit(ref)
 
 
 def cow(origin: VolumeRef, ref: VolumeRef, store: int) -> LV:
@@ -220,7 +185,7 @@ def cow(origin: VolumeRef, ref: VolumeRef, store: int) -> LV:
     monitor as it fills."""
     if origin.vg != ref.vg:
         raise Refused(f"a CoW volume must be in its origin's volume group ({origin.vg})")
-    with operation("cow", ref.vg, name=ref.name, origin=origin.name) as op:
+    with operation("cow", ref.vg, dict(name=ref.name, origin=origin.name)) as op:
         source = _get(origin, op.lvs)
         _absent(ref, op.lvs)
         if not source.readonly:
@@ -233,7 +198,7 @@ def cow(origin: VolumeRef, ref: VolumeRef, store: int) -> LV:
 
 
 def resize(ref: VolumeRef, size: int, *, shrink_ok: bool = False) -> LV:
-    with operation("resize", ref.vg, name=ref.name, size=size) as op:
+    with operation("resize", ref.vg, dict(name=ref.name, size=size)) as op:
         lv = _get(ref, op.lvs)
         if tags.GOLD in lv.tags:
             raise Refused(f"{ref} is a gold master; its clones depend on its content")
@@ -266,7 +231,7 @@ def _resize_outside(lv: LV, size: int) -> None:
 
 
 def delete(ref: VolumeRef) -> None:
-    with operation("delete", ref.vg, name=ref.name) as op:
+    with operation("delete", ref.vg, dict(name=ref.name)) as op:
         lv = _get(ref, op.lvs)
         if lv.is_thin_pool:
             raise Refused(f"{ref} is a thin pool; thinstack deletes volumes, not pools")
@@ -296,7 +261,7 @@ def _refuse_if_outside_origin(lv: LV) -> None:
 def _make_readonly(op: Op, lv: LV) -> None:
     """Journalled before it is done, so a rollback knows to make the volume writable again."""
     if not lv.readonly:
-        op.step(f"readonly:{lv.name}")
+        op.step(Step(StepKind.READONLY, lv.name))
         lvm.lvm("lvchange", "-q", "-pr", str(lv.ref))
 
 

@@ -79,9 +79,15 @@ def test_a_source_is_the_same_only_if_nothing_about_it_changed():
 IDENT = {"size": 1, "mtime_ns": 2, "inode": 3, "device": 4, "format": "raw", "virtual_size": 1}
 
 
+def _entry(journal, *args, **kwargs):
+    """imports._entry's entry as operation() begins it: the interrupted one, or a new one."""
+    found = imports._entry(journal, *args, **kwargs)
+    return found if isinstance(found, Entry) else journal.begin("import", REF.vg, **found)
+
+
 def test_a_new_import_begins_a_journal_entry(tmp_path):
     journal = Journal(tmp_path)
-    e = imports._entry(journal, REF, Path("/img.raw"), IDENT, 4096, resume=False)
+    e = _entry(journal, REF, Path("/img.raw"), IDENT, 4096, resume=False)
     assert (e.op, e.vg, e.args) == ("import", "vg0", {"name": "disk", "size": 4096,
                                                       "path": "/img.raw", "source": IDENT})
     assert [p.id for p in journal.pending("vg0")] == [e.id]
@@ -89,19 +95,19 @@ def test_a_new_import_begins_a_journal_entry(tmp_path):
 
 def test_a_new_import_is_refused_while_an_interrupted_one_waits(tmp_path):
     journal = Journal(tmp_path)
-    imports._entry(journal, REF, Path("/img.raw"), IDENT, 4096, resume=False)
+    _entry(journal, REF, Path("/img.raw"), IDENT, 4096, resume=False)
     with pytest.raises(Refused, match="--resume.*thinstack recover vg0"):
-        imports._entry(journal, REF, Path("/img.raw"), IDENT, 4096, resume=False)
+        _entry(journal, REF, Path("/img.raw"), IDENT, 4096, resume=False)
     # Another name in the same VG is not in the way.
-    imports._entry(journal, VolumeRef("vg0", "other"), Path("/img.raw"), IDENT, 4096,
+    _entry(journal, VolumeRef("vg0", "other"), Path("/img.raw"), IDENT, 4096,
                    resume=False)
 
 
 def test_resume_continues_the_interrupted_entry_of_the_same_source(tmp_path):
     journal = Journal(tmp_path)
-    first = imports._entry(journal, REF, Path("/img.raw"), IDENT, 4096, resume=False)
+    first = _entry(journal, REF, Path("/img.raw"), IDENT, 4096, resume=False)
     journal.step(first, "copied:65536")
-    again = imports._entry(journal, REF, Path("/other/path/to/img.raw"), IDENT, 0, resume=True)
+    again = _entry(journal, REF, Path("/other/path/to/img.raw"), IDENT, 0, resume=True)
     assert again.id == first.id and imports.copied(again) == 65536
     assert len(journal.pending("vg0")) == 1
 
@@ -109,19 +115,19 @@ def test_resume_continues_the_interrupted_entry_of_the_same_source(tmp_path):
 def test_resume_refuses_a_changed_source_and_needs_something_to_resume(tmp_path):
     journal = Journal(tmp_path)
     with pytest.raises(NotFound, match="no interrupted import"):
-        imports._entry(journal, REF, Path("/img.raw"), IDENT, 4096, resume=True)
-    imports._entry(journal, REF, Path("/img.raw"), IDENT, 4096, resume=False)
+        _entry(journal, REF, Path("/img.raw"), IDENT, 4096, resume=True)
+    _entry(journal, REF, Path("/img.raw"), IDENT, 4096, resume=False)
     with pytest.raises(Refused, match=r"\(mtime_ns, size changed\)"):
-        imports._entry(journal, REF, Path("/img.raw"), {**IDENT, "size": 7, "mtime_ns": 0},
+        _entry(journal, REF, Path("/img.raw"), {**IDENT, "size": 7, "mtime_ns": 0},
                        4096, resume=True)
 
 
 def test_a_committed_entry_is_not_an_interrupted_import(tmp_path):
     journal = Journal(tmp_path)
-    done = imports._entry(journal, REF, Path("/img.raw"), IDENT, 4096, resume=False)
+    done = _entry(journal, REF, Path("/img.raw"), IDENT, 4096, resume=False)
     journal.step(done, "committed")
     with pytest.raises(NotFound):
-        imports._entry(journal, REF, Path("/img.raw"), IDENT, 4096, resume=True)
+        _entry(journal, REF, Path("/img.raw"), IDENT, 4096, resume=True)
 
 
 def test_the_summary_has_the_documented_keys():
