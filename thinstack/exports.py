@@ -56,9 +56,10 @@ from thinstack.exporters import ExportError, driver
 from thinstack.exporters.atomic import partial_name, remove_partial
 from thinstack.extents import Extent, Kind
 from thinstack.importers import Policy
-from thinstack.journal import Entry, Journal, write_atomically
-from thinstack.lock import held, vg_lock
+from thinstack.journal import Entry, Journal, Step, StepKind, parse_steps, write_atomically
+from thinstack.lock import held
 from thinstack.lvm import LV, VolumeRef
+from thinstack.operation import KEEP_FOR_RESUME, Op, operation
 from thinstack.progress import Bar
 from thinstack.state import run_dir, state_dir
 
@@ -69,9 +70,6 @@ INCREMENTAL = {"vhd": "a differencing VHD", "qcow2": "a qcow2 overlay",
 SELF_CONTAINED = {"gow3"}
 LAST_EXPORT_SUFFIX = ".last-export"  # NAME.last-export: the next --incremental export's base
 FORMAT_XATTR = "user.thinstack.format"  # on every image: the --format that restores it
-# Journal steps around the suspension of an outside device's clone: "suspend:DM_NAME DM_UUID"
-# before it, "resumed:DM_NAME" after.
-SUSPEND, RESUMED = "suspend:", "resumed:"
 # Readers follow so many parents and no more (thinstack's importers by default, and QEMU's own
 # limits are of that order): --incremental starts a new chain with a full export before that.
 MAX_PARENTS = Policy().max_chain_depth
@@ -172,14 +170,10 @@ def last_export(source: LV, lvs: list[LV]) -> LV | None:
 
 def suspended_devices(steps: list[str]) -> list[tuple[str, str]]:
     """The devices (dm name, dm uuid) an export suspended and did not record as resumed."""
-    resumed = {s[len(RESUMED):] for s in steps if s.startswith(RESUMED)}
-    found = []
-    for s in steps:
-        if s.startswith(SUSPEND):
-            name, _, uuid = s[len(SUSPEND):].partition(" ")
-            if name not in resumed:
-                found.append((name, uuid))
-    return found
+    parsed = parse_steps(steps)
+    resumed = {s.target for s in parsed if s.kind is StepKind.RESUMED}
+    suspended = [s.target.partition(" ") for s in parsed if s.kind is StepKind.SUSPEND]
+    return [(name, uuid) for name, _, uuid in suspended if name not in resumed]
 
 
 def since_base(snap: LV, source: LV, parent: Path | None, record: Record | None) -> Base:
@@ -317,11 +311,16 @@ def _start(ref: VolumeRef, dest: Path, format: str, incremental: bool, since: st
            parent: Path | None, full: bool = False) -> _Job:
     """Step 1, under the VG lock: decide what to read and take the snapshot."""
     journal = Journal()
-    with vg_lock(ref.vg):
-        for e in _earlier_exports(ref, journal):
+    found: dict = {}
+
+    def checked(lvs: list[LV]) -> dict:
+        """Everything decided before anything is made; the entry's arguments."""
+        earlier = _earlier_exports(ref, journal)
+        for e in earlier:
             _undo(e)
             journal.finish(e)
-        lvs = lvm.volumes_of(ref.vg)
+        if earlier:
+            lvs = lvm.volumes_of(ref.vg)
         source = _find(ref.name, lvs, ref)
         kind = source_kind(source, lvs)
         if (since or incremental) and kind == SourceKind.PLAIN:
@@ -342,25 +341,24 @@ def _start(ref: VolumeRef, dest: Path, format: str, incremental: bool, since: st
         if not (incremental or source.readonly or active):
             raise Refused(f"{ref} is not active: activate it to export it")
         pool = next((lv for lv in lvs if lv.name == source.pool), None)
-        entry = journal.begin("export", ref.vg, name=ref.name, dest=str(dest),
-                              partial=str(_partial(dest)))
-        try:
-            faults.point("export", "after-intent")
-            read_from, kernel = source, None
-            # A read-only volume cannot change under the copy; --incremental keeps a snapshot
-            # even of one, as the next export's base.
-            if incremental or not source.readonly:
-                assert pool is not None  # source_kind: only a thin volume may be writable
-                kernel = thinpool.kernel_pool(pool)
-                thinpool.refuse_if_metadata_would_run_out(pool, kernel)
-                read_from = _snapshot(entry, source, active=active, pool=pool)
-                faults.point("export", "after-snapshot")
-        except BaseException:
-            _undo(entry)
-            journal.finish(entry)
-            raise
-        return _Job(entry, source, kind, read_from, pool, base, reason, keep=incremental,
-                    last=last, record=record, kernel=kernel)
+        found.update(source=source, kind=kind, active=active, pool=pool, base=base,
+                     reason=reason, last=last, record=record)
+        return dict(name=ref.name, dest=str(dest), partial=str(_partial(dest)))
+
+    # Open on success: the copy runs without the VG lock, and _finish closes the entry.
+    with operation("export", ref.vg, checked, undo=_undo, journal=journal, finish=False) as op:
+        source, pool, kernel = found["source"], found["pool"], None
+        read_from = source
+        # A read-only volume cannot change under the copy; --incremental keeps a snapshot
+        # even of one, as the next export's base.
+        if incremental or not source.readonly:
+            assert pool is not None  # source_kind: only a thin volume may be writable
+            kernel = thinpool.kernel_pool(pool)
+            thinpool.refuse_if_metadata_would_run_out(pool, kernel)
+            read_from = _snapshot(op, source, active=found["active"], pool=pool)
+            faults.point("export", "after-snapshot")
+    return _Job(op.entry, source, found["kind"], read_from, pool, found["base"], found["reason"],
+                keep=incremental, last=found["last"], record=found["record"], kernel=kernel)
 
 
 def _extents(job: _Job) -> tuple[list[Extent], int, int]:
@@ -418,14 +416,14 @@ def _write(job: _Job, dest: Path, extents: list[Extent], unit: int, *, format: s
 
 
 def _finish(job: _Job, dest: Path, format: str, *, keep: bool) -> None:
-    """Step 3, under the VG lock: drop the snapshot, or keep it as the next export's base."""
-    with vg_lock(job.source.vg):
+    """Step 3, under the VG lock again: drop the snapshot, or keep it as the next export's base.
+    A failure here leaves the entry to the recovery that runs once the export lock is let go."""
+    with operation("export", job.source.vg, entry=job.entry, on_failure=KEEP_FOR_RESUME):
         if job.read_from is not job.source and keep:
             _rotate(job, dest, format)
         elif job.read_from is not job.source:
             extorigin.release(job.read_from)
             lvm.lvm("lvremove", "-q", "-y", "-f", str(job.read_from.ref))
-        Journal().finish(job.entry)
 
 
 def _rotate(job: _Job, dest: Path, format: str) -> None:
@@ -458,26 +456,26 @@ def _find(name: str, lvs: list[LV], ref: VolumeRef) -> LV:
     raise NotFound(f"{ref.vg}/{name}: no such volume")
 
 
-def _snapshot(entry: Entry, source: LV, *, active: bool, pool: LV) -> LV:
+def _snapshot(op: Op, source: LV, *, active: bool, pool: LV) -> LV:
     """A read-only thin snapshot carrying the operation's tag: hidden, and removed by any
     recovery until the export commits it (or removes it)."""
+    entry = op.entry
     ref = VolumeRef(source.vg, f"{source.name}.export-{entry.id}")
     if extorigin.is_outside_clone(source):
-        return _outside_snapshot(entry, source, ref, active=active, pool=pool)
+        return _outside_snapshot(op, source, ref, active=active, pool=pool)
     # -K: active now, though LVM's activation-skip flag (kept) leaves it down after a reboot.
     lvm.lvm("lvcreate", "-q", "-y", "-s", str(source.ref), "-n", ref.name, "-p", "r",
             "--addtag", entry.tag, "-K")
     return lvm.lv(ref)
 
 
-def _outside_snapshot(entry: Entry, source: LV, ref: VolumeRef, *, active: bool, pool: LV
-                      ) -> LV:
+def _outside_snapshot(op: Op, source: LV, ref: VolumeRef, *, active: bool, pool: LV) -> LV:
     """The same for a clone of a device outside the VG. LVM sees the clone as inactive, so it
     would not suspend it while the pool takes the snapshot: that is done here, and LVM is told
     to skip the suspended device when it scans (it would wait on it). The snapshot reads the
     same origin, so it carries the same origin tags, and comes up through extorigin."""
     args = ["lvcreate", "-q", "-y", "-s", str(source.ref), "-n", ref.name, "-p", "r",
-            "--addtag", entry.tag, *(a for t in sorted(source.tags)
+            "--addtag", op.entry.tag, *(a for t in sorted(source.tags)
                                      if t.startswith((tags.EXT_ORIGIN, tags.EXT_SIZE))
                                      for a in ("--addtag", t)),
             "--config", "devices{ignore_suspended_devices=1}"]
@@ -485,11 +483,11 @@ def _outside_snapshot(entry: Entry, source: LV, ref: VolumeRef, *, active: bool,
         name = extorigin.dm_name(source)
         # Journalled before: a kill while it is suspended would leave its VM frozen, and LVM
         # commands would hang on it; the rollback resumes it.
-        Journal().step(entry, f"{SUSPEND}{name} {extorigin.uuid(source)}")
+        op.step(Step(StepKind.SUSPEND, f"{name} {extorigin.uuid(source)}"))
         with DeviceMapper().suspended(name):
             faults.point("export", "after-suspend")
             lvm.lvm(*args)
-        Journal().step(entry, f"{RESUMED}{name}")
+        op.step(Step(StepKind.RESUMED, name))
     else:
         lvm.lvm(*args)
     snap = lvm.lv(ref)

@@ -50,17 +50,23 @@ class Op:
 @contextmanager
 def operation(kind: str, vg: str, args: Args | None = None, *, on_failure: Policy = ROLL_BACK,
               entry: Entry | None = None, undo: Callable[[Entry], None] | None = None,
-              journal: Journal | None = None) -> Iterator[Op]:
+              journal: Journal | None = None, new_vg: bool = False, finish: bool = True
+              ) -> Iterator[Op]:
     """Run the body as operation `kind` of `vg`. `entry`: continue that entry under the lock
     again (a later phase of the same operation: nothing to recover, nothing to journal first).
-    `undo`: the operation's own rollback of its entry, if not recovery's."""
+    `undo`: the operation's own rollback of its entry, if not recovery's. `new_vg`: the
+    operation makes the VG (there are no volumes to find yet). `finish=False`: on success the
+    entry stays open for a later phase (an export's copy runs without the VG lock)."""
     journal = journal or Journal()
     with vg_lock(vg):
         lvs: list[LV] = []
         if entry is None:
-            lvs = lvm.volumes_of(vg)
-            if recovery.recover_vg(vg, journal, lvs=lvs):
+            if new_vg:
+                recovery.recover_vg(vg, journal)
+            else:
                 lvs = lvm.volumes_of(vg)
+                if recovery.recover_vg(vg, journal, lvs=lvs):
+                    lvs = lvm.volumes_of(vg)
             found = args(lvs) if callable(args) else (args or {})
             if isinstance(found, Entry):
                 entry = found
@@ -75,4 +81,5 @@ def operation(kind: str, vg: str, args: Args | None = None, *, on_failure: Polic
                 (undo or recovery.roll_back)(entry)
                 journal.finish(entry)
             raise
-        journal.finish(entry)
+        if finish:
+            journal.finish(entry)

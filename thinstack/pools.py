@@ -28,9 +28,10 @@ from thinstack import backing, faults, growth, lvm, provision, recovery, tags
 from thinstack.attach import attach
 from thinstack.dm.command import CommandError
 from thinstack.errors import Exists, NoSpace, ThinstackError
-from thinstack.journal import Entry, Journal
+from thinstack.journal import Entry, Step, StepKind, last_target, parse_steps
 from thinstack.lock import vg_lock
 from thinstack.lvm import LV, Lvm, default_lvm
+from thinstack.operation import Op, operation
 from thinstack.poolstatus import PoolStatus, check, pool_lv, status, thin_usage
 from thinstack.sizes import format_size, round_down, round_up
 
@@ -132,7 +133,7 @@ def pool_tags(grow_threshold: float, grow_step: int) -> list[str]:
 
 @dataclass(frozen=True)
 class Undo:
-    kind: str  # registry | pool | vg | pv | md | md-member | loop | file
+    kind: StepKind  # the step it undoes: registry, pool, vg, pv, md, md-member, loop, file
     target: str
     check: str = ""  # what it must still be: an LVM selection (pool, vg), DEV:INO (loop, file)
 
@@ -143,17 +144,9 @@ class Rollback:
     kept: str | None = None  # why the VG is left as it is: the creation is adopted
 
 
-# Steps that record what a resource is once it exists, rather than a resource to undo.
-IDENTITY_STEPS = ("vg-uuid", "pool-uuid", "file-id")
-
-
-def _recorded(steps: list[str], kind: str) -> str | None:
-    found = None
-    for step in steps:
-        k, sep, value = step.partition(":")
-        if sep and k == kind:
-            found = value
-    return found
+# Steps that record what a resource is once it exists, or the commit: nothing to undo.
+IDENTITY_STEPS = (StepKind.VG_UUID, StepKind.POOL_UUID, StepKind.FILE_ID, StepKind.COMMITTED)
+_recorded = last_target
 
 
 def foreign(steps: list[str], tag: str, vg: lvm.VG, lvs: Sequence[LV]) -> str | None:
@@ -161,15 +154,15 @@ def foreign(steps: list[str], tag: str, vg: lvm.VG, lvs: Sequence[LV]) -> str | 
     the creation that recorded `steps` made; None when it is. The creation tags the VG right
     after making it and then records its uuid: a VG without the tag is its own only if it was
     killed in between and the VG is still empty."""
-    uuid = _recorded(steps, "vg-uuid")
-    if f"vg:{vg.name}" not in steps:
+    uuid = _recorded(steps, StepKind.VG_UUID)
+    if str(Step(StepKind.VG, vg.name)) not in steps:
         return f"{vg.name} was made by someone else while the creation had not yet made it"
     if uuid is not None and vg.uuid != uuid:
         return f"{vg.name} is another volume group now (uuid {vg.uuid}, not {uuid})"
     if tag not in vg.tags and (uuid is not None or lvs):
         return f"{vg.name} no longer carries the creation's tag {tag}"
-    pool_uuid = _recorded(steps, "pool-uuid")
-    made_pool = f"pool:{vg.name}/{POOL_LV}" in steps
+    pool_uuid = _recorded(steps, StepKind.POOL_UUID)
+    made_pool = str(Step(StepKind.POOL, f"{vg.name}/{POOL_LV}")) in steps
     others = [lv.name for lv in lvs if not (
         made_pool and lv.name == POOL_LV and lv.is_thin_pool
         and pool_uuid in (None, lv.uuid))]
@@ -185,27 +178,27 @@ def rollback_plan(steps: list[str], tag: str = "", vg: lvm.VG | None = None,
     volumes: the reverse order, so each resource goes before what it was built on, each undo
     checking that its target is still what the creation made. A committed creation is kept
     whole, and so is one whose VG is now someone's (see `foreign`)."""
-    if "committed" in steps:
+    if str(Step(StepKind.COMMITTED)) in steps:
         return Rollback([])
     if vg is not None:
         why = foreign(steps, tag, vg, lvs)
         if why:
             return Rollback([], why)
-    file_id = _recorded(steps, "file-id") or ""
+    file_id = _recorded(steps, StepKind.FILE_ID) or ""
     pool = next((lv for lv in lvs if lv.name == POOL_LV), None)
     undos = []
-    for step in reversed(steps):
-        kind, _, target = step.partition(":")
-        if kind in IDENTITY_STEPS or kind == "committed":
+    for step in reversed(parse_steps(steps)):
+        kind, target = step.kind, step.target
+        if kind in IDENTITY_STEPS:
             continue
-        if kind == "pool":
+        if kind is StepKind.POOL:
             if pool is not None:
                 undos.append(Undo(kind, target, f"lv_uuid={pool.uuid}"))
-        elif kind == "vg":
+        elif kind is StepKind.VG:
             if vg is not None:
                 # Checked again by LVM itself, under its lock: the same VG, and empty.
                 undos.append(Undo(kind, target, f"vg_uuid={vg.uuid} && lv_count=0"))
-        elif kind in ("loop", "file"):
+        elif kind in (StepKind.LOOP, StepKind.FILE):
             # A file is known by its identity, not its name: in a folder others can write, the
             # name may have been given to another file. Unknown identity: leave it.
             if file_id:
@@ -219,12 +212,12 @@ def creation_steps(vg: str, pvs: list[str], md_members: list[str], file: Path | 
     """The steps recorded before blivet writes the PVs and the VG (in the order it makes them).
     A loop device's PV goes with its file, and its name may differ after a reboot, so it is not
     recorded."""
-    steps = [f"md-member:{d}" for d in md_members]
+    steps = [Step(StepKind.MD_MEMBER, d) for d in md_members]
     if md_members:
-        steps.append(f"md:{md_name(vg)}")
+        steps.append(Step(StepKind.MD, md_name(vg)))
     if file is None:
-        steps += [f"pv:{pv}" for pv in pvs]
-    return steps + [f"vg:{vg}"]
+        steps += [Step(StepKind.PV, pv) for pv in pvs]
+    return [str(s) for s in [*steps, Step(StepKind.VG, vg)]]
 
 
 # --- pool create -------------------------------------------------------------------------------
@@ -239,61 +232,57 @@ def create(vg: str, *, devices: Sequence[str] = (), file: Path | None = None, ra
     file = Path(os.path.abspath(file)) if file is not None else None
     check_create_args(vg, devices, file, raid1, size, chunk, grow_threshold, grow_step)
     provision.require_thin_pool(default_lvm().runner)  # before anything is made
-    journal = Journal()
-    with vg_lock(vg):
-        recovery.recover_vg(vg, journal)
+    reuse = False
+
+    def checked(lvs: list[LV]) -> dict:
+        nonlocal reuse
         if lvm.vgs(vg):
             raise Exists(f"volume group {vg} already exists")
         reuse = file is not None and backing.check_new_file(vg, file, default_lvm().runner)
-        entry = journal.begin("pool-create", vg, devices=devices, file=str(file or ""),
-                              raid1=raid1, size=size, chunk=chunk)
-        faults.point("pool-create", "after-intent")
-        try:
-            _create(journal, entry, devices, file, raid1, size, chunk,
-                    pool_tags(grow_threshold, grow_step), reuse)
-        except BaseException:
-            recovery.recover_vg(vg, journal)
-            raise
-        journal.finish(entry)
+        return dict(devices=devices, file=str(file or ""), raid1=raid1, size=size, chunk=chunk)
+
+    with operation("pool-create", vg, checked, new_vg=True) as op:
+        _create(op, devices, file, raid1, size, chunk, pool_tags(grow_threshold, grow_step),
+                reuse)
     return status(vg)[0]
 
 
-def _create(journal: Journal, entry: Entry, devices: list[str], file: Path | None, raid1: bool,
-            size: int | None, chunk: int, pool_tag_list: list[str], reuse: bool = False) -> None:
-    vg = entry.vg
+def _create(op: Op, devices: list[str], file: Path | None, raid1: bool, size: int | None,
+            chunk: int, pool_tag_list: list[str], reuse: bool = False) -> None:
+    vg, entry = op.entry.vg, op.entry
     if file is not None:
         assert size is not None  # check_create_args: --file needs --size
-        journal.step(entry, f"file:{file}")
-        journal.step(entry, f"file-id:{backing.make_sparse_file(file, size, reuse)}")
-        journal.step(entry, f"loop:{file}")
+        op.step(Step(StepKind.FILE, str(file)))
+        op.step(Step(StepKind.FILE_ID, backing.make_sparse_file(file, size, reuse)))
+        op.step(Step(StepKind.LOOP, str(file)))
         devices = [backing.attach_loop(file, default_lvm().runner)]
     prepared = provision.prepare_vg(vg, devices, md_name=md_name(vg) if raid1 else None)
     for step in creation_steps(vg, prepared.pvs, devices if raid1 else [], file):
-        journal.step(entry, step)
+        op.step(step)
     prepared.create()
     # The VG is the creation's until the commit, and a rollback checks it still is: by this tag,
     # and by its uuid.
     file_tag = ["--addtag", tags.kv(tags.BACKING_FILE, file)] if file is not None else []
     lvm.lvm("vgchange", "-q", "--addtag", entry.tag, *file_tag, vg)
-    journal.step(entry, f"vg-uuid:{lvm.vgs(vg)[0].uuid}")
+    op.step(Step(StepKind.VG_UUID, lvm.vgs(vg)[0].uuid))
     if file is not None:
-        journal.step(entry, f"registry:{vg}")
+        op.step(Step(StepKind.REGISTRY, vg))
         backing.register(vg, file)
     faults.point("pool-create", "after-vg")
 
     info = lvm.vgs(vg)[0]
     sizes = plan_sizes(info.size, info.free, info.extent_size, chunk,
                        size if file is None else None)
-    journal.step(entry, f"pool:{vg}/{POOL_LV}")
+    op.step(Step(StepKind.POOL, f"{vg}/{POOL_LV}"))
     # -Zy: a chunk is zeroed when first provisioned, so a partial write never exposes what the
     # disk held before (old data of deleted volumes, or of whoever owned the disk).
     lvm.lvm("lvcreate", "-q", "-y", "--type", "thin-pool", "-L", f"{sizes.data}b",
             "--chunksize", f"{chunk}b", "--poolmetadatasize", f"{sizes.metadata}b", "-Zy",
             *[a for t in pool_tag_list for a in ("--addtag", t)], "-n", POOL_LV, vg)
-    journal.step(entry, f"pool-uuid:{lvm.lv(lvm.VolumeRef(vg, POOL_LV)).uuid}")
+    op.step(Step(StepKind.POOL_UUID, lvm.lv(lvm.VolumeRef(vg, POOL_LV)).uuid))
     faults.point("pool-create", "after-pool")
     lvm.lvm("vgchange", "-q", "--deltag", entry.tag, vg)
-    journal.step(entry, "committed")
+    op.commit()
 
 
 # --- rollback ----------------------------------------------------------------------------------
