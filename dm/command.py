@@ -73,10 +73,7 @@ class Runner:
         once and handed to qemu-img as /proc/self/fd/N)."""
         limit = timeout or self.default_timeout
         with _traced(argv):
-            try:
-                program = sh.Command(argv[0])
-            except sh.CommandNotFound:
-                raise CommandNotFound(argv) from None
+            program = _program(argv)
             try:
                 return str(program(*argv[1:], _in=input, _timeout=limit, _env=_ENV,
                                    _tty_out=False, _decode_errors="replace",
@@ -94,10 +91,7 @@ class Runner:
         failed."""
         limit = timeout or self.default_timeout
         with _traced(argv):
-            try:
-                program = sh.Command(argv[0])
-            except sh.CommandNotFound:
-                raise CommandNotFound(argv) from None
+            program = _program(argv)
             # Every exit status is accepted here and checked below: sh would otherwise raise
             # the failure in its reader thread too, and print it there.
             process = program(*argv[1:], _iter=True, _out_bufsize=piece, _timeout=limit,
@@ -136,6 +130,13 @@ def _traced(argv: list[str]) -> Iterator[None]:
         if _TRACE:
             print(f"thinstack: {time.monotonic() - started:6.3f}s {_shown(argv)}",
                   file=sys.stderr)
+
+
+def _program(argv: list[str]) -> sh.Command:
+    try:
+        return sh.Command(argv[0])
+    except sh.CommandNotFound:
+        raise CommandNotFound(argv) from None
 
 
 def _passing(fds: Collection[int]) -> dict[str, Any]:
