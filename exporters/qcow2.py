@@ -16,12 +16,14 @@ import zlib
 from array import array
 from pathlib import Path
 
+from thinstack.extents import Extent
 from thinstack.importers import ImageError, detect, open_image
 from thinstack.importers import qcow2 as fmt
 from thinstack.sizes import SECTOR, round_up
 
 from . import ExportError
 from .atomic import FileWriter
+from .layout import Layout, Piece, merge, runs
 
 CLUSTER_BITS = 16
 CLUSTER = 1 << CLUSTER_BITS
@@ -185,22 +187,8 @@ class Qcow2Writer(FileWriter):
         self._flush_l2()
         l1_offset = self._append_clusters(_big_endian(self.l1))
         table_offset, table_clusters = self._append_refcounts()
-        header = fmt.Header(
-            version=3, backing_file_offset=0, backing_file_size=0, cluster_bits=CLUSTER_BITS,
-            size=self.size, crypt_method=0, l1_size=len(self.l1), l1_table_offset=l1_offset,
-            refcount_table_offset=table_offset, refcount_table_clusters=table_clusters,
-            nb_snapshots=0, snapshots_offset=0, refcount_order=REFCOUNT_ORDER,
-            header_length=fmt.V3_HEADER_LENGTH)
-        extensions = b""
-        if self.backing is not None:
-            name, backing_format = self.backing
-            extensions = fmt.pack_extension(fmt.EXT_BACKING_FORMAT, backing_format)
-            header = dataclasses.replace(
-                header, backing_file_size=len(name),
-                backing_file_offset=header.header_length + len(extensions) + fmt.EXTENSION.size)
-        first = header.pack() + extensions + fmt.pack_extension(fmt.EXT_END, b"")
-        if self.backing is not None:
-            first += self.backing[0]
+        first = _first_cluster(self.size, len(self.l1), l1_offset, table_offset,
+                               table_clusters, self.backing)
         self._flush_out()
         self.file.pwrite(first, 0)
         self.file.truncate(self.end)
@@ -208,14 +196,7 @@ class Qcow2Writer(FileWriter):
     def _append_refcounts(self) -> tuple[int, int]:
         """Refcount table and blocks at the end, counting themselves; returns the table's offset
         and size in clusters."""
-        used = self.end // CLUSTER
-        blocks = table = 0
-        while True:
-            need_blocks = -(-(used + blocks + table) // REFCOUNTS_PER_BLOCK)
-            need_table = -(-need_blocks * 8 // CLUSTER)
-            if (need_blocks, need_table) == (blocks, table):
-                break
-            blocks, table = need_blocks, need_table
+        blocks, table = _refcount_clusters(self.end // CLUSTER)
         table_offset = self.end
         blocks_offset = table_offset + table * CLUSTER
         self._reference(table_offset, (table + blocks) * CLUSTER)
@@ -261,6 +242,90 @@ class Qcow2Writer(FileWriter):
             counts.frombytes(bytes(2 * (last + 1 - len(counts))))
         for cluster in range(first, last + 1):
             counts[cluster] += 1
+
+
+def _refcount_clusters(used: int) -> tuple[int, int]:
+    """Refcount blocks and table clusters that count `used` clusters and themselves."""
+    blocks = table = 0
+    while True:
+        need_blocks = -(-(used + blocks + table) // REFCOUNTS_PER_BLOCK)
+        need_table = -(-need_blocks * 8 // CLUSTER)
+        if (need_blocks, need_table) == (blocks, table):
+            return blocks, table
+        blocks, table = need_blocks, need_table
+
+
+def _first_cluster(size: int, l1_size: int, l1_offset: int, table_offset: int,
+                   table_clusters: int, backing: tuple[bytes, bytes] | None) -> bytes:
+    """The header, its extensions and the backing file's name."""
+    header = fmt.Header(
+        version=3, backing_file_offset=0, backing_file_size=0, cluster_bits=CLUSTER_BITS,
+        size=size, crypt_method=0, l1_size=l1_size, l1_table_offset=l1_offset,
+        refcount_table_offset=table_offset, refcount_table_clusters=table_clusters,
+        nb_snapshots=0, snapshots_offset=0, refcount_order=REFCOUNT_ORDER,
+        header_length=fmt.V3_HEADER_LENGTH)
+    extensions = b""
+    if backing is not None:
+        name, backing_format = backing
+        extensions = fmt.pack_extension(fmt.EXT_BACKING_FORMAT, backing_format)
+        header = dataclasses.replace(
+            header, backing_file_size=len(name),
+            backing_file_offset=header.header_length + len(extensions) + fmt.EXTENSION.size)
+    first = header.pack() + extensions + fmt.pack_extension(fmt.EXT_END, b"")
+    return first + backing[0] if backing is not None else first
+
+
+def layout(size: int, extents: list[Extent], chunk: int) -> Layout:
+    """What Qcow2Writer (no parent, uncompressed) writes for a disk whose data is `extents`:
+    the same appends in the same order. A data cluster for every cluster the data touches;
+    each L2 table appended right after the first data cluster of the next table's range (as
+    the writer's _store does); then L1, refcount table and blocks, every count one."""
+    size = round_up(size, SECTOR)
+    l1 = array("Q", bytes(8 * max(1, -(-size // (L2_ENTRIES * CLUSTER)))))
+    pieces: list[Piece] = []
+    end = CLUSTER
+    l2: array | None = None
+    l2_index = -1
+
+    def append_l2() -> None:
+        nonlocal end
+        if l2 is not None:
+            l1[l2_index] = fmt.OFLAG_COPIED | end
+            pieces.append(Piece(end, CLUSTER, None, _big_endian(l2)))
+            end += CLUSTER
+
+    for first, stop in runs(extents, size, chunk, CLUSTER):
+        index = first
+        while index < stop:  # one L2 table's range at a time
+            table, i = divmod(index, L2_ENTRIES)
+            count = min(stop - index, L2_ENTRIES - i)
+            # A run entering a new table: its first cluster, then the previous table.
+            take = 1 if table != l2_index and l2 is not None else count
+            host = end
+            pieces.append(Piece(host, min(take * CLUSTER, size - index * CLUSTER),
+                                index * CLUSTER))
+            end += take * CLUSTER
+            if table != l2_index:
+                append_l2()
+                l2, l2_index = array("Q", bytes(CLUSTER)), table
+            assert l2 is not None
+            l2[i:i + take] = array("Q", range(fmt.OFLAG_COPIED | host,
+                                              fmt.OFLAG_COPIED | host + take * CLUSTER, CLUSTER))
+            index += take
+    append_l2()
+    l1_offset = end
+    pieces.append(Piece(end, len(l1) * 8, None, _big_endian(l1)))
+    end += round_up(len(l1) * 8, CLUSTER)
+    blocks, table_clusters = _refcount_clusters(end // CLUSTER)
+    table_offset, blocks_offset = end, end + table_clusters * CLUSTER
+    total = blocks_offset // CLUSTER + blocks
+    entries = array("Q", range(blocks_offset, blocks_offset + blocks * CLUSTER, CLUSTER))
+    counts = array("H", [1]) * total
+    pieces += [Piece(table_offset, len(entries) * 8, None, _big_endian(entries)),
+               Piece(blocks_offset, total * 2, None, _big_endian(counts))]
+    first_cluster = _first_cluster(size, len(l1), l1_offset, table_offset, table_clusters, None)
+    return Layout(total * CLUSTER, [Piece(0, len(first_cluster), None, first_cluster),
+                                    *merge(pieces)])
 
 
 def _open_parent(child: Path, parent: Path):

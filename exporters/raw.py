@@ -6,8 +6,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from thinstack.extents import Extent
+
 from . import ExportError
 from .atomic import FileWriter
+from .layout import Layout, Piece, data_chunks
 
 # Zero runs at least this long become holes; a file system allocates in blocks of 4 KiB at most.
 ZERO_CHUNK = 64 << 10
@@ -43,3 +46,9 @@ class RawWriter(FileWriter):
 
     def _finish(self) -> None:
         self.file.truncate(self.size)
+
+
+def layout(size: int, extents: list[Extent], chunk: int) -> Layout:
+    """The disk's bytes at their offsets: the mapped chunks are the data, the rest holes."""
+    return Layout(size, (Piece(e.offset, e.length, e.offset)
+                         for e in data_chunks(extents, size, chunk)))

@@ -11,13 +11,14 @@ import uuid
 from array import array
 from pathlib import Path
 
-from thinstack.extents import Kind
+from thinstack.extents import Extent, Kind
 from thinstack.importers import ImageError
 from thinstack.importers import vhd as fmt
 from thinstack.sizes import SECTOR, round_up
 
 from . import ExportError
 from .atomic import FileWriter
+from .layout import Layout, Piece, data_chunks
 
 BLOCK_SIZE = 2 << 20
 # The spec's limit (and QEMU's): 2040 GiB.
@@ -207,16 +208,71 @@ class DynamicWriter(FileWriter):
                 parent_timestamp=_timestamp(os.stat(self.parent_path).st_mtime))
             for loc, data in zip(self.locators, self.locator_data, strict=True):
                 self.file.pwrite(data, loc.data_offset)
-        bat = array("I", self.bat)
-        if sys.byteorder == "little":
-            bat.byteswap()
         self.file.pwrite(footer, 0)
         self.file.pwrite(header.pack(), fmt.FOOTER_SIZE)
-        # Unused entries and the padding to the sector are all ones, as the spec asks.
-        self.file.pwrite(bat.tobytes().ljust(round_up(len(bat) * 4, SECTOR), b"\xff"),
-                         self.table_offset)
+        self.file.pwrite(_bat_bytes(self.bat), self.table_offset)
         self.file.pwrite(footer, self.next_block)
         self.file.truncate(self.next_block + fmt.FOOTER_SIZE)
+
+
+def _bat_bytes(bat: array) -> bytes:
+    """The BAT as stored: big-endian; unused entries and the padding to the sector are all
+    ones, as the spec asks."""
+    bat = array("I", bat)
+    if sys.byteorder == "little":
+        bat.byteswap()
+    return bat.tobytes().ljust(round_up(len(bat) * 4, SECTOR), b"\xff")
+
+
+def fits(size: int) -> bool:
+    """Whether a VHD can hold a disk of `size` bytes as it is."""
+    return size % SECTOR == 0 and 0 < size <= MAX_SIZE
+
+
+def layout(size: int, extents: list[Extent], chunk: int, *, format: str = "vhd") -> Layout:
+    """What DynamicWriter (or FixedWriter, format="vhd-fixed") writes for a disk whose data is
+    `extents`: blocks allocated in disk order for every block the data touches, each bitmap
+    marking the sectors the data covers."""
+    if not fits(size):
+        raise ExportError(f"VHD size {size} is not a whole number of sectors up to {MAX_SIZE} "
+                          "bytes")
+    chunks = data_chunks(extents, size, chunk)
+    if format == "vhd-fixed":
+        footer = _footer(fmt.FIXED, size).pack()
+        return Layout(size + fmt.FOOTER_SIZE,
+                      [*(Piece(e.offset, e.length, e.offset) for e in chunks),
+                       Piece(size, fmt.FOOTER_SIZE, None, footer)])
+    bitmap_bytes = fmt.bitmap_size(BLOCK_SIZE)
+    bat = array("I", [fmt.UNALLOCATED]) * -(-size // BLOCK_SIZE)
+    table_offset = fmt.FOOTER_SIZE + fmt.HEADER_SIZE
+    next_block = table_offset + round_up(len(bat) * 4, SECTOR)
+    full = b"\xff" * bitmap_bytes  # one object for every fully written block's bitmap
+    blocks: list[tuple[int, bytearray, list[Piece]]] = []  # file offset, bitmap, data pieces
+    for e in chunks:
+        pos = e.offset
+        while pos < e.end:
+            index = pos // BLOCK_SIZE
+            stop = min(e.end, (index + 1) * BLOCK_SIZE)
+            if bat[index] == fmt.UNALLOCATED:
+                bat[index] = next_block // SECTOR
+                blocks.append((next_block, bytearray(bitmap_bytes), []))
+                next_block += bitmap_bytes + BLOCK_SIZE
+            at, bitmap, data = blocks[-1]
+            data.append(Piece(at + bitmap_bytes + pos - index * BLOCK_SIZE, stop - pos, pos))
+            first = pos % BLOCK_SIZE // SECTOR
+            _set_bits(bitmap, first, -(-(stop - index * BLOCK_SIZE) // SECTOR) - first)
+            pos = stop
+    pieces = [p for at, bitmap, data in blocks
+              for p in (Piece(at, bitmap_bytes, None, full if bitmap == full else bytes(bitmap)),
+                        *data)]
+    footer = _footer(fmt.DYNAMIC, size, data_offset=fmt.FOOTER_SIZE).pack()
+    header = fmt.DynamicHeader(table_offset=table_offset, block_size=BLOCK_SIZE,
+                               max_table_entries=len(bat))
+    return Layout(next_block + fmt.FOOTER_SIZE, [
+        Piece(0, fmt.FOOTER_SIZE, None, footer),
+        Piece(fmt.FOOTER_SIZE, fmt.HEADER_SIZE, None, header.pack()),
+        Piece(table_offset, round_up(len(bat) * 4, SECTOR), None, _bat_bytes(bat)),
+        *pieces, Piece(next_block, fmt.FOOTER_SIZE, None, footer)])
 
 
 def _open_parent(parent: Path) -> fmt.VhdImage:
