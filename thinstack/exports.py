@@ -46,17 +46,17 @@ from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from thinstack import extorigin, faults, lvm, mapping, tags, thinpool
+from thinstack import extorigin, faults, lvm, mapping, recovery, tags, thinpool
 from thinstack.copy import CopyStats, copy_extents, data_bytes
 from thinstack.dm import tools
 from thinstack.dm.client import DeviceMapper
 from thinstack.dm.pool import Pool
 from thinstack.errors import NoSpace, NotFound, Refused, ThinstackError
 from thinstack.exporters import ExportError, driver
-from thinstack.exporters.atomic import partial_name, remove_partial
+from thinstack.exporters.atomic import partial_name
 from thinstack.extents import Extent, Kind
 from thinstack.importers import Policy
-from thinstack.journal import Entry, Journal, Step, StepKind, parse_steps, write_atomically
+from thinstack.journal import Entry, Journal, Step, StepKind, write_atomically
 from thinstack.lock import held
 from thinstack.lvm import LV, VolumeRef
 from thinstack.operation import KEEP_FOR_RESUME, Op, operation
@@ -166,14 +166,6 @@ def last_export(source: LV, lvs: list[LV]) -> LV | None:
     raise Refused(f"{found.ref} is not the base snapshot thinstack keeps for {source.ref} (it "
                   f"lacks thinstack's tag or is no snapshot of it); rename it to export "
                   f"--incremental")
-
-
-def suspended_devices(steps: list[str]) -> list[tuple[str, str]]:
-    """The devices (dm name, dm uuid) an export suspended and did not record as resumed."""
-    parsed = parse_steps(steps)
-    resumed = {s.target for s in parsed if s.kind is StepKind.RESUMED}
-    suspended = [s.target.partition(" ") for s in parsed if s.kind is StepKind.SUSPEND]
-    return [(name, uuid) for name, _, uuid in suspended if name not in resumed]
 
 
 def since_base(snap: LV, source: LV, parent: Path | None, record: Record | None) -> Base:
@@ -555,37 +547,13 @@ def _earlier_exports(ref: VolumeRef, journal: Journal) -> list[Entry]:
             if e.op == "export" and e.args.get("name") == ref.name]
 
 
-def resume_devices(entry: Entry) -> None:
-    """Resume a device the export left suspended (killed while its snapshot was taken): first,
-    since LVM's scans would wait on it. Only the very device suspended (same dm uuid)."""
-    dm = DeviceMapper()
-    for name, uuid in suspended_devices(entry.steps):
-        info = dm.info(name)
-        if info is not None and info.suspended and info.uuid == uuid:
-            dm.resume(name)
-
-
-def _undo(entry: Entry) -> None:
-    """Roll an export back: a device it suspended, its snapshot (whatever it was renamed to:
-    the one carrying its tag, a snapshot of the exported volume), its temporary file."""
-    resume_devices(entry)
-    for lv in lvm.volumes_of(entry.vg):
-        if entry.tag in lv.tags and lv.origin == entry.args["name"]:
-            extorigin.release(lv)
-            lvm.lvm("lvremove", "-q", "-y", "-f", str(lv.ref))
-    remove_partial(entry.args["partial"])
-
-
-def recover(entry: Entry) -> None:
-    """recovery.HANDLERS["export"]. An export runs outside the VG lock, so its entry may belong
-    to one still running: that one is left alone, and the recovery refused until it ends."""
-    if running(entry):
-        raise Refused(f"an export of {entry.vg}/{entry.args['name']} is running; recover when it "
-                      f"has finished")
-    _undo(entry)
+# An export rolls back as any operation does (recovery.plan): the device it suspended, its
+# snapshot (tagged with the operation until the end), its temporary file.
+_undo = recovery.roll_back
 
 
 def running(entry: Entry) -> bool:
     """recovery.LIVE["export"]: whether the export of this entry may still be running (its
-    volume's export lock is held). A dead one is rolled back by any recovery of its VG."""
+    volume's export lock is held). A dead one is rolled back by any recovery of its VG, and an
+    explicit recovery refuses while it runs."""
     return _running(VolumeRef(entry.vg, entry.args["name"]))

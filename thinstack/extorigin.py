@@ -33,7 +33,7 @@ from pathlib import Path
 
 from thinstack import lvm, tags
 from thinstack.dm.client import DeviceMapper
-from thinstack.dm.command import RUNNER
+from thinstack.dm.command import RUNNER, Runner
 from thinstack.dm.targets import Table, ThinTarget
 from thinstack.errors import NotFound, Refused
 from thinstack.lvm import LV
@@ -162,8 +162,8 @@ def set_readonly(origin: Origin) -> None:
         RUNNER.run(["blockdev", "--setro", origin.path])
 
 
-def set_writable(path: str) -> None:
-    RUNNER.run(["blockdev", "--setrw", path])
+def set_writable(path: str, runner: Runner = RUNNER) -> None:
+    runner.run(["blockdev", "--setrw", path])
 
 
 def active(lv: LV, dm: DeviceMapper | None = None) -> bool:
@@ -222,8 +222,8 @@ def release(lv: LV) -> None:
         release_device(lv.vg, lv.name, uuid(lv))
 
 
-def release_device(vg: str, name: str, dm_uuid: str) -> None:
-    dm = DeviceMapper()
+def release_device(vg: str, name: str, dm_uuid: str, dm: DeviceMapper | None = None) -> None:
+    dm = dm or DeviceMapper()
     info = dm.info(_dm_name(vg, name))
     if info is None or info.uuid != dm_uuid:
         return

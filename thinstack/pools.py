@@ -20,23 +20,23 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from thinstack import backing, faults, growth, lvm, provision, recovery, tags
+from thinstack import backing, faults, growth, lvm, provision, tags
 from thinstack.attach import attach
-from thinstack.dm.command import CommandError
 from thinstack.errors import Exists, NoSpace, ThinstackError
 from thinstack.journal import Entry, Step, StepKind, last_target, parse_steps
 from thinstack.lock import vg_lock
 from thinstack.lvm import LV, Lvm, default_lvm
 from thinstack.operation import Op, operation
 from thinstack.poolstatus import PoolStatus, check, pool_lv, status, thin_usage
+from thinstack.recovery import Action, Undo
 from thinstack.sizes import format_size, round_down, round_up
 
 # What the CLI calls by these names.
-__all__ = ["attach", "check", "create", "extend", "recover", "status", "thin_usage"]
+__all__ = ["attach", "check", "create", "extend", "status", "thin_usage"]
 
 POOL_LV = "pool"
 DEFAULT_CHUNK = 64 << 10
@@ -132,21 +132,17 @@ def pool_tags(grow_threshold: float, grow_step: int) -> list[str]:
 
 
 @dataclass(frozen=True)
-class Undo:
-    kind: StepKind  # the step it undoes: registry, pool, vg, pv, md, md-member, loop, file
-    target: str
-    check: str = ""  # what it must still be: an LVM selection (pool, vg), DEV:INO (loop, file)
-
-
-@dataclass(frozen=True)
 class Rollback:
-    undos: list[Undo]
+    actions: list[Action]
     kept: str | None = None  # why the VG is left as it is: the creation is adopted
 
 
-# Steps that record what a resource is once it exists, or the commit: nothing to undo.
-IDENTITY_STEPS = (StepKind.VG_UUID, StepKind.POOL_UUID, StepKind.FILE_ID, StepKind.COMMITTED)
-_recorded = last_target
+# How each resource a creation records is undone (the steps that record its identity, or the
+# commit, have no undo).
+_UNDO_OF = {StepKind.REGISTRY: Undo.UNREGISTER, StepKind.POOL: Undo.REMOVE,
+            StepKind.VG: Undo.REMOVE_VG, StepKind.PV: Undo.WIPE_PV, StepKind.MD: Undo.STOP_MD,
+            StepKind.MD_MEMBER: Undo.ZERO_MD, StepKind.LOOP: Undo.DETACH_LOOP,
+            StepKind.FILE: Undo.REMOVE_FILE}
 
 
 def foreign(steps: list[str], tag: str, vg: lvm.VG, lvs: Sequence[LV]) -> str | None:
@@ -154,14 +150,14 @@ def foreign(steps: list[str], tag: str, vg: lvm.VG, lvs: Sequence[LV]) -> str | 
     the creation that recorded `steps` made; None when it is. The creation tags the VG right
     after making it and then records its uuid: a VG without the tag is its own only if it was
     killed in between and the VG is still empty."""
-    uuid = _recorded(steps, StepKind.VG_UUID)
+    uuid = last_target(steps, StepKind.VG_UUID)
     if str(Step(StepKind.VG, vg.name)) not in steps:
         return f"{vg.name} was made by someone else while the creation had not yet made it"
     if uuid is not None and vg.uuid != uuid:
         return f"{vg.name} is another volume group now (uuid {vg.uuid}, not {uuid})"
     if tag not in vg.tags and (uuid is not None or lvs):
         return f"{vg.name} no longer carries the creation's tag {tag}"
-    pool_uuid = _recorded(steps, StepKind.POOL_UUID)
+    pool_uuid = last_target(steps, StepKind.POOL_UUID)
     made_pool = str(Step(StepKind.POOL, f"{vg.name}/{POOL_LV}")) in steps
     others = [lv.name for lv in lvs if not (
         made_pool and lv.name == POOL_LV and lv.is_thin_pool
@@ -173,39 +169,33 @@ def foreign(steps: list[str], tag: str, vg: lvm.VG, lvs: Sequence[LV]) -> str | 
 
 def rollback_plan(steps: list[str], tag: str = "", vg: lvm.VG | None = None,
                   lvs: Sequence[LV] = ()) -> Rollback:
-    """What undoes a creation that recorded `steps` (`kind:target`, each recorded before its
-    resource was made), given the VG of its name as it is now (`vg`, or None) and its visible
-    volumes: the reverse order, so each resource goes before what it was built on, each undo
-    checking that its target is still what the creation made. A committed creation is kept
-    whole, and so is one whose VG is now someone's (see `foreign`)."""
+    """What undoes a creation that recorded `steps` (each before its resource was made), given
+    the VG of its name as it is now (`vg`, or None) and its visible volumes: the reverse order,
+    so each resource goes before what it was built on, each undo checking that its target is
+    still what the creation made. A committed creation is kept whole, and so is one whose VG is
+    now someone's (see `foreign`): it only loses the creation's tag."""
     if str(Step(StepKind.COMMITTED)) in steps:
         return Rollback([])
     if vg is not None:
         why = foreign(steps, tag, vg, lvs)
         if why:
-            return Rollback([], why)
-    file_id = _recorded(steps, StepKind.FILE_ID) or ""
+            return Rollback([Action(Undo.DELTAG, vg.name, tag)] if tag in vg.tags else [], why)
     pool = next((lv for lv in lvs if lv.name == POOL_LV), None)
-    undos = []
+    # What each undo checks that its target still is; unknown: the target is left alone. LVM
+    # selects the pool by uuid and the VG by uuid and emptiness, under its lock. A file is known
+    # by its identity, not its name: in a folder others can write, the name may have been given
+    # to another file.
+    file_id = last_target(steps, StepKind.FILE_ID)
+    checks = {StepKind.POOL: f"lv_uuid={pool.uuid}" if pool else None,
+              StepKind.VG: f"vg_uuid={vg.uuid} && lv_count=0" if vg else None,
+              StepKind.LOOP: file_id, StepKind.FILE: file_id,
+              StepKind.MD_MEMBER: last_target(steps, StepKind.MD)}
+    actions = []
     for step in reversed(parse_steps(steps)):
-        kind, target = step.kind, step.target
-        if kind in IDENTITY_STEPS:
-            continue
-        if kind is StepKind.POOL:
-            if pool is not None:
-                undos.append(Undo(kind, target, f"lv_uuid={pool.uuid}"))
-        elif kind is StepKind.VG:
-            if vg is not None:
-                # Checked again by LVM itself, under its lock: the same VG, and empty.
-                undos.append(Undo(kind, target, f"vg_uuid={vg.uuid} && lv_count=0"))
-        elif kind in (StepKind.LOOP, StepKind.FILE):
-            # A file is known by its identity, not its name: in a folder others can write, the
-            # name may have been given to another file. Unknown identity: leave it.
-            if file_id:
-                undos.append(Undo(kind, target, file_id))
-        else:
-            undos.append(Undo(kind, target))
-    return Rollback(undos)
+        check = checks.get(step.kind, "")
+        if step.kind in _UNDO_OF and check is not None:
+            actions.append(Action(_UNDO_OF[step.kind], step.target, check))
+    return Rollback(actions)
 
 
 def creation_steps(vg: str, pvs: list[str], md_members: list[str], file: Path | None) -> list[str]:
@@ -287,63 +277,16 @@ def _create(op: Op, devices: list[str], file: Path | None, raid1: bool, size: in
 
 # --- rollback ----------------------------------------------------------------------------------
 
-def recover(entry: Entry, lvm: Lvm | None = None) -> None:
-    """recovery.HANDLERS["pool-create"]: roll back an uncommitted creation, or adopt it when its
-    VG has become someone's (said on stderr: nothing of it is removed)."""
-    lvm = lvm or default_lvm()
+def rollback(entry: Entry, lvm: Lvm) -> list[Action]:
+    """recovery.PLANNERS["pool-create"]: what rolls back an uncommitted creation; nothing but its
+    tag when its VG has become someone's (said on stderr: the creation is adopted)."""
     found = lvm.vgs(entry.vg)
     vg = found[0] if found else None
     plan = rollback_plan(entry.steps, entry.tag, vg, lvm.lvs(entry.vg) if vg else [])
     if plan.kept:
-        if vg is not None and entry.tag in vg.tags:
-            lvm.run("vgchange", "-q", "--deltag", entry.tag, entry.vg)
         print(f"thinstack: pool create of {entry.vg} (journal entry {entry.id}) was interrupted; "
               f"{plan.kept}, so it is kept as it is", file=sys.stderr, flush=True)
-    for undo in plan.undos:
-        UNDO[undo.kind](entry.vg, undo, lvm)
-
-
-def _undo_pv(vg: str, undo: Undo, lvm: Lvm) -> None:
-    # Only a PV that belongs to no VG: device names can change across a reboot, and a PV that
-    # is someone else's must never be wiped.
-    real = os.path.realpath(undo.target)
-    if any(os.path.realpath(pv.name) == real and not pv.vg for pv in lvm.pvs()):
-        lvm.run("pvremove", "-q", "-y", "-ff", undo.target)
-
-
-def _undo_md(vg: str, undo: Undo, lvm: Lvm) -> None:
-    device = f"/dev/md/{undo.target}"
-    if os.path.exists(device):
-        lvm.runner.run(["mdadm", "--stop", device])
-
-
-def _undo_md_member(vg: str, undo: Undo, lvm: Lvm) -> None:
-    # Only a superblock of our array (by name), for the same reason as PVs above.
-    try:
-        out = lvm.runner.run(["mdadm", "--examine", "--export", undo.target])
-    except CommandError:
-        return  # no md superblock there
-    fields = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
-    if fields.get("MD_NAME", "").rpartition(":")[2] == md_name(vg):
-        lvm.runner.run(["mdadm", "--zero-superblock", undo.target])
-
-
-# Each kind of step's undo, given the plan's Undo and the Lvm (whose runner runs the rest).
-UNDO: dict[str, Callable[[str, Undo, Lvm], object]] = {
-    "registry": lambda vg, undo, lvm: backing.unregister(undo.target),
-    # By uuid, under LVM's lock: only the pool the plan found, never another of that name.
-    "pool": lambda vg, undo, lvm: lvm.run("lvremove", "-q", "-y", "-f", "-S", undo.check, vg),
-    # LVM selects the VG only while it is still the one the plan found, and empty.
-    "vg": lambda vg, undo, lvm: lvm.run("vgremove", "-q", "-y", "-f", "-S", undo.check),
-    "pv": _undo_pv,
-    "md": _undo_md,
-    "md-member": _undo_md_member,
-    # The file the creation made, by identity: whatever file its name leads to now.
-    "loop": lambda vg, undo, lvm: backing.detach_loops(undo.check, lvm.runner),
-    "file": lambda vg, undo, lvm: backing.remove_file(Path(undo.target), undo.check),
-}
-
-recovery.HANDLERS["pool-create"] = recover
+    return plan.actions
 
 
 # --- extend ------------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.fakes import FakeLvm
 from thinstack import exports, recovery
 from thinstack.dm import tools
 from thinstack.errors import NotFound, Refused
@@ -224,27 +223,6 @@ def test_one_export_of_a_volume_at_a_time(dirs):
     assert not exports._running(REF)
 
 
-def test_recovery_leaves_a_running_export_alone(dirs):
-    assert recovery._handler("export") is exports.recover
-    entry = Entry(id="abc", op="export", vg="vg", args=dict(
-        name="vm1", dest=str(dirs / "d.vhd"), partial=str(dirs / ".d.vhd.partial-1")))
-    with exports.export_lock(REF):
-        with pytest.raises(Refused, match="an export of vg/vm1 is running"):
-            exports.recover(entry)
-
-
-def test_recovery_removes_the_snapshot_and_the_temporary_file(dirs, mocker):
-    partial = dirs / ".d.vhd.partial-1"
-    partial.write_bytes(b"half an image")
-    entry = Entry(id="abc", op="export", vg="vg", args=dict(
-        name="vm1", dest=str(dirs / "d.vhd"), partial=str(partial)))
-    fake = FakeLvm(lvs=[SOURCE, lv("vm1.export-abc", origin="vm1", tags={entry.tag}), LAST])
-    mocker.patch("thinstack.lvm.LVM", fake)
-    exports.recover(entry)
-    assert fake.commands == [("lvremove", "-q", "-y", "-f", "vg/vm1.export-abc")]
-    assert not partial.exists()
-
-
 def test_the_writer_builds_dest_under_the_journalled_name(tmp_path):
     from thinstack.exporters import driver
 
@@ -268,23 +246,6 @@ def test_a_foreign_last_export_is_never_the_base(dirs):
                     lv("vm1.last-export", origin="vm2", attr=RO, tags={"ts_last_export"})):
         with pytest.raises(Refused, match="vg/vm1.last-export is not the base snapshot"):
             exports.last_export(SOURCE, [SOURCE, foreign])
-
-
-def test_rollback_removes_only_a_snapshot_of_the_exported_volume(dirs, mocker):
-    entry = Entry(id="abc", op="export", vg="vg", args=dict(
-        name="vm1", dest=str(dirs / "d.vhd"), partial=str(dirs / ".d.vhd.partial-1")))
-    fake = FakeLvm(lvs=[SOURCE, lv("other", origin="vm2", tags={entry.tag}),
-                        lv("vm1.export-abc", origin="vm1")])
-    mocker.patch("thinstack.lvm.LVM", fake)
-    exports.recover(entry)
-    assert fake.commands == []
-
-
-def test_a_device_suspended_and_not_resumed_is_known_from_the_journal():
-    steps = ["suspend:vg-c1 TS-EXT-u1"]
-    assert exports.suspended_devices(steps) == [("vg-c1", "TS-EXT-u1")]
-    assert exports.suspended_devices(steps + ["resumed:vg-c1"]) == []
-    assert exports.suspended_devices([]) == []
 
 
 def test_a_dead_export_is_rolled_back_by_any_recovery_a_live_one_by_none(dirs):

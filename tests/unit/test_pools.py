@@ -14,6 +14,7 @@ from thinstack.dm.status import Discards, PoolMode, ThinPoolStatus
 from thinstack.errors import Exists, NoSpace, NotFound, ThinstackError
 from thinstack.journal import Journal
 from thinstack.lvm import LV, PV, VG, BadName
+from thinstack.recovery import Action, Undo
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 EXTENT = 4 * MiB
@@ -171,23 +172,26 @@ def test_rollback_undoes_in_reverse_order_checking_each_target():
     pool = dataclasses.replace(lv(), uuid="p1")
     rollback = plan(steps, ours(), [pool])
     assert rollback.kept is None
-    assert [(u.kind, u.target, u.check) for u in rollback.undos] == [
-        ("pool", "vg0/pool", "lv_uuid=p1"), ("vg", "vg0", "vg_uuid=u && lv_count=0"),
-        ("pv", "/dev/md/ts-vg0", ""), ("md", "ts-vg0", ""), ("md-member", "/dev/sdc", ""),
-        ("md-member", "/dev/sdb", "")]
+    assert rollback.actions == [
+        Action(Undo.REMOVE, "vg0/pool", "lv_uuid=p1"),
+        Action(Undo.REMOVE_VG, "vg0", "vg_uuid=u && lv_count=0"),
+        Action(Undo.WIPE_PV, "/dev/md/ts-vg0"), Action(Undo.STOP_MD, "ts-vg0"),
+        Action(Undo.ZERO_MD, "/dev/sdc", "ts-vg0"), Action(Undo.ZERO_MD, "/dev/sdb", "ts-vg0")]
     # The VG already gone: what lay under it is still undone, each undo checking its target.
-    assert [u.kind for u in plan(steps).undos] == ["pv", "md", "md-member", "md-member"]
+    assert [a.kind for a in plan(steps).actions] == [Undo.WIPE_PV, Undo.STOP_MD, Undo.ZERO_MD,
+                                                     Undo.ZERO_MD]
 
 
 def test_rollback_of_a_file_backed_pool_deletes_the_file_it_made_last():
     steps = ["file:/var/lib/p:1.img", "file-id:2049:77", "loop:/var/lib/p:1.img", "vg:vg0",
              "vg-uuid:u", "registry:vg0"]
-    undos = plan(steps, ours()).undos
-    assert [u.kind for u in undos] == ["registry", "vg", "loop", "file"]
-    assert (undos[-1].target, undos[-1].check) == ("/var/lib/p:1.img", "2049:77")  # colons survive
-    assert undos[-2].check == "2049:77"  # loops by the file's identity, not its name
+    actions = plan(steps, ours()).actions
+    assert [a.kind for a in actions] == [Undo.UNREGISTER, Undo.REMOVE_VG, Undo.DETACH_LOOP,
+                                         Undo.REMOVE_FILE]
+    assert (actions[-1].target, actions[-1].arg) == ("/var/lib/p:1.img", "2049:77")  # colons
+    assert actions[-2].arg == "2049:77"  # loops by the file's identity, not its name
     # Killed before the file's identity was recorded: the file and its name are left alone.
-    assert plan(["file:/p.img"]).undos == []
+    assert plan(["file:/p.img"]).actions == []
 
 
 def test_committed_creation_is_kept():
@@ -206,18 +210,20 @@ def test_a_vg_taken_into_use_is_adopted_never_removed():
             (ours(), [lv()], "holds volumes the creation did not make (pool)"),
     ]:
         rollback = plan(steps, found, lvs)
-        assert rollback.undos == [] and why in rollback.kept, (found, lvs)
+        # Nothing undone; the creation's tag comes off where it is still on.
+        tagged = [Action(Undo.DELTAG, "vg0", TAG)] if TAG in found.tags else []
+        assert rollback.actions == tagged and why in rollback.kept, (found, lvs)
     rollback = plan([*steps, "pool:vg0/pool", "pool-uuid:p1"], ours(), [lv()])
-    assert rollback.undos == [] and "(pool)" in rollback.kept
+    assert rollback.actions == [Action(Undo.DELTAG, "vg0", TAG)] and "(pool)" in rollback.kept
     assert "made by someone else" in plan(["pv:/dev/sdb"], ours()).kept
 
 
 def test_killed_between_making_the_vg_and_tagging_it_removes_it_only_while_empty():
     steps = ["pv:/dev/sdb", "vg:vg0"]
-    assert [u.kind for u in plan(steps, vg()).undos] == ["vg", "pv"]
-    assert plan(steps, vg(), [lv("data", attr="-wi-a-----", tags=())]).undos == []
+    assert [a.kind for a in plan(steps, vg()).actions] == [Undo.REMOVE_VG, Undo.WIPE_PV]
+    assert plan(steps, vg(), [lv("data", attr="-wi-a-----", tags=())]).actions == []
     # Tagged but its uuid not yet recorded: the tag is the creation's own.
-    assert [u.kind for u in plan(steps, ours()).undos] == ["vg", "pv"]
+    assert [a.kind for a in plan(steps, ours()).actions] == [Undo.REMOVE_VG, Undo.WIPE_PV]
 
 
 def test_recover_adopts_a_vg_in_use_and_says_so(mocker, capsys):
@@ -226,14 +232,14 @@ def test_recover_adopts_a_vg_in_use_and_says_so(mocker, capsys):
         Journal().step(entry, step)
     fake = FakeLvm(vgs=[dataclasses.replace(vg(), tags=frozenset([entry.tag]))],
                    lvs=[lv("data", attr="-wi-a-----", tags=())])
-    pools.recover(entry, fake)
+    recovery.roll_back(entry, fake)
     assert fake.commands == [("vgchange", "-q", "--deltag", entry.tag, "vg0")]
     err = capsys.readouterr().err
     assert "kept as it is" in err and entry.id in err and "(data)" in err
 
 
-def test_the_handler_is_registered_for_recovery():
-    assert recovery.HANDLERS["pool-create"] is pools.recover
+def test_the_planner_is_registered_for_recovery():
+    assert recovery._resolve(recovery.PLANNERS["pool-create"]) is pools.rollback
 
 
 # --- flows, with the system mocked -------------------------------------------------------------
@@ -248,9 +254,8 @@ class FakePrepared:
 
 @pytest.fixture
 def system(monkeypatch, mocker):
-    """An LVM with no VG until blivet 'creates' one (the default Lvm, a fake), and a record of
-    every undo run."""
-    state = {"vgs": [], "undone": [], "lvm": []}
+    """An LVM with no VG until blivet 'creates' one (the default Lvm, a fake)."""
+    state = {"vgs": [], "lvm": []}
     state["fake"] = FakeLvm(vgs=state["vgs"])
     monkeypatch.setattr("thinstack.lvm.LVM", state["fake"])
 
@@ -260,10 +265,6 @@ def system(monkeypatch, mocker):
 
     mocker.patch("thinstack.provision.prepare_vg", side_effect=prepare)
     mocker.patch("thinstack.provision.require_thin_pool")  # the host may have no dm-thin
-    def recorder(kind):
-        return lambda vg_, undo, lvm: state["undone"].append((kind, undo.target))
-
-    mocker.patch.dict(pools.UNDO, {kind: recorder(kind) for kind in pools.UNDO})
     return state
 
 
@@ -284,13 +285,21 @@ def fake_lvm(system, fail=None):
 
 
 def test_failed_creation_rolls_back_in_reverse_and_clears_the_journal(system, mocker):
-    system["fake"].on_command = fake_lvm(system, ThinstackError("lvcreate failed"))
+    fake = system["fake"]
+    fake.on_command = fake_lvm(system, ThinstackError("lvcreate failed"))
+    fake.pv_list.append(PV("/dev/md/ts-vg0", "", GiB, GiB))
+    fake.runner.on(["mdadm", "--examine"], "MD_NAME=host:ts-vg0\n")
     with pytest.raises(ThinstackError, match="lvcreate failed"):
         pools.create("vg0", devices=["/dev/sdb", "/dev/sdc"], raid1=True)
-    # No pool was made, so none is removed; the VG still carries the creation's tag: it goes.
-    assert system["undone"] == [("vg", "vg0"), ("pv", "/dev/md/ts-vg0"),
-                                ("md", "ts-vg0"), ("md-member", "/dev/sdc"),
-                                ("md-member", "/dev/sdb")]
+    # No pool was made, so none is removed; the VG still carries the creation's tag: it goes,
+    # then what it was built on (the array is stopped only where /dev/md has it).
+    undone = [argv for argv in fake.runner.argvs if argv[:2] in (
+        ["lvm", "lvremove"], ["lvm", "vgremove"], ["lvm", "pvremove"], ["mdadm", "--stop"],
+        ["mdadm", "--zero-superblock"])]
+    assert undone == [["lvm", "vgremove", "-q", "-y", "-f", "-S", "vg_uuid=u && lv_count=0"],
+                      ["lvm", "pvremove", "-q", "-y", "-ff", "/dev/md/ts-vg0"],
+                      ["mdadm", "--zero-superblock", "/dev/sdc"],
+                      ["mdadm", "--zero-superblock", "/dev/sdb"]]
     assert Journal().pending() == []
 
 
@@ -312,14 +321,15 @@ def test_pool_is_created_with_zeroing_chunk_and_tags(system, mocker):
     assert "--chunksize 131072b --poolmetadatasize 4194304b -Zy" in text
     assert "--addtag ts_pool --addtag ts_grow_threshold=60 --addtag ts_grow_step=1073741824" in text
     assert lvcreate[-3:] == ("-n", "pool", "vg0")
-    assert system["undone"] == [] and Journal().pending() == []
+    assert not [c for c in system["lvm"] if c[0] in ("lvremove", "vgremove")]
+    assert Journal().pending() == []
 
 
 def test_existing_vg_is_refused_before_anything_is_journalled(system, mocker):
     system["vgs"].append(vg("vg0"))
     with pytest.raises(Exists, match="already exists"):
         pools.create("vg0", devices=["/dev/sdb"])
-    assert Journal().pending() == [] and system["undone"] == []
+    assert Journal().pending() == [] and system["lvm"] == []
 
 
 def test_an_existing_file_is_refused_unless_it_is_this_vgs_and_blank(system, tmp_path):
@@ -362,21 +372,3 @@ def test_extend_beyond_the_vg_is_no_space_without_running_lvm(system):
     with pytest.raises(NoSpace, match="8MiB free"):
         pools.extend("vg0", 12 * MiB)
     assert system["fake"].commands == []
-
-
-def test_undo_pv_only_wipes_a_pv_that_belongs_to_no_vg():
-    fake = FakeLvm(pvs=[PV("/dev/sdb", "", GiB, GiB), PV("/dev/sdc", "theirs", GiB, GiB)])
-    pools.UNDO["pv"]("vg0", pools.Undo("pv", "/dev/sdc"), fake)
-    assert fake.commands == []
-    pools.UNDO["pv"]("vg0", pools.Undo("pv", "/dev/sdb"), fake)
-    assert fake.commands == [("pvremove", "-q", "-y", "-ff", "/dev/sdb")]
-
-
-def test_undo_md_member_only_zeroes_our_arrays_superblock():
-    fake = FakeLvm()
-    fake.runner.on(["mdadm", "--examine"], "MD_LEVEL=raid1\nMD_NAME=host:other\n")
-    pools.UNDO["md-member"]("vg0", pools.Undo("md-member", "/dev/sdb"), fake)
-    assert len(fake.runner.calls) == 1
-    fake.runner.on(["mdadm", "--examine"], "MD_LEVEL=raid1\nMD_NAME=(none):ts-vg0\n")
-    pools.UNDO["md-member"]("vg0", pools.Undo("md-member", "/dev/sdb"), fake)
-    assert fake.runner.argvs[-1] == ["mdadm", "--zero-superblock", "/dev/sdb"]
