@@ -40,6 +40,7 @@ class Undo(StrEnum):
     ACTIVATE = "activate"
     DEVICE_WRITABLE = "device-writable"  # a device outside the VG, by its path
     REMOVE_PARTIAL = "remove-partial"  # a writer's temporary file
+    UNMOUNT_STALE = "unmount-stale"  # a `thinstack mount` whose daemon is dead, at TARGET
     UNREGISTER = "unregister"  # a VG's backing file from backing.py's registry
     REMOVE_VG = "vgremove"  # arg: an LVM selection it must still match (same uuid, empty)
     WIPE_PV = "pvremove"  # only while the PV belongs to no VG
@@ -96,6 +97,8 @@ def plan(entries: Iterable[Entry], lvs: list[LV], keep: frozenset[str] = frozens
                 actions.append(Action(Undo.WRITABLE, str(target.ref)))
         if "partial" in e.args:  # an export's image, half built beside its destination
             actions.append(Action(Undo.REMOVE_PARTIAL, e.args["partial"]))
+        if "mountpoint" in e.args:  # the mount that served the snapshot, if it is dead
+            actions.append(Action(Undo.UNMOUNT_STALE, e.args["mountpoint"]))
     return actions
 
 
@@ -187,6 +190,8 @@ UNDO: dict[Undo, Callable[[Action, Lvm], object]] = {
     Undo.ACTIVATE: lambda a, lvm: lvm.run("lvchange", "-ay", "-K", a.target),
     Undo.DEVICE_WRITABLE: lambda a, lvm: lvm.runner.run(["blockdev", "--setrw", a.target]),
     Undo.REMOVE_PARTIAL: lambda a, lvm: remove_partial(a.target),
+    Undo.UNMOUNT_STALE: lambda a, lvm: _resolve("thinstack.mount_instants:unmount_stale")(
+        Path(a.target)),
     Undo.UNREGISTER: lambda a, lvm: backing.unregister(a.target),
     Undo.REMOVE_VG: lambda a, lvm: lvm.run("vgremove", "-q", "-y", "-f", "-S", a.arg),
     Undo.WIPE_PV: _wipe_pv,
@@ -212,13 +217,15 @@ def _resolve(found):
 PLANNERS: dict[str, str] = {"pool-create": "thinstack.pools:rollback"}
 
 # Operations whose entries the recovery at the start of other commands leaves alone: an
-# interrupted import may still be resumed (`import --resume`), and an export copies outside the
-# VG lock, so its entry may belong to a live process. Only an explicit `thinstack recover` rolls
-# back an import. An export's entry is left alone only while LIVE says it may be running (its
-# export lock is held): a dead export is rolled back by any recovery of its VG, since it may
-# have left a VM's device suspended; an explicit recovery refuses while it still runs.
-DEFERRED = {"import", "export"}
-LIVE: dict[str, str] = {"export": "thinstack.exports:running"}
+# interrupted import may still be resumed (`import --resume`); an export copies outside the VG
+# lock, and a mount's snapshot lives as long as its files are open, so their entries may belong
+# to a live process. Only an explicit `thinstack recover` rolls back an import. The others are
+# left alone only while LIVE says they may be running (their lock is held): a dead one is rolled
+# back by any recovery of its VG, since it may have left a VM's device suspended; an explicit
+# recovery refuses while one still runs.
+DEFERRED = {"import", "export", "mount"}
+LIVE: dict[str, str] = {"export": "thinstack.exports:running",
+                        "mount": "thinstack.mount_instants:running"}
 
 
 def deferred(entry: Entry, explicit: bool) -> bool:
@@ -229,7 +236,8 @@ def deferred(entry: Entry, explicit: bool) -> bool:
     live = _resolve(LIVE.get(entry.op))
     if live is not None and live(entry):
         if explicit:
-            raise Refused(f"an {entry.op} of {entry.vg}/{entry.args['name']} is running; "
+            article = "an" if entry.op[0] in "aeiou" else "a"
+            raise Refused(f"{article} {entry.op} of {entry.vg}/{entry.args['name']} is running; "
                           "recover when it has finished")
         return True
     return not explicit and live is None
