@@ -1,5 +1,10 @@
-"""Device-mapper devices through `dmsetup`: create, load, suspend, resume, remove, message, and
-read back info, tables and status as types.
+"""Device-mapper devices: create, load, suspend, resume, remove, message, and read back info,
+tables and status as types.
+
+Reads and messages (info, list, table, status, message, targets) go through the control node's
+ioctls (dm/ioctl.py): no process, no udev involved. What makes, changes or removes a node
+(create, load, suspend, resume, remove) and waiting for events run `dmsetup`, for its udev
+synchronisation below.
 
 udev: dmsetup keeps its default udev synchronisation (cookies): each command that adds, changes
 or removes a node waits until the dm udev rules have run `dmsetup udevcomplete`. That is what
@@ -16,17 +21,20 @@ is never completed (rules missing) fails instead of hanging.
 from __future__ import annotations
 
 import builtins
+import errno
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from thinstack.dm import udev
+from thinstack.dm import ioctl, udev
 from thinstack.dm.command import RUNNER, CommandError, CommandTimeout, Runner
 from thinstack.dm.errors import DmError, ParseError
 from thinstack.dm.status import StatusLine, TargetStatus, parse_status_lines
 from thinstack.dm.targets import Table, TableLine
 
 _NO_DEVICES = "No devices found"
+# One control node descriptor per process, shared by every DeviceMapper on the real runner.
+CONTROL = ioctl.Control()
 _INFO_FIELDS = "name,major,minor,open,events,attr,uuid"
 # Device names cannot contain "/"; the uuid, which might, comes last and is split off whole.
 _SEPARATOR = "/"
@@ -69,12 +77,17 @@ class DeviceInfo:
 
 
 class DeviceMapper:
-    """dmsetup through `runner`. `timeout` bounds every dmsetup call; `udev_timeout` bounds the
-    wait for udev after a create."""
+    """dmsetup through `runner`, ioctls through `control`. `timeout` bounds every dmsetup call;
+    `udev_timeout` bounds the wait for udev after a create.
 
-    def __init__(self, runner: Runner = RUNNER, *, timeout: float = 60,
-                 udev_timeout: float = 30):
+    `control` defaults to the real control node when the runner is the real one. A runner
+    handed in without a control (a test's fake) stands for the whole system: every request then
+    runs as the dmsetup command that answers it."""
+
+    def __init__(self, runner: Runner = RUNNER, *, control: ioctl.Control | None = None,
+                 timeout: float = 60, udev_timeout: float = 30):
         self.runner = runner
+        self.control = control if control is not None or runner is not RUNNER else CONTROL
         self.timeout = timeout
         self.udev_timeout = udev_timeout
 
@@ -123,10 +136,19 @@ class DeviceMapper:
 
     def message(self, name: str, sector: int, text: str) -> str:
         """Send a target message (`create_thin 1`, ...) and return what the target answers."""
+        if self.control is not None:
+            return self.control.message(name, sector, text).strip()
         return self._dmsetup("message", name, str(sector), *text.split()).strip()
 
     def info(self, name: str) -> DeviceInfo | None:
         """The device's state, or None if there is no device by that name."""
+        if self.control is not None:
+            try:
+                return _info_of(self.control.status(name))
+            except ioctl.IoctlError as e:
+                if e.errno == errno.ENXIO:
+                    return None
+                raise
         try:
             out = self._dmsetup("info", "-c", "--noheadings", "--separator", _SEPARATOR,
                                 "-o", _INFO_FIELDS, name)
@@ -140,16 +162,35 @@ class DeviceMapper:
         return self.info(name) is not None
 
     def list(self) -> builtins.list[DeviceInfo]:
+        if self.control is not None:
+            # A device removed between the list and its status is gone: left out.
+            found = (self.info(d.name) for d in self.control.list())
+            return [info for info in found if info is not None]
         out = self._dmsetup("info", "-c", "--noheadings", "--separator", _SEPARATOR,
                             "-o", _INFO_FIELDS)
         return [_parse_info(line) for line in out.splitlines()
                 if line.strip() and line.strip() != _NO_DEVICES]
 
     def table(self, name: str, *, inactive: bool = False) -> Table:
+        if self.control is not None:
+            return Table.parse("".join(spec.render() + "\n" for spec in self.control.table_status(
+                name, table=True, inactive=inactive)))
         return Table.parse(self._dmsetup("table", *(["--inactive"] if inactive else []), name))
 
     def lines_of_type(self, target_type: str) -> builtins.list[tuple[str, TableLine]]:
         """Every table line of every device that uses `target_type`, with the device's name."""
+        if self.control is not None:
+            found = []
+            for device in self.control.list():
+                try:
+                    specs = self.control.table_status(device.name, table=True)
+                except ioctl.IoctlError as e:
+                    if e.errno == errno.ENXIO:
+                        continue  # removed since the list
+                    raise
+                found += [(device.name, TableLine.parse(spec.render())) for spec in specs
+                          if spec.type_name == target_type]
+            return found
         out = self._dmsetup("table", "--target", target_type)
         found = []
         for line in out.splitlines():
@@ -163,6 +204,9 @@ class DeviceMapper:
         return found
 
     def status(self, name: str) -> builtins.list[StatusLine]:
+        if self.control is not None:
+            return parse_status_lines("".join(spec.render() + "\n"
+                                              for spec in self.control.table_status(name)))
         return parse_status_lines(self._dmsetup("status", name))
 
     def target_status(self, name: str) -> TargetStatus:
@@ -175,6 +219,8 @@ class DeviceMapper:
     def targets(self) -> dict[str, str]:
         """The target types the kernel has loaded, with their versions (`thin-pool`: `v1.23.0`).
         A type whose module is not loaded yet is missing here until a table needs it."""
+        if self.control is not None:
+            return self.control.versions()
         found = {}
         for line in self._dmsetup("targets").splitlines():
             words = line.split()
@@ -195,6 +241,16 @@ class DeviceMapper:
         if info is None:
             raise DmError(f"dm device {name} was removed while waiting for an event")
         return info.event_nr
+
+
+def _info_of(reply: ioctl.Reply) -> DeviceInfo:
+    flag = ioctl.Flag
+    return DeviceInfo(name=reply.name, major=reply.major, minor=reply.minor,
+                      open_count=reply.open_count, event_nr=reply.event_nr,
+                      live_table=reply.has(flag.ACTIVE_PRESENT),
+                      inactive_table=reply.has(flag.INACTIVE_PRESENT),
+                      suspended=reply.has(flag.SUSPEND), readonly=reply.has(flag.READONLY),
+                      uuid=reply.uuid or None)
 
 
 def _parse_info(line: str) -> DeviceInfo:

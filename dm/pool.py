@@ -15,6 +15,7 @@ from thinstack.dm import tools
 from thinstack.dm.client import DeviceMapper
 from thinstack.dm.command import CommandError
 from thinstack.dm.errors import DmError, MetadataSnapHeld
+from thinstack.dm.ioctl import IoctlError
 from thinstack.dm.status import Failed, ThinPoolStatus
 from thinstack.dm.targets import Device as DeviceRef
 from thinstack.dm.targets import ThinPoolTarget
@@ -87,7 +88,7 @@ class Pool:
         try:
             try:
                 self.dm.message(self.name, 0, "reserve_metadata_snap")
-            except CommandError:
+            except (CommandError, IoctlError):  # dmsetup's failure, or the ioctl's
                 held = self.status().held_metadata_root
                 if held is None:
                     raise

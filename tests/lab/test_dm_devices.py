@@ -9,7 +9,8 @@ import pyudev
 
 from tests.patterns import blocks_match, is_zero, write_blocks
 from thinstack.dm.client import DeviceMapper
-from thinstack.dm.command import CommandError
+from thinstack.dm.command import CommandError, Runner
+from thinstack.dm.errors import DmError
 from thinstack.dm.status import CloneStatus, OtherStatus, SnapshotStatus
 from thinstack.dm.targets import (
     CloneTarget,
@@ -33,6 +34,22 @@ def zero_first_block(path: str) -> None:
         os.fsync(f.fileno())
 
 
+def same_as_dmsetup(name: str) -> None:
+    """What the ioctls answer for device `name` is what dmsetup prints, line for line."""
+    by_ioctl, by_dmsetup = DeviceMapper(), DeviceMapper(Runner())  # another runner: dmsetup
+    assert by_ioctl.control is not None and by_dmsetup.control is None
+    control, dmsetup = by_ioctl.control, Runner()
+    for args, table in [(["status"], False), (["table"], True)]:
+        printed = dmsetup.run(["dmsetup", *args, name]).splitlines()
+        assert [s.render() for s in control.table_status(name, table=table)] == \
+            [line.rstrip() for line in printed]
+    assert by_ioctl.info(name) == by_dmsetup.info(name)
+    assert by_ioctl.table(name) == by_dmsetup.table(name)
+    assert by_ioctl.status(name) == by_dmsetup.status(name)
+    # A device named by its node's path, as dmsetup allows.
+    assert by_ioctl.status(f"/dev/mapper/{name}") == by_dmsetup.status(name)
+
+
 @pytest.mark.lab(disks=1, disk_size="256M")
 def test_create_returns_a_device_udev_has_finished_with(lab_disks):
     dm = DeviceMapper()
@@ -49,9 +66,14 @@ def test_create_returns_a_device_udev_has_finished_with(lab_disks):
     assert (info.uuid, info.open_count, info.suspended, info.readonly, info.live_table) == \
         ("TS-lin", 0, False, False, True)
     assert [i.name for i in dm.list()] == ["lin"]
+    assert dm.list() == DeviceMapper(Runner()).list()
+    assert dm.lines_of_type("linear") == DeviceMapper(Runner()).lines_of_type("linear")
+    assert dm.targets() == DeviceMapper(Runner()).targets()
     dm.remove("lin")
     assert dm.info("lin") is None and not os.path.exists(device.path)
-    assert dm.list() == []
+    assert dm.list() == [] == DeviceMapper(Runner()).list()
+    with pytest.raises(DmError, match="No such device or address"):
+        dm.status("lin")
 
 
 @pytest.mark.lab(disks=1, disk_size="256M")
@@ -95,6 +117,7 @@ def test_every_target_type_loads_as_rendered_and_reads_back(lab_disks):
     def roundtrip(name, table):
         device = dm.create(name, table)
         assert dm.table(name) == table
+        same_as_dmsetup(name)
         return device
 
     real, cow = part("real", 0, 16384), part("cow", 16384, 4096)
@@ -112,6 +135,7 @@ def test_every_target_type_loads_as_rendered_and_reads_back(lab_disks):
         snap = roundtrip("snap", Table.of(16384, SnapshotTarget(real, cow, "P", 16)))
     write_blocks(origin.path, "changed", [0])
     assert blocks_match(snap.path, "real", [0])
+    same_as_dmsetup("snap")  # with a chunk in use
     status = dm.target_status("snap")
     assert isinstance(status, SnapshotStatus) and status.sectors_allocated > status.metadata_sectors
     dm.remove("snap")

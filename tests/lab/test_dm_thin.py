@@ -8,6 +8,7 @@ import os
 
 import pytest
 
+from tests.lab.test_dm_devices import same_as_dmsetup
 from tests.patterns import (
     BLOCK,
     blocks_match,
@@ -65,6 +66,8 @@ def test_thin_volumes_snapshots_and_their_mappings(lab_disks):
     assert blocks_match(origin.path, "before", at(5, 6, 7, 20))
     assert is_zero(origin.path, at(0, 8, 19, 21))
     assert pool.thin_status("vol").mapped_sectors == 4 * BLOCK_SECTORS
+    same_as_dmsetup("pool")
+    same_as_dmsetup("vol")
 
     # A snapshot of the active origin (create_snap suspends it), then both written.
     snap_id = pool.new_device_id()

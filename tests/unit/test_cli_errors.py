@@ -179,6 +179,7 @@ def someone_holds_the_metadata_snapshot(state, monkeypatch):
               "Command failed.\n")
     monkeypatch.setattr(command.RUNNER, "run", fake.run)
     monkeypatch.setattr(command.RUNNER, "stream", fake.stream)
+    monkeypatch.setattr("thinstack.dm.client.CONTROL", None)  # no ioctls: dmsetup, faked
     return fake
 
 
