@@ -45,6 +45,7 @@ class Layout:
         self.size = size
         self.pieces = [p for p in pieces if p.length > 0]
         self.ends = [p.end for p in self.pieces]
+        self.stored = sum(p.length for p in self.pieces)  # bytes not in holes: for st_blocks
         for before, after in zip(self.pieces, self.pieces[1:], strict=False):
             if after.offset < before.end:
                 raise ValueError(f"pieces overlap at file offset {after.offset}")

@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_pool_parser, _volume_parsers, _list_parsers, _cow_parser, _monitor_parser,
-                _recover_parser, _import_parser, _export_parser, _lab_parser):
+                _recover_parser, _import_parser, _export_parser, _mount_parsers, _lab_parser):
         add(sub)
     return p
 
@@ -189,6 +189,36 @@ def _export_parser(sub) -> None:
                     help="with --since: the image exported at SNAPNAME (parent of DEST)")
     ex.add_argument("--json", action="store_true", help="print one summary line")
     _progress_option(ex)
+
+
+def _mount_parsers(sub) -> None:
+    m = sub.add_parser("mount", help="show every volume as read-only image files (FUSE)")
+    m.set_defaults(run=cmd_mount)
+    m.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+    m.add_argument("vgs", nargs="*", metavar="VG", help="the VGs to show (default: all)")
+    m.add_argument("--formats", default="raw,vhd,qcow2",
+                   help="comma-separated: raw, vhd, vhd-fixed, qcow2 (default raw,vhd,qcow2)")
+    m.add_argument("--allow-other", action="store_true",
+                   help="let other users in, as the files' 0600 root permissions allow")
+    m.add_argument("--foreground", action="store_true", help="serve in this process (units)")
+    u = sub.add_parser("umount", help="unmount a thinstack mount (refused while files are open)")
+    u.set_defaults(run=cmd_umount)
+    u.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+
+
+def cmd_mount(args) -> int:
+    from thinstack import mount
+
+    mount.mount(args.mountpoint, args.vgs, [f for f in args.formats.split(",") if f],
+                allow_other=args.allow_other, foreground=args.foreground)
+    return 0
+
+
+def cmd_umount(args) -> int:
+    from thinstack import mount
+
+    mount.umount(args.mountpoint)
+    return 0
 
 
 def _lab_parser(sub) -> None:

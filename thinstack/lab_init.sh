@@ -72,6 +72,8 @@ stty -F /dev/tty2 raw -echo 2>/dev/null
 for m in dm-mod dm-thin-pool dm-snapshot loop; do
     modprobe "$m" || fail "modprobe $m failed"
 done
+# As kmod's static nodes do at boot: the first open of /dev/fuse loads the fuse module.
+[ -e /dev/fuse ] || mknod -m 0666 /dev/fuse c 10 229
 
 /lib/systemd/systemd-udevd --daemon >/dev/null 2>&1 || fail "systemd-udevd did not start"
 udevadm trigger --action=add --subsystem-match=block --subsystem-match=misc >/dev/null 2>&1
