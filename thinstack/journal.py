@@ -92,12 +92,9 @@ class Entry:
         """The LVM tag that marks volumes this operation made and has not yet committed."""
         return f"{OP_PREFIX}{self.id}"
 
-    def done(self, step: str | Step) -> bool:
-        return str(step) in self.steps
-
     @property
     def committed(self) -> bool:
-        return self.done(StepKind.COMMITTED)
+        return StepKind.COMMITTED in self.steps
 
     def parsed(self) -> list[Step]:
         """The steps (checked valid when the entry was read or written)."""

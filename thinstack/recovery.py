@@ -18,6 +18,7 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
+from graphlib import TopologicalSorter
 from pathlib import Path
 
 from thinstack import backing, extorigin, tags
@@ -118,16 +119,9 @@ def resumes(entries: Iterable[Entry]) -> list[Action]:
 
 def _children_first(lvs: list[LV]) -> list[LV]:
     """A snapshot must go before its origin when both are being removed."""
-    remaining = list(lvs)
-    ordered: list[LV] = []
-    while remaining:
-        leaves = [lv for lv in remaining if not any(o.origin == lv.name for o in remaining
-                                                    if o is not lv)]
-        if not leaves:  # cannot happen with LVM's acyclic origins; never loop forever
-            leaves = remaining
-        ordered += leaves
-        remaining = [lv for lv in remaining if lv not in leaves]
-    return ordered
+    by_name = {lv.name: lv for lv in lvs}
+    children = {lv.name: {o.name for o in lvs if o.origin == lv.name} for lv in lvs}
+    return [by_name[name] for name in TopologicalSorter(children).static_order()]
 
 
 # --- the undo actions --------------------------------------------------------------------------
