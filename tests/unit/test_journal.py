@@ -138,14 +138,12 @@ def lv(name, tags=()):
 
 
 @pytest.mark.parametrize("explicit", [False, True])
-def test_recovery_leaves_the_volumes_of_a_damaged_entry_alone(tmp_path, capsys, monkeypatch,
-                                                              explicit):
+def test_recovery_leaves_the_volumes_of_a_damaged_entry_alone(tmp_path, capsys, explicit):
     j, e, path = torn(tmp_path, capsys)
     other = j.begin("create", "vg0", name="x")
     volumes = [lv("vm1.importing", {e.tag}), lv("x", {other.tag})]
     fake = FakeLvm(vgs=[VG("vg0", "u", 0, 0, 0, 0, 0, 1, frozenset())], lvs=volumes)
-    monkeypatch.setattr("thinstack.lvm.LVM", fake)
-    actions = recovery.recover_vg("vg0", j, explicit=explicit, lvs=volumes)
+    actions = recovery.recover_vg("vg0", j, explicit=explicit, lvs=volumes, lvm=fake)
     # The readable entry is rolled back; the damaged one's volume stays, and so does its file.
     assert [(a.kind, a.target) for a in actions] == [("remove", "vg0/x")]
     assert all("vm1.importing" not in " ".join(c) for c in fake.commands)
