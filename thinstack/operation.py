@@ -49,14 +49,12 @@ class Op:
 
 @contextmanager
 def operation(kind: str, vg: str, args: Args | None = None, *, on_failure: Policy = ROLL_BACK,
-              entry: Entry | None = None, undo: Callable[[Entry], None] | None = None,
-              journal: Journal | None = None, new_vg: bool = False, finish: bool = True
-              ) -> Iterator[Op]:
+              entry: Entry | None = None, journal: Journal | None = None, new_vg: bool = False,
+              finish: bool = True) -> Iterator[Op]:
     """Run the body as operation `kind` of `vg`. `entry`: continue that entry under the lock
     again (a later phase of the same operation: nothing to recover, nothing to journal first).
-    `undo`: the operation's own rollback of its entry, if not recovery's. `new_vg`: the
-    operation makes the VG (there are no volumes to find yet). `finish=False`: on success the
-    entry stays open for a later phase (an export's copy runs without the VG lock)."""
+    `new_vg`: the operation makes the VG (there are no volumes to find yet). `finish=False`: on
+    success the entry stays open for a later phase (an export's copy runs without the VG lock)."""
     journal = journal or Journal()
     with vg_lock(vg):
         lvs: list[LV] = []
@@ -78,7 +76,7 @@ def operation(kind: str, vg: str, args: Args | None = None, *, on_failure: Polic
         except BaseException as e:
             if (on_failure(e, entry) if callable(on_failure) else on_failure) is ROLL_BACK:
                 # Roll back exactly as a later `thinstack recover` would, then report the cause.
-                (undo or recovery.roll_back)(entry)
+                recovery.roll_back(entry)
                 journal.finish(entry)
             raise
         if finish:

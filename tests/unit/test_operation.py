@@ -27,13 +27,14 @@ def test_a_committed_operation_closes_its_entry(fake):
     assert Journal().pending("vg") == []
 
 
-def test_a_failure_rolls_back_with_the_operations_undo_and_closes_the_entry(fake):
-    undone = []
-    with pytest.raises(OSError), operation("create", "vg", {"name": "b"},
-                                            undo=undone.append) as op:
+def test_a_failure_rolls_back_as_recovery_would_and_closes_the_entry(fake):
+    fake.lv_list[:] = [lv("a", attr="Vri-a-tz--")]
+    with pytest.raises(OSError), operation("create", "vg", {"name": "b"}) as op:
         op.step(Step(StepKind.READONLY, "a"))
+        fake.lv_list.append(lv("b", tags={op.entry.tag}, origin="a"))
         raise OSError("boom")
-    assert undone == [op.entry] and Journal().pending("vg") == []
+    assert fake.commands == [("lvremove", "-q", "-y", "-f", "vg/b"), ("lvchange", "-prw", "vg/a")]
+    assert Journal().pending("vg") == []
 
 
 def test_keep_for_resume_leaves_the_entry_and_a_policy_may_decide_by_the_error(fake):
@@ -42,7 +43,7 @@ def test_keep_for_resume_leaves_the_entry_and_a_policy_may_decide_by_the_error(f
 
     for error, kept in ((OSError, True), (ValueError, False)):
         with pytest.raises(error), operation("create", "vg", {"name": "b"},
-                                              on_failure=policy, undo=lambda e: None) as op:
+                                              on_failure=policy) as op:
             raise error()
         assert [e.id for e in Journal().pending("vg")] == ([op.entry.id] if kept else [])
         if kept:
