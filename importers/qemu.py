@@ -213,12 +213,15 @@ class Pins:
 
 # --- the driver --------------------------------------------------------------------------------
 
-def open(target: str | os.PathLike | Source, policy: Policy = DEFAULT_POLICY) -> QemuImage:
+def open(target: str | os.PathLike | Source, policy: Policy = DEFAULT_POLICY,
+         driver: str | None = None) -> QemuImage:
+    """The image read through qemu-img; `driver` names qemu's driver for the top file (live
+    import serves every format through qemu-nbd), else it is found from the content."""
     source = Source.of(target)
     pins = Pins()
     pins.keep(source)
     try:
-        fmt = qemu_format(source.head_and_tail()[0])
+        fmt = driver or qemu_format(source.head_and_tail()[0])
         if fmt is None:
             raise ImageError(source.path, "not a format this driver hands to qemu-img")
         nodes = _chain(source, fmt, policy, pins)
@@ -382,6 +385,15 @@ class QemuImage:
         self._pins = pins
         self._spec = _json(spec)
         self._raw: Source | None = None
+
+    @property
+    def spec(self) -> str:
+        """The whole pinned chain as a `json:` name, for a qemu tool run with `fds`."""
+        return self._spec
+
+    @property
+    def fds(self) -> tuple[int, ...]:
+        return self._pins.fds
 
     def extents(self) -> Iterator[Extent]:
         lines = _qemu_img_lines(self.path, MAP_TIMEOUT, self._pins.fds, "map", "--output=json",

@@ -158,14 +158,24 @@ def _import_parser(sub) -> None:
     im = sub.add_parser("import", help="bring a disk image (vhd, qcow2, gow, raw, ...) into a "
                         "volume")
     im.set_defaults(run=cmd_import)
-    im.add_argument("source", type=Path, metavar="SOURCE")
-    im.add_argument("ref", type=_ref, metavar="VG/NAME")
+    # Both optional only for --status [VG/NAME] and --live --abort VG/NAME (checked in
+    # cmd_import); a string, since an NBD URL is no path.
+    im.add_argument("source", nargs="?", metavar="SOURCE")
+    im.add_argument("ref", nargs="?", type=_ref, metavar="VG/NAME")
     im.add_argument("--format", default="auto",
                     choices=["auto", "raw", "vhd", "qcow2", "gow", "qemu"])
     im.add_argument("--size", type=_size, help="volume size, if larger than the image's")
     im.add_argument("--allow-dir", type=Path, action="append", default=[], metavar="DIR",
                     help="a folder parent/backing images may also come from")
     im.add_argument("--resume", action="store_true", help="continue an interrupted import")
+    im.add_argument("--live", action="store_true", help="the volume at once; the kernel copies "
+                    "the image underneath (also nbd:// and nbd+unix:// sources)")
+    im.add_argument("--wait", action="store_true", help="with --live: block until the copy has "
+                    "finished and the volume is an ordinary thin volume")
+    im.add_argument("--status", action="store_true", help="show live imports [of VG/NAME]")
+    im.add_argument("--abort", action="store_true", help="with --live VG/NAME: remove the live "
+                    "import's volume")
+    im.add_argument("--force", action="store_true", help="with --abort: even while it is open")
     im.add_argument("--json", action="store_true", help="print one summary object")
     _progress_option(im)
 
@@ -367,6 +377,10 @@ def cmd_pool(args) -> int:
 def cmd_import(args) -> int:
     from thinstack import imports
 
+    if args.live or args.status or args.abort:
+        return _live_import(args)
+    if args.source is None or args.ref is None:
+        raise _usage("import needs SOURCE and VG/NAME")
     summary = imports.import_image(args.source, args.ref, format=args.format, size=args.size,
                                    allow_dirs=tuple(args.allow_dir), resume=args.resume,
                                    progress=_progress(args))
@@ -375,6 +389,46 @@ def cmd_import(args) -> int:
     else:
         print(summary.path)
     return 0
+
+
+def _live_import(args) -> int:
+    from thinstack import live
+
+    # `--status VG/NAME` and `--abort VG/NAME`: the one positional given lands in SOURCE.
+    ref = args.ref or (_ref_or_usage(args.source) if args.source else None)
+    if args.status:
+        found = live.status(ref)
+        print(json.dumps([p.to_json() for p in found], sort_keys=True) if args.json
+              else live.progress_lines(found))
+        return 0
+    if args.abort:
+        if ref is None or args.ref is not None:
+            raise _usage("import --live --abort takes VG/NAME only")
+        live.abort(ref, force=args.force)
+        return 0
+    if args.wait and args.ref is None and ref is not None:  # wait for one already running
+        live.wait_and_finish(ref, _progress(args))
+        return 0
+    if args.source is None or args.ref is None:
+        raise _usage("import --live needs SOURCE and VG/NAME")
+    summary = live.import_live(args.source, args.ref, format=args.format,
+                               allow_dirs=tuple(map(str, args.allow_dir)), wait=args.wait,
+                               show_progress=_progress(args))
+    print(json.dumps(summary.to_json(), sort_keys=True) if args.json else summary.path)
+    return 0
+
+
+def _usage(message: str):
+    from thinstack.errors import Usage
+
+    return Usage(message)
+
+
+def _ref_or_usage(text: str):
+    try:
+        return _ref(text)
+    except argparse.ArgumentTypeError as e:
+        raise _usage(str(e)) from None
 
 
 def cmd_export(args) -> int:

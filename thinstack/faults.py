@@ -19,6 +19,9 @@ POINTS: dict[str, tuple[str, ...]] = {
     "import": ("after-intent", "after-lvcreate", "mid-copy", "after-copy", "after-rename"),
     # after-suspend: only an export of a clone of a device outside the VG suspends it.
     "export": ("after-intent", "after-suspend", "after-snapshot", "mid-copy", "after-write"),
+    "live-import": ("after-intent", "after-lvcreate", "after-nbd", "after-clone",
+                    "after-discard"),
+    "live-finish": ("after-reload",),
     "mount": ("after-intent", "after-snapshot"),  # a mounted file's first open
 }
 

@@ -72,6 +72,8 @@ stty -F /dev/tty2 raw -echo 2>/dev/null
 for m in dm-mod dm-thin-pool dm-snapshot loop; do
     modprobe "$m" || fail "modprobe $m failed"
 done
+# Live import (thinstack/live.py) serves images on nbd devices; 16 of them, as on a host.
+modprobe nbd nbds_max=16 || fail "modprobe nbd failed"
 # As kmod's static nodes do at boot: the first open of /dev/fuse loads the fuse module.
 [ -e /dev/fuse ] || mknod -m 0666 /dev/fuse c 10 229
 

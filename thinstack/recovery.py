@@ -208,7 +208,8 @@ def _resolve(found):
 # Operations that plan their own rollback (entry, Lvm -> actions), instead of `plan`. Named
 # here rather than registered on import, so no recovery misses a planner whose module happened
 # not to be imported yet.
-PLANNERS: dict[str, str] = {"pool-create": "thinstack.pools:rollback"}
+PLANNERS: dict[str, str] = {"pool-create": "thinstack.pools:rollback",
+                             "live-import": "thinstack.live:rollback"}
 
 # Operations whose entries the recovery at the start of other commands leaves alone: an
 # interrupted import may still be resumed (`import --resume`); an export copies outside the VG

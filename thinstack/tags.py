@@ -13,6 +13,8 @@ NO_GROW = "ts_no_grow"        # growth switched off for this pool
 EXT_ORIGIN = "ts_ext_origin"  # =PATH on a clone of a device outside the VG: its origin
 EXT_SIZE = "ts_ext_size"      # =BYTES: that origin's size when the clone was made
 LAST_EXPORT = "ts_last_export"  # NAME.last-export: the base of the next --incremental export
+LIVE = "ts_live"              # a volume still being copied in by a live import (live.py)
+LIVE_META = "ts_live_meta"    # NAME.clonemeta: that copy's dm-clone metadata
 
 
 def value(tags: frozenset[str] | set[str], key: str) -> str | None:
