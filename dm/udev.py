@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import os
 import time
-
-import pyudev
+from typing import Any
 
 from thinstack.dm.errors import UdevTimeout
+
+# Imported at the first wait, not with the dm client: most commands create no device, and the
+# import is dear where process start-up is (0.25 s in the lab).
+pyudev: Any = None
 
 
 def wait_for_device(name: str, major: int, minor: int, *, timeout: float) -> None:
     """Return once udev has run the dm rules for device `name` (major:minor) and
     /dev/mapper/NAME leads to it; raise UdevTimeout after `timeout` seconds."""
+    global pyudev
+    if pyudev is None:
+        import pyudev
     context = pyudev.Context()
     devnum = os.makedev(major, minor)
     # Listening starts before the first look, so an event that lands in between still wakes us.
@@ -29,7 +35,7 @@ def wait_for_device(name: str, major: int, minor: int, *, timeout: float) -> Non
         monitor.poll(timeout=remaining)
 
 
-def _ready(context: pyudev.Context, name: str, devnum: int) -> bool:
+def _ready(context: Any, name: str, devnum: int) -> bool:
     try:
         device = pyudev.Devices.from_device_number(context, "block", devnum)
     except pyudev.DeviceNotFoundError:

@@ -1,3 +1,6 @@
+import os
+import time
+
 import pytest
 
 from thinstack.dm.command import (
@@ -93,3 +96,29 @@ def test_every_command_has_a_time_limit_even_when_the_caller_names_none():
     with pytest.raises(CommandTimeout):
         list(runner.stream(["sleep", "10"]))
     assert RUNNER.default_timeout == DEFAULT_TIMEOUT
+
+
+def test_a_stream_left_early_ends_its_program():
+    stream = RUNNER.stream(["sh", "-c", "echo first; exec sleep 30"], timeout=60)
+    assert next(stream) == "first\n"
+    started = time.monotonic()
+    stream.close()  # the consumer has read enough
+    assert time.monotonic() - started < 5  # killed and reaped, not waited for
+
+
+def test_passed_descriptors_reach_the_program_and_no_others(tmp_path):
+    path = tmp_path / "f"
+    path.write_text("secret")
+    kept = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    other = os.open(path, os.O_RDONLY)  # inheritable, and still not handed on
+    try:
+        assert RUNNER.run(["cat", f"/proc/self/fd/{kept}"], pass_fds=[kept]) == "secret"
+        with pytest.raises(CommandError):
+            RUNNER.run(["cat", f"/proc/self/fd/{other}"])
+    finally:
+        os.close(kept)
+        os.close(other)
+
+
+def test_without_input_a_program_reads_nothing_and_never_waits_for_it():
+    assert RUNNER.run(["cat"], timeout=5) == ""
