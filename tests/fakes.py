@@ -97,7 +97,7 @@ class FakeLvm(Lvm):
     def vgs(self, vg=None):
         return [v for v in self.vg_list if vg in (None, v.name)]
 
-    def lvs(self, vg=None, *, all_=False):
+    def lvs(self, vg=None, *, all_=False, select=None):  # select: LVM's, not applied here
         return [x for x in self.lv_list if vg in (None, x.vg)]
 
     def find_lv(self, ref):

@@ -272,32 +272,34 @@ def cmd_volume(args) -> int:
     from thinstack import volumes
 
     if args.command == "create":
-        lv = volumes.create(args.ref, args.size)
+        path = volumes.create(args.ref, args.size)
     elif args.command == "snapshot":
-        lv = volumes.snapshot(args.ref, args.snapname, readonly=args.readonly)
+        path = volumes.snapshot(args.ref, args.snapname, readonly=args.readonly)
     elif args.command == "gold":
-        lv = volumes.gold(args.ref)
+        path = volumes.gold(args.ref)
     elif args.command == "clone":
-        lv = volumes.clone(args.origin, args.ref)
+        path = volumes.clone(args.origin, args.ref)
     elif args.command == "cow":
-        lv = volumes.cow(args.origin, args.ref, args.store)
+        path = volumes.cow(args.origin, args.ref, args.store)
     elif args.command == "resize":
-        lv = volumes.resize(args.ref, args.size, shrink_ok=args.yes)
+        path = volumes.resize(args.ref, args.size, shrink_ok=args.yes)
     else:
         volumes.delete(args.ref)
         print(f"deleted {args.ref}", file=sys.stderr)
         return 0
-    print(lv.path)
+    print(path)
     return 0
 
 
 def cmd_list(args) -> int:
     from thinstack import lvm, pools, volumes
 
-    vgs = [args.vg] if args.vg else [v.name for v in lvm.vgs()]
+    # One `lvs` for every VG asked for; one thin_ls per pool for the usage columns.
+    lvs = lvm.volumes_of(args.vg) if args.vg else lvm.lvs()
     infos = []
-    for vg in vgs:
-        infos += volumes.volume_infos(vg, pools.thin_usage(vg))
+    for vg in [args.vg] if args.vg else sorted({lv.vg for lv in lvs}):
+        in_vg = [lv for lv in lvs if lv.vg == vg]
+        infos += volumes.volume_infos(in_vg, pools.thin_usage(vg, in_vg))
     if args.json:
         _print_json([i.to_json() for i in infos])
         return 0
@@ -309,11 +311,11 @@ def cmd_list(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from thinstack import pools, volumes
+    from thinstack import lvm, pools, volumes
     from thinstack.errors import NotFound
 
-    match = [i for i in volumes.volume_infos(args.ref.vg, pools.thin_usage(args.ref.vg))
-             if i.name == args.ref.name]
+    lvs = lvm.volumes_of(args.ref.vg)
+    match = volumes.volume_infos(lvs, pools.thin_usage(args.ref.vg, lvs), args.ref.name)
     if not match:
         raise NotFound(f"{args.ref}: no such volume")
     info = match[0]

@@ -24,7 +24,6 @@ __all__ = [
     "check_user_name",
     "classify",
     "find_lv",
-    "is_open",
     "lv",
     "lvm",
     "lvs",
@@ -84,6 +83,12 @@ class VolumeRef:
     def __str__(self) -> str:
         return f"{self.vg}/{self.name}"
 
+    @property
+    def path(self) -> str:
+        """Where the volume's device is (LVM's link; thinstack's, for clones of outside
+        devices)."""
+        return f"/dev/{self.vg}/{self.name}"
+
 
 @dataclass(frozen=True)
 class LV:
@@ -105,7 +110,13 @@ class LV:
     metadata_size: int
     skip_activation: bool
     when_full: str
-    vg_free: int = 0  # the VG's free bytes when this was read: a pool's room to grow
+    # The VG's, read in the same report (so no command needs a `vgs` as well): its free bytes
+    # (a pool's room to grow), size, extent size and tags.
+    vg_free: int = 0
+    vg_size: int = 0
+    vg_extent_size: int = 0
+    vg_tags: frozenset[str] = frozenset()
+    open: bool = False  # something (a VM, a mount) holds the device open
 
     @property
     def ref(self) -> VolumeRef:
@@ -166,7 +177,8 @@ class PV:
 
 _LV_FIELDS = ("lv_name,vg_name,lv_uuid,lv_attr,lv_size,segtype,pool_lv,origin,data_percent,"
               "metadata_percent,lv_tags,lv_path,lv_dm_path,thin_id,chunk_size,lv_metadata_size,"
-              "lv_skip_activation,lv_when_full,vg_free")
+              "lv_skip_activation,lv_when_full,lv_device_open,vg_free,vg_size,vg_extent_size,"
+              "vg_tags")
 
 
 def _int(text: str) -> int:
@@ -190,7 +202,9 @@ def _lv(row: dict[str, str]) -> LV:
               thin_id=int(row["thin_id"]) if row["thin_id"] else None,
               chunk_size=_int(row["chunk_size"]), metadata_size=_int(row["lv_metadata_size"]),
               skip_activation=row["lv_skip_activation"] == "1", when_full=row["lv_when_full"],
-              vg_free=_int(row.get("vg_free", "")))
+              vg_free=_int(row.get("vg_free", "")), vg_size=_int(row.get("vg_size", "")),
+              vg_extent_size=_int(row.get("vg_extent_size", "")),
+              vg_tags=_tags(row.get("vg_tags", "")), open=row.get("lv_device_open") == "1")
 
 
 # LVM's messages for each kind of failure, as lvm2 prints them (one per line of its stderr).
@@ -239,8 +253,10 @@ class Lvm:
             rows.extend(report.get(key, []))
         return rows
 
-    def lvs(self, vg: str | None = None, *, all_: bool = False) -> list[LV]:
-        args = ["-a"] if all_ else []
+    def lvs(self, vg: str | None = None, *, all_: bool = False, select: str | None = None
+            ) -> list[LV]:
+        """`select`: LVM's selection (`-S`), so that LVM reports only the rows wanted."""
+        args = [*(["-a"] if all_ else []), *(["-S", select] if select else [])]
         return [_lv(r) for r in self._report("lvs", _LV_FIELDS, "lv", *args,
                                              *([vg] if vg else []))]
 
@@ -282,14 +298,6 @@ class Lvm:
             return self.lvs(vg)
         except NotFound:
             raise NotFound(f"volume group {vg} not found") from None
-
-    def is_open(self, lv: LV) -> bool:
-        """Whether something (a VM, a mount) holds the volume's device open."""
-        try:
-            out = self.run("lvs", "--noheadings", "--binary", "-o", "lv_device_open", str(lv.ref))
-        except ThinstackError:
-            return False
-        return out.strip() == "1"
 
 
 def pool_of(vg: str, lvs: list[LV]) -> LV:
@@ -338,7 +346,3 @@ def pvs() -> list[PV]:
 
 def volumes_of(vg: str) -> list[LV]:
     return LVM.volumes_of(vg)
-
-
-def is_open(lv: LV) -> bool:
-    return LVM.is_open(lv)

@@ -51,6 +51,8 @@ from thinstack.tags import POOL as TAG_POOL
 METRICS = "monitor.prom"
 FIRST_COMMAND_SECONDS = 2.0  # how long a growth command takes, until one has been timed
 TIMED_COMMANDS = 5  # the reaction time counts the slowest of the last few growth commands
+# What a pass reads: thin pools, CoW snapshots (valid or not) and their origins (LVM's attrs).
+WATCHED = 'lv_attr=~"^[tsSoO]"'
 RATE_WINDOW = 10.0  # seconds of readings the write rate is measured over (at least two passes)
 
 
@@ -97,24 +99,29 @@ class Monitor:
         return self.interval + 2 * max(self.command_times)
 
     def check_all(self) -> list[Report]:
-        """One pass over every VG's thinstack pools and CoW volumes."""
-        lvs = self.lvm.lvs()
+        """One pass over every VG's thinstack pools and CoW volumes: one `lvs` that reports
+        only those and CoW origins (its rows carry their VG's free space and extent size), so
+        a pass costs O(pools), not O(volumes); then the kernel's view of each pool."""
+        lvs = self.lvm.lvs(select=WATCHED)
         reports: list[Report] = []
         self.pool_devices = set()
-        for vg in self.lvm.vgs():
-            room = vg.free  # what is left for the next device once this one has grown
-            in_vg = {lv.name: lv for lv in lvs if lv.vg == vg.name}
+        for vg in sorted({lv.vg for lv in lvs}):
+            in_vg = {lv.name: lv for lv in lvs if lv.vg == vg}
+            room = next(iter(in_vg.values())).vg_free  # left for the next device to grow
             for lv in in_vg.values():
                 if lv.is_thin_pool and TAG_POOL in lv.tags and lv.active:
-                    report, used = self._guarded(lv, "pool", self.check_pool, lv, vg.extent_size,
-                                                 room)
+                    report, used = self._guarded(lv, "pool", self.check_pool, lv,
+                                                 lv.vg_extent_size, room)
                 elif lv.is_cow_snapshot and (lv.active or invalid(lv)):
                     report, used = self._guarded(lv, "cow", self.check_cow, lv,
-                                                 in_vg[lv.origin], vg.extent_size, room)
+                                                 in_vg[lv.origin], lv.vg_extent_size, room)
                 else:
                     continue
                 room -= used
                 reports.append(report)
+        from thinstack import live  # live imports: finished once copied, their source watched
+
+        reports += live.check_all(self.lvm)
         self._log_alerts(reports)
         return reports
 

@@ -39,28 +39,23 @@ class PoolStatus:
 
 def pool_lv(vg: str) -> LV:
     """The VG's thin pool; NotFound without the VG or a pool in it."""
-    if not lvm.vgs(vg):
-        raise NotFound(f"volume group {vg} not found")
-    return lvm.pool_of(vg, lvm.lvs(vg))
+    return lvm.pool_of(vg, lvm.volumes_of(vg))
 
 
 def status(vg: str | None = None) -> list[PoolStatus]:
-    """The pool of `vg` (tagged, or the VG's only one), or every pool thinstack made."""
+    """The pool of `vg` (tagged, or the VG's only one), or every pool thinstack made: one `lvs`
+    (its rows carry their VG's fields) and the kernel's status of each pool."""
     if vg is not None:
-        pool = pool_lv(vg)
-        return [pool_status(lvm.vgs(vg)[0], pool, lvm.lvs(vg), _kernel_status(pool))]
-    all_lvs = lvm.lvs()
-    out = []
-    for info in lvm.vgs():
-        lvs = [lv for lv in all_lvs if lv.vg == info.name]
-        out += [pool_status(info, lv, lvs, _kernel_status(lv)) for lv in lvs
-                if lv.is_thin_pool and tags.POOL in lv.tags]
-    return out
+        lvs = lvm.volumes_of(vg)
+        pool = lvm.pool_of(vg, lvs)
+        return [pool_status(pool, lvs, _kernel_status(pool))]
+    lvs = lvm.lvs()
+    return [pool_status(lv, [o for o in lvs if o.vg == lv.vg], _kernel_status(lv)) for lv in lvs
+            if lv.is_thin_pool and tags.POOL in lv.tags]
 
 
-def pool_status(info: lvm.VG, pool: LV, lvs: list[LV],
-                kernel: ThinPoolStatus | Failed | None) -> PoolStatus:
-    """The status of `pool` in VG `info` among `lvs`, given the kernel's thin-pool status (None
+def pool_status(pool: LV, lvs: list[LV], kernel: ThinPoolStatus | Failed | None) -> PoolStatus:
+    """The status of `pool` among its VG's `lvs`, given the kernel's thin-pool status (None
     when the pool is not active)."""
     policy = growth.settings(pool.tags)
     used = data_pct = meta_pct = None
@@ -81,8 +76,8 @@ def pool_status(info: lvm.VG, pool: LV, lvs: list[LV],
         mode=mode, when_full=when_full, zeroing=pool.attr[7] == "z", chunk_size=pool.chunk_size,
         grow_threshold=policy.threshold if policy.enabled else None,
         grow_step=(policy.step or growth.default_step(pool.size)) if policy.enabled else None,
-        vg_size=info.size, vg_free=info.free,
-        backing_file=tags.value(info.tags, tags.BACKING_FILE),
+        vg_size=pool.vg_size, vg_free=pool.vg_free,
+        backing_file=tags.value(pool.vg_tags, tags.BACKING_FILE),
         thin_count=sum(1 for lv in lvs if lv.is_thin and lv.pool == pool.name))
 
 
@@ -115,12 +110,13 @@ def check(vg: str) -> str:
                          f"repair it with `lvconvert --repair {pool.ref}`")
 
 
-def thin_usage(vg: str) -> dict[int, tuple[int, int, int]] | None:
-    """thin device id -> (mapped, exclusive, shared) bytes, from thin_ls on a metadata snapshot;
-    None when the VG has no active pool, or another reader holds the metadata snapshot (callers
-    then fall back to LVM's coarser percentages)."""
+def thin_usage(vg: str, lvs: list[LV] | None = None) -> dict[int, tuple[int, int, int]] | None:
+    """thin device id -> (mapped, exclusive, shared) bytes, from thin_ls on a metadata snapshot
+    of the pool among the VG's `lvs` (read if not given); None when the VG has no active pool,
+    or another reader holds the metadata snapshot (callers then fall back to LVM's coarser
+    percentages)."""
     try:
-        pool = pool_lv(vg)
+        pool = lvm.pool_of(vg, lvm.volumes_of(vg) if lvs is None else lvs)
     except NotFound:
         return None
     device = kernel_pool(pool)

@@ -1,7 +1,8 @@
 """VM disks: thin volumes, snapshots, gold masters, clones, CoW volumes.
 
 Each mutating operation runs inside `operation.operation()`, which rolls it back if anything
-fails. Operations that are one LVM command (create, snapshot, gold clone, cow, resize, delete)
+fails, and returns the volume's path: what it knows is not read back (every LVM command is dear,
+issue 10). Operations that are one LVM command (create, snapshot, gold clone, cow, resize, delete)
 are atomic through LVM itself; those of several steps tag the volumes they create until the
 last step commits them by dropping the tag.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from thinstack import extorigin, faults, lvm, tags, thinpool
+from thinstack import extorigin, faults, live, lvm, tags, thinpool
 from thinstack.errors import Exists, NotFound, Refused
 from thinstack.journal import Step, StepKind
 from thinstack.lvm import LV, VolumeRef
@@ -23,6 +24,7 @@ def _visible(lvs: list[LV]) -> list[LV]:
     """What the operator manages: not LVM's internal volumes, not unfinished ones, not the
     snapshots thinstack keeps as the base of the next incremental export."""
     return [lv for lv in lvs if not lv.internal and tags.LAST_EXPORT not in lv.tags
+            and tags.LIVE_META not in lv.tags  # a live import's dm-clone metadata
             and not lv.op_tags]
 
 
@@ -46,20 +48,21 @@ def dependants(lv: LV, lvs: list[LV]) -> list[LV]:
 
 # --- operations --------------------------------------------------------------------------------
 
-def create(ref: VolumeRef, size: int) -> LV:
+def create(ref: VolumeRef, size: int) -> str:
     with operation("create", ref.vg, dict(name=ref.name, size=size)) as op:
         _absent(ref, op.lvs)
         pool = lvm.pool_of(ref.vg, op.lvs)
         lvm.lvm("lvcreate", "-q", "-y", "--type", "thin", "--thinpool", pool.name, "-V", f"{size}b",
              "-n", ref.name, "--setactivationskip", "n", ref.vg)
         faults.point("create", "after-lvcreate")
-    return lvm.lv(ref)
+    return ref.path
 
 
-def snapshot(origin: VolumeRef, name: str, *, readonly: bool = False) -> LV:
+def snapshot(origin: VolumeRef, name: str, *, readonly: bool = False) -> str:
     ref = VolumeRef(origin.vg, lvm.check_user_name(name, "snapshot name"))
     with operation("snapshot", ref.vg, dict(name=name, origin=origin.name)) as op:
         source = _get(origin, op.lvs)
+        live.refuse_if_hydrating(source, "snapshot")
         _absent(ref, op.lvs)
         if not source.is_thin:
             raise Refused(f"{origin} is not a thin volume; use `thinstack cow` for other volumes")
@@ -67,7 +70,7 @@ def snapshot(origin: VolumeRef, name: str, *, readonly: bool = False) -> LV:
             raise Refused(_outside_refusal(source))
         _thin_snapshot(op, source, ref, readonly)
         faults.point("snapshot", "after-lvcreate")
-    return lvm.lv(ref)
+    return ref.path
 
 
 def _thin_snapshot(op: Op, source: LV, ref: VolumeRef, readonly: bool) -> None:
@@ -78,23 +81,28 @@ def _thin_snapshot(op: Op, source: LV, ref: VolumeRef, readonly: bool) -> None:
          "n", "-p", "r" if readonly else "rw")
 
 
-def gold(ref: VolumeRef) -> LV:
+def gold(ref: VolumeRef) -> str:
     with operation("gold", ref.vg, dict(name=ref.name)) as op:
         lv = _get(ref, op.lvs)
+        live.refuse_if_hydrating(lv, "make a gold master of")
         if not lv.is_thin:
             raise Refused(f"{ref} is not a thin volume in the pool")
         if extorigin.is_outside_clone(lv):
             raise Refused(_outside_refusal(lv))
-        if lvm.is_open(lv):
+        if lv.open:
             raise Refused(f"{ref} is open (a VM or a mount is using it); close it first")
-        _make_readonly(op, lv)
+        # Read-only and tagged in one LVM command, so never one without the other: the commit
+        # point. (Journalled first all the same: a rollback reads the steps.)
+        if not lv.readonly:
+            op.step(Step(StepKind.READONLY, lv.name))
+        lvm.lvm("lvchange", "-q", *([] if lv.readonly else ["-pr"]), "--addtag", tags.GOLD,
+                str(ref))
         faults.point("gold", "after-readonly")
-        lvm.lvm("lvchange", "-q", "--addtag", tags.GOLD, str(ref))  # the commit point
         op.commit()
-    return lvm.lv(ref)
+    return ref.path
 
 
-def clone(origin: VolumeRef | str, ref: VolumeRef) -> LV:
+def clone(origin: VolumeRef | str, ref: VolumeRef) -> str:
     """A writable clone at O(1) cost. A gold master in the pool gives a thin snapshot; a read-only
     LV of the same VG outside the pool becomes the clone's external origin, and so does a block
     device outside the VG (ORIGIN given as a /dev path; see extorigin)."""
@@ -105,12 +113,13 @@ def clone(origin: VolumeRef | str, ref: VolumeRef) -> LV:
                       f"give a volume of another VG as a device path (/dev/{origin})")
     with operation("clone", ref.vg, dict(name=ref.name, origin=origin.name)) as op:
         _clone_lv(op, _get(origin, op.lvs), ref)
-    return lvm.lv(ref)
+    return ref.path
 
 
 def _clone_lv(op: Op, source: LV, ref: VolumeRef) -> None:
     origin = source.ref
     _absent(ref, op.lvs)
+    live.refuse_if_hydrating(source, "clone")
     if extorigin.is_outside_clone(source):
         raise Refused(_outside_refusal(source))
     if source.is_thin:
@@ -125,7 +134,7 @@ def _clone_lv(op: Op, source: LV, ref: VolumeRef) -> None:
         _external_clone(op, source, ref)
 
 
-def _clone_device(path: str, ref: VolumeRef) -> LV:
+def _clone_device(path: str, ref: VolumeRef) -> str:
     with operation("clone", ref.vg, dict(name=ref.name, origin=path)) as op:
         real = os.path.realpath(path)
         same_vg = [lv for lv in _visible(op.lvs) if lv.active and real in
@@ -134,7 +143,7 @@ def _clone_device(path: str, ref: VolumeRef) -> LV:
             _clone_lv(op, same_vg[0], ref)
         else:
             _outside_clone(op, path, ref)
-    return lvm.lv(ref)
+    return ref.path
 
 
 def _outside_clone(op: Op, path: str, ref: VolumeRef) -> None:
@@ -163,7 +172,7 @@ def _outside_refusal(lv: LV) -> str:
 
 
 def _external_clone(op: Op, source: LV, ref: VolumeRef) -> None:
-    if lvm.is_open(source) and not source.readonly:
+    if source.open and not source.readonly:
         raise Refused(f"{source.ref} is open read-write; an external origin must not change")
     _make_readonly(op, source)
     if source.active:
@@ -180,7 +189,7 @@ def _external_clone(op: Op, source: LV, ref: VolumeRef) -> None:
     op.commit(ref)
 
 
-def cow(origin: VolumeRef, ref: VolumeRef, store: int) -> LV:
+def cow(origin: VolumeRef, ref: VolumeRef, store: int) -> str:
     """An old-style dm-snapshot volume over a read-only origin, its COW store grown by the
     monitor as it fills."""
     if origin.vg != ref.vg:
@@ -194,12 +203,13 @@ def cow(origin: VolumeRef, ref: VolumeRef, store: int) -> LV:
         lvm.lvm("lvcreate", "-q", "-y", "-s", "-L", f"{store}b", "-n", ref.name, "-p", "rw",
              str(origin))
         faults.point("cow", "after-lvcreate")
-    return lvm.lv(ref)
+    return ref.path
 
 
-def resize(ref: VolumeRef, size: int, *, shrink_ok: bool = False) -> LV:
+def resize(ref: VolumeRef, size: int, *, shrink_ok: bool = False) -> str:
     with operation("resize", ref.vg, dict(name=ref.name, size=size)) as op:
         lv = _get(ref, op.lvs)
+        live.refuse_if_hydrating(lv, "resize")
         if tags.GOLD in lv.tags:
             raise Refused(f"{ref} is a gold master; its clones depend on its content")
         if size != lv.size:
@@ -211,7 +221,7 @@ def resize(ref: VolumeRef, size: int, *, shrink_ok: bool = False) -> LV:
             _resize_outside(lv, size)
         elif size != lv.size:
             lvm.lvm("lvresize", "-q", "-f", "-L", f"{size}b", str(ref))
-    return lvm.lv(ref)
+    return ref.path
 
 
 def _resize_outside(lv: LV, size: int) -> None:
@@ -233,6 +243,7 @@ def _resize_outside(lv: LV, size: int) -> None:
 def delete(ref: VolumeRef) -> None:
     with operation("delete", ref.vg, dict(name=ref.name)) as op:
         lv = _get(ref, op.lvs)
+        live.refuse_if_hydrating(lv, "delete (or abort it: `thinstack import --live --abort`)")
         if lv.is_thin_pool:
             raise Refused(f"{ref} is a thin pool; thinstack deletes volumes, not pools")
         deps = dependants(lv, op.lvs)
@@ -240,7 +251,7 @@ def delete(ref: VolumeRef) -> None:
             raise Refused(f"{ref} has dependants: {', '.join(d.name for d in deps)}; "
                           "delete them first")
         _refuse_if_outside_origin(lv)
-        if lvm.is_open(lv):  # (an open outside-origin clone: release below refuses)
+        if lv.open:  # (an open outside-origin clone: release below refuses)
             raise Refused(f"{ref} is open (a VM or a mount is using it)")
         extorigin.release(lv)  # an outside-origin clone's device, before LVM drops the LV
         # The base of its next incremental export goes with it, in the same LVM command.
@@ -304,11 +315,14 @@ def _kind(lv: LV, lvs: list[LV]) -> str:
     return "thin" if lv.is_thin else "volume"
 
 
-def volume_infos(vg: str, usage: dict[int, tuple[int, int, int]] | None = None) -> list[VolumeInfo]:
-    """usage: thin device id -> (mapped, exclusive, shared) bytes, from thin_ls."""
-    lvs = lvm.lvs(vg)
+def volume_infos(lvs: list[LV], usage: dict[int, tuple[int, int, int]] | None = None,
+                 name: str | None = None) -> list[VolumeInfo]:
+    """The volumes among `lvs` (one VG's), or the one called `name`. usage: thin device id ->
+    (mapped, exclusive, shared) bytes, from thin_ls."""
     out = []
     for lv in _visible(lvs):
+        if name is not None and lv.name != name:
+            continue
         if lv.is_thin_pool:
             continue
         mapped = exclusive = shared = None

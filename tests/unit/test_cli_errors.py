@@ -49,6 +49,8 @@ COMMANDS = {
     ("monitor",): (["monitor", "--once"], "thinstack.monitor.run"),
     ("import",): (["import", "disk.vhd", "vg0/vm"], "thinstack.imports.import_image"),
     ("export",): (["export", "vg0/vm", "out.vhd"], "thinstack.exports.export_volume"),
+    ("mount",): (["mount", "/mnt"], "thinstack.mount.mount"),
+    ("umount",): (["umount", "/mnt"], "thinstack.mount.umount"),
     ("lab", "setup"): (["lab", "setup"], "thinstack.lab.setup"),
     ("lab", "run"): (["lab", "run", "--", "true"], "thinstack.lab.run_lab"),
 }
@@ -120,7 +122,7 @@ def test_every_error_of_every_command_is_one_line_and_its_status(command, error,
     if command == ("recover",):
         monkeypatch.setattr("thinstack.lvm.vgs", lambda *a, **k: [], raising=False)
     if command in (("list",), ("info",)):
-        monkeypatch.setattr("thinstack.lvm.vgs", lambda *a, **k: [], raising=False)
+        monkeypatch.setattr("thinstack.lvm.volumes_of", lambda *a, **k: [], raising=False)
     one_line_failure(capsys, cli.main(argv), expected)
 
 

@@ -68,7 +68,8 @@ LV_ROW = {"lv_name": "vm1", "vg_name": "vg0", "lv_uuid": "u1", "lv_attr": "Vwi-a
           "data_percent": "12.50", "metadata_percent": "", "lv_tags": "ts_gold,x",
           "lv_path": "/dev/vg0/vm1", "lv_dm_path": "/dev/mapper/vg0-vm1", "thin_id": "3",
           "chunk_size": "65536", "lv_metadata_size": "", "lv_skip_activation": "0",
-          "lv_when_full": "", "vg_free": "4194304"}
+          "lv_when_full": "", "lv_device_open": "1", "vg_free": "4194304",
+          "vg_size": "8589934592", "vg_extent_size": "4194304", "vg_tags": "ts_file=/p.img"}
 
 
 def test_reports_go_through_the_runner_and_are_parsed():
@@ -76,7 +77,10 @@ def test_reports_go_through_the_runner_and_are_parsed():
     (lv,) = Lvm(runner).lvs("vg0")
     assert (lv.ref, lv.size, lv.thin_id, lv.data_percent, lv.tags, lv.vg_free) == \
         (VolumeRef("vg0", "vm1"), 1 << 30, 3, 12.5, frozenset({"ts_gold", "x"}), 4 << 20)
-    assert lv.active and lv.is_thin and not lv.readonly
+    assert lv.active and lv.is_thin and not lv.readonly and lv.open
+    # The VG's fields come with each row: no `vgs` needed beside an `lvs`.
+    assert (lv.vg_size, lv.vg_extent_size, lv.vg_tags) == (8 << 30, 4 << 20,
+                                                           frozenset({"ts_file=/p.img"}))
     assert runner.argvs[0][:2] == ["lvm", "lvs"] and runner.argvs[0][-1] == "vg0"
 
 
@@ -100,12 +104,3 @@ def test_commands_fail_as_thinstack_errors_and_keep_the_cause():
     with pytest.raises(Refused, match=r"^Logical volume vg0/vm1 in use\.$") as raised:
         Lvm(runner).run("lvremove", "-y", "vg0/vm1")
     assert isinstance(raised.value.__cause__, CommandError)
-
-
-def test_is_open_asks_lvm_and_a_failure_is_not_open():
-    runner = FakeRunner(default=None).on(["lvm", "lvs", "--noheadings"], "  1\n", "  0\n")
-    lvm = Lvm(runner)
-    vm = Lvm(FakeRunner(default=None).on(["lvm", "lvs"], report("lv", LV_ROW))).lvs()[0]
-    assert lvm.is_open(vm) and not lvm.is_open(vm)
-    runner.fail(["lvm", "lvs", "--noheadings"], "  Failed to find logical volume \"vg0/vm1\"\n")
-    assert not lvm.is_open(vm)

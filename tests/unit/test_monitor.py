@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 from unittest import mock
 
@@ -79,7 +80,12 @@ def env(tmp_path, monkeypatch):
 
 
 def setup(fake, lvs, vgs):
-    fake.lv_list[:], fake.vg_list[:] = lvs, vgs
+    """The volumes as `lvs` reports them: each row with its VG's free space and extent size."""
+    by_name = {v.name: v for v in vgs}
+    fake.lv_list[:] = [dataclasses.replace(x, vg_free=by_name[x.vg].free,
+                                           vg_extent_size=by_name[x.vg].extent_size)
+                       if x.vg in by_name else x for x in lvs]
+    fake.vg_list[:] = vgs
 
 
 def commands(fake):

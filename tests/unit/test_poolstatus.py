@@ -16,7 +16,7 @@ from thinstack.dm.command import CommandError
 from thinstack.dm.errors import DmError, MetadataSnapHeld
 from thinstack.dm.status import Failed, PoolMode
 from thinstack.dm.tools import ThinCheckResult, ThinLsEntry
-from thinstack.errors import Refused, ThinstackError
+from thinstack.errors import NotFound, Refused, ThinstackError
 from thinstack.lock import LockTimeout
 
 
@@ -26,8 +26,13 @@ def schema_keys(section: str = "## `pool status --json`") -> list[str]:
     return re.findall(r"^\| `(\w+)` \|", block, re.MULTILINE)
 
 
+def in_vg(vg, pool):
+    """The pool as `lvs` reports it: its VG's fields on its row."""
+    return dataclasses.replace(pool, vg_size=vg.size, vg_free=vg.free, vg_tags=vg.tags)
+
+
 def test_documented_schema_is_the_json():
-    status = poolstatus.pool_status(vg(), lv(), [lv()], kernel())
+    status = poolstatus.pool_status(in_vg(vg(), lv()), [lv()], kernel())
     assert schema_keys() == list(status.to_json()) == \
         [f.name for f in dataclasses.fields(poolstatus.PoolStatus)]
 
@@ -46,8 +51,8 @@ def test_every_documented_json_is_its_class(section, cls):
 def test_status_of_an_active_pool():
     thins = [lv("a", attr="Vwi-a-tz--", pool="pool", tags=()),
              lv("b", attr="Vwi-a-tz--", pool="pool", tags=())]
-    s = poolstatus.pool_status(vg(free=4 * MiB, tags=["ts_file=/p.img"]), lv(), [lv(), *thins],
-                          kernel(used=4032, meta_used=256))
+    s = poolstatus.pool_status(in_vg(vg(free=4 * MiB, tags=["ts_file=/p.img"]), lv()),
+                               [lv(), *thins], kernel(used=4032, meta_used=256))
     assert (s.data_size, s.data_used, s.data_percent) == (1008 * MiB, 4032 * CHUNK, 25.0)
     assert s.metadata_percent == 25.0 and s.metadata_size == 4 * MiB
     assert (s.mode, s.when_full, s.zeroing, s.chunk_size) == ("rw", "queue", True, CHUNK)
@@ -59,20 +64,20 @@ def test_status_of_an_active_pool():
 
 def test_status_reads_mode_and_policy_from_kernel_and_tags():
     pool = lv(attr="twi-a-t---", tags=("ts_pool", "ts_grow_threshold=80", "ts_grow_step=1048576"))
-    s = poolstatus.pool_status(vg(), pool, [pool],
+    s = poolstatus.pool_status(in_vg(vg(), pool), [pool],
                                kernel(mode=PoolMode.OUT_OF_DATA_SPACE, error=True))
     assert (s.mode, s.when_full, s.zeroing) == ("out_of_data_space", "error", False)
     assert (s.grow_threshold, s.grow_step) == (80.0, MiB)
     off = lv(tags=("ts_pool", "ts_no_grow"))
-    s = poolstatus.pool_status(vg(), off, [off], kernel())
+    s = poolstatus.pool_status(in_vg(vg(), off), [off], kernel())
     assert (s.grow_threshold, s.grow_step) == (None, None)
 
 
 def test_status_of_inactive_and_failed_pools():
-    s = poolstatus.pool_status(vg(), lv(attr="twi---tz--"), [], None)
+    s = poolstatus.pool_status(in_vg(vg(), lv(attr="twi---tz--")), [], None)
     assert (s.mode, s.data_used, s.data_percent, s.metadata_percent) == \
         ("inactive", None, None, None)
-    assert poolstatus.pool_status(vg(), lv(), [], Failed()).mode == "failed"
+    assert poolstatus.pool_status(in_vg(vg(), lv()), [], Failed()).mode == "failed"
 
 
 class FakeDevice:
@@ -103,9 +108,12 @@ class FakeDevice:
 
 @pytest.fixture
 def one_pool(mocker):
-    mocker.patch("thinstack.lvm.vgs", side_effect=lambda name=None: [
-        v for v in [vg()] if name in (None, v.name)])
-    mocker.patch("thinstack.lvm.lvs", return_value=[lv()])
+    def volumes_of(name):
+        if name != "vg0":
+            raise NotFound(f"volume group {name} not found")
+        return [lv()]
+
+    mocker.patch("thinstack.lvm.volumes_of", side_effect=volumes_of)
 
 
 def test_check_reports_damage_as_an_error(one_pool, mocker):
