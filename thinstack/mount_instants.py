@@ -42,6 +42,7 @@ from thinstack.tags import LAST_EXPORT
 
 log = logging.getLogger("thinstack.mount")
 FSTYPE = "fuse.thinstack"
+MOUNTINFO = "/proc/self/mountinfo"
 
 
 # --- what a volume holds, and which volumes are shown -----------------------------------------
@@ -220,7 +221,7 @@ def live(mountpoint: Path) -> list[Path]:
 
 def mounted(mountpoint: Path) -> bool:
     """Whether a thinstack mount sits at `mountpoint` (its daemon alive or not)."""
-    with open("/proc/self/mountinfo", "rb") as f:
+    with open(MOUNTINFO, "rb") as f:
         for line in f:
             fields, _, rest = line.partition(b" - ")
             point = fields.split(b" ")[4].decode("unicode_escape").encode("latin-1")
