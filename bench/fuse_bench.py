@@ -235,7 +235,10 @@ def bindings() -> dict:
             sh("dd", f"if={path}", "of=/dev/null", *args)
             r[label] = MEMORY_FILE / (time.monotonic() - start) / MiB
         subprocess.run(["umount", mnt], check=True)
-        server.wait(timeout=30)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
         results[binding] = r
         print(binding, json.dumps(r), file=sys.stderr)
     return results
