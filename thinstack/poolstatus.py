@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from thinstack import growth, lvm, tags
+from thinstack.dm.client import DeviceMapper
 from thinstack.dm.status import Failed, ThinPoolStatus
 from thinstack.errors import NotFound, Refused, ThinstackError
 from thinstack.lvm import LV
@@ -91,11 +92,11 @@ def _kernel_status(pool: LV) -> ThinPoolStatus | Failed | None:
     return status
 
 
-def check(vg: str) -> str:
+def check(vg: str, dm: DeviceMapper | None = None) -> str:
     """thin_check the pool's metadata, read through a metadata snapshot so the live pool is never
     touched: one line when clean; ThinstackError when damaged."""
     pool = pool_lv(vg)
-    device = kernel_pool(pool)
+    device = kernel_pool(pool, dm)
     if device is None:
         raise Refused(f"{pool.ref} is not active: activate it (`thinstack pool attach {vg}`) "
                       "to check it")
@@ -110,7 +111,8 @@ def check(vg: str) -> str:
                          f"repair it with `lvconvert --repair {pool.ref}`")
 
 
-def thin_usage(vg: str, lvs: list[LV] | None = None) -> dict[int, tuple[int, int, int]] | None:
+def thin_usage(vg: str, lvs: list[LV] | None = None, dm: DeviceMapper | None = None
+               ) -> dict[int, tuple[int, int, int]] | None:
     """thin device id -> (mapped, exclusive, shared) bytes, from thin_ls on a metadata snapshot
     of the pool among the VG's `lvs` (read if not given); None when the VG has no active pool,
     or another reader holds the metadata snapshot (callers then fall back to LVM's coarser
@@ -119,7 +121,7 @@ def thin_usage(vg: str, lvs: list[LV] | None = None) -> dict[int, tuple[int, int
         pool = lvm.pool_of(vg, lvm.volumes_of(vg) if lvs is None else lvs)
     except NotFound:
         return None
-    device = kernel_pool(pool)
+    device = kernel_pool(pool, dm)
     if device is None:
         return None
     try:

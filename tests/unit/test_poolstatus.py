@@ -1,5 +1,6 @@
 """Reading a pool: its status from LVM's and the kernel's view, the JSON schema docs/json.md
-documents, the metadata check and per-volume usage (a fake kernel device handed in)."""
+documents, the metadata check and per-volume usage (a FakeLvm and a DeviceMapper over a
+FakeRunner handed in)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.fakes import FakeLvm, FakeRunner
 from tests.unit.test_pools import CHUNK, MiB, kernel, lv, vg
 from thinstack import poolstatus
-from thinstack.dm.command import CommandError
-from thinstack.dm.errors import DmError, MetadataSnapHeld
+from thinstack.dm.client import DeviceMapper
 from thinstack.dm.status import Failed, PoolMode
-from thinstack.dm.tools import ThinCheckResult, ThinLsEntry
-from thinstack.errors import NotFound, Refused, ThinstackError
+from thinstack.errors import Refused, ThinstackError
 from thinstack.lock import LockTimeout
+from thinstack.thinpool import reading_metadata
 
 
 def schema_keys(section: str = "## `pool status --json`") -> list[str]:
@@ -80,93 +81,102 @@ def test_status_of_inactive_and_failed_pools():
     assert poolstatus.pool_status(in_vg(vg(), lv()), [], Failed()).mode == "failed"
 
 
-class FakeDevice:
-    """A kernel thin-pool device as pools sees it (dm.pool.Pool)."""
+# --- the kernel's side, through a FakeRunner: dmsetup, thin_check and thin_ls ------------------
 
-    name = "vg0-pool-tpool"
+TPOOL_INFO = "vg0-pool-tpool/254/3/1/0/L--w/LVM-pool-tpool\n"
+TABLE = "0 2097152 thin-pool 254:1 254:2 128 16 0\n"
+RESERVE = ["dmsetup", "message", "vg0-pool-tpool", "0", "reserve_metadata_snap"]
+RELEASE = ["dmsetup", "message", "vg0-pool-tpool", "0", "release_metadata_snap"]
 
-    def __init__(self, check=None, ls=None, busy=False, failed=False, raises=None):
-        self._check, self._ls, self._busy, self._raises = check, ls, busy, raises
-        self.dm = type("FakeDm", (), {"target_status": lambda _, name: Failed() if failed
-                                      else kernel()})()
 
-    def _read(self, value):
-        if self._raises is not None:
-            raise self._raises
-        if self._busy:
-            from thinstack.dm.command import CommandError
-            raise CommandError(["dmsetup", "message", "vg0-pool-tpool", "0",
-                                "reserve_metadata_snap"], 1, "Device or resource busy")
-        return value
-
-    def thin_check(self):
-        return self._read(self._check)
-
-    def thin_ls(self):
-        return self._read(self._ls)
+def status_line(held="-"):
+    return (f"0 2097152 thin-pool 2 4124/262144 5/256 {held} rw no_discard_passdown "
+            "queue_if_no_space - 1024\n")
 
 
 @pytest.fixture
-def one_pool(mocker):
-    def volumes_of(name):
-        if name != "vg0":
-            raise NotFound(f"volume group {name} not found")
-        return [lv()]
+def one_pool(tmp_path, monkeypatch):
+    """VG vg0 with its pool (a FakeLvm as the default Lvm), and the pool's kernel device as a
+    FakeRunner answers for it: active, reservable, its metadata clean; tests change the answers."""
+    monkeypatch.setenv("THINSTACK_RUN_DIR", str(tmp_path / "run"))  # the readers' lock
+    monkeypatch.setattr("thinstack.lvm.LVM", FakeLvm(vgs=[vg()], lvs=[lv()]))
+    runner = FakeRunner(default=None)  # any command not answered here fails the test
+    runner.on(["dmsetup", "info"], TPOOL_INFO).on(["dmsetup", "table"], TABLE)
+    runner.on(["dmsetup", "status"], status_line()).on(["dmsetup", "message"], "")
+    runner.on("thin_check", "").on("thin_ls", "1 10 4 6\n2 6 0 6\n")
+    return runner
 
-    mocker.patch("thinstack.lvm.volumes_of", side_effect=volumes_of)
+
+def inactive(runner):
+    runner.fail(["dmsetup", "info"], "Device does not exist.\nCommand failed.\n")
 
 
-def test_check_reports_damage_as_an_error(one_pool, mocker):
-    mocker.patch("thinstack.poolstatus.kernel_pool",
-                 return_value=FakeDevice(check=ThinCheckResult(True, "")))
-    assert poolstatus.check("vg0") == "vg0/pool: metadata clean"
-    mocker.patch("thinstack.poolstatus.kernel_pool", return_value=FakeDevice(
-        check=ThinCheckResult(False, "examining superblock\nbad checksum in superblock")))
+def busy(runner, held="-"):
+    """Someone holds the metadata snapshot (its root: `held`), or the reservation failed."""
+    runner.fail(RESERVE, "device-mapper: message ioctl on vg0-pool-tpool failed: Device or "
+                         "resource busy\nCommand failed.\n")
+    runner.on(["dmsetup", "status"], status_line(held))
+
+
+def test_check_reads_a_metadata_snapshot_and_reports_damage_as_an_error(one_pool):
+    dm = DeviceMapper(one_pool)
+    assert poolstatus.check("vg0", dm) == "vg0/pool: metadata clean"
+    reads = [a for a in one_pool.argvs if a[1] in ("message", "-m", "--metadata-snap")]
+    assert reads == [RESERVE, ["thin_check", "--metadata-snap", "/dev/block/254:1"], RELEASE]
+    one_pool.fail("thin_check", "examining superblock\nbad checksum in superblock")
     with pytest.raises(ThinstackError, match="damaged .bad checksum in superblock."):
-        poolstatus.check("vg0")
-    mocker.patch("thinstack.poolstatus.kernel_pool", return_value=FakeDevice(failed=True))
+        poolstatus.check("vg0", dm)
+    assert one_pool.argvs[-1] == RELEASE  # let go however the read ends
+    one_pool.on(["dmsetup", "status"], "0 2097152 thin-pool Fail\n")
     with pytest.raises(ThinstackError, match="kernel failed the pool.*lvconvert --repair"):
-        poolstatus.check("vg0")
+        poolstatus.check("vg0", dm)
 
 
-def test_check_of_an_inactive_or_busy_pool_is_refused(one_pool, mocker):
-    mocker.patch("thinstack.poolstatus.kernel_pool", return_value=None)
-    with pytest.raises(Refused, match="not active"):
-        poolstatus.check("vg0")
-    mocker.patch("thinstack.poolstatus.kernel_pool", return_value=FakeDevice(busy=True))
+def test_check_of_an_inactive_or_busy_pool_is_refused(one_pool):
+    busy(one_pool)
     with pytest.raises(Refused, match="another reader"):
-        poolstatus.check("vg0")
+        poolstatus.check("vg0", DeviceMapper(one_pool))
+    inactive(one_pool)
+    with pytest.raises(Refused, match="not active"):
+        poolstatus.check("vg0", DeviceMapper(one_pool))
 
 
-def test_thin_usage_in_bytes_or_none(one_pool, mocker):
-    mocker.patch("thinstack.poolstatus.kernel_pool",
-                 return_value=FakeDevice(ls=[ThinLsEntry(1, 10, 4, 6), ThinLsEntry(2, 6, 0, 6)]))
-    assert poolstatus.thin_usage("vg0") == {1: (10 * CHUNK, 4 * CHUNK, 6 * CHUNK),
-                                       2: (6 * CHUNK, 0, 6 * CHUNK)}
-    mocker.patch("thinstack.poolstatus.kernel_pool", return_value=FakeDevice(busy=True))
-    assert poolstatus.thin_usage("vg0") is None
-    mocker.patch("thinstack.poolstatus.kernel_pool", return_value=None)
-    assert poolstatus.thin_usage("vg0") is None
-    assert poolstatus.thin_usage("other") is None
+def test_thin_usage_in_bytes_or_none(one_pool):
+    dm = DeviceMapper(one_pool)
+    assert poolstatus.thin_usage("vg0", dm=dm) == {1: (10 * CHUNK, 4 * CHUNK, 6 * CHUNK),
+                                                   2: (6 * CHUNK, 0, 6 * CHUNK)}
+    assert poolstatus.thin_usage("vg0", [lv("a", attr="Vwi-a-tz--", tags=())], dm) is None
+    assert poolstatus.thin_usage("other", dm=dm) is None
+    busy(one_pool)
+    assert poolstatus.thin_usage("vg0", dm=dm) is None
+    inactive(one_pool)
+    assert poolstatus.thin_usage("vg0", dm=dm) is None
 
 
-@pytest.mark.parametrize("error", [
-    # Someone else (dmsetup by hand, another tool) holds the pool's one metadata snapshot.
-    MetadataSnapHeld("thin-pool vg0-pool-tpool already holds a metadata snapshot (root 52)"),
-    # Another thinstack reader has held it for longer than we wait.
-    LockTimeout("thin-pool vg0-pool-tpool: another reader has held its metadata snapshot"),
-])
-def test_usage_falls_back_when_the_metadata_snapshot_is_held(one_pool, mocker, error):
-    """The reproduced bug: `thinstack list` printed a traceback here."""
-    mocker.patch("thinstack.poolstatus.kernel_pool", return_value=FakeDevice(raises=error))
-    assert poolstatus.thin_usage("vg0") is None
+def test_usage_falls_back_when_someone_holds_the_metadata_snapshot(one_pool):
+    """The reproduced bug: `thinstack list` printed a traceback here. Someone else (dmsetup by
+    hand, another tool) holds the pool's one metadata snapshot, root 52."""
+    busy(one_pool, held="52")
+    assert poolstatus.thin_usage("vg0", dm=DeviceMapper(one_pool)) is None
     with pytest.raises(Refused, match="vg0/pool: .*another reader"):
-        poolstatus.check("vg0")
+        poolstatus.check("vg0", DeviceMapper(one_pool))
+    assert RELEASE not in one_pool.argvs  # not ours to let go
 
 
-def test_other_dm_and_command_failures_are_thinstack_errors(one_pool, mocker):
-    for error in (DmError("thin-pool vg0-pool-tpool has failed"),
-                  CommandError(["thin_ls", "/dev/mapper/x"], 1, "bad superblock")):
-        mocker.patch("thinstack.poolstatus.kernel_pool", return_value=FakeDevice(raises=error))
-        with pytest.raises(ThinstackError, match="^vg0/pool: "):
-            poolstatus.thin_usage("vg0")
+def test_a_thinstack_reader_that_waited_too_long_is_refused():
+    def held_for_long():
+        raise LockTimeout("thin-pool vg0-pool-tpool: another reader has held its metadata "
+                          "snapshot for over 30 s")
+
+    with pytest.raises(Refused, match="vg0/pool: .*another reader.*try again"):
+        reading_metadata(lv(), held_for_long)
+
+
+def test_other_dm_and_command_failures_are_thinstack_errors(one_pool):
+    one_pool.fail("thin_ls", "bad superblock")
+    with pytest.raises(ThinstackError, match="^vg0/pool: .*bad superblock"):
+        poolstatus.thin_usage("vg0", dm=DeviceMapper(one_pool))
+    busy(one_pool)
+    one_pool.on(["dmsetup", "status"], "0 2097152 thin-pool Fail\n")  # and then it failed
+    with pytest.raises(ThinstackError, match="^vg0/pool: thin-pool vg0-pool-tpool has failed"):
+        poolstatus.thin_usage("vg0", dm=DeviceMapper(one_pool))
