@@ -1,4 +1,5 @@
-"""Import benchmark: `thinstack import` against qemu-img and dd, in the lab, same run, same pool.
+"""Import benchmark: `thinstack import` against the same import by hand, in the lab, same run,
+same pool.
 
 Run it from the project root (it needs root, a scratch disk and the lab's kernel):
 
@@ -10,22 +11,23 @@ into them again with qemu-io (so they are allocated, holding zeros), and brings 
 fresh thin volume of its virtual size:
 
 end to end (a new volume holding the image, durable):
-  thinstack       `thinstack import IMAGE vg/NAME` (creates, fills, renames, commits the volume)
-  qemu-img -n     lvcreate; `qemu-img convert -n --target-is-zero -O raw IMAGE /dev/vg/NAME`
-  qemu-img        lvcreate; `qemu-img convert -O raw IMAGE /dev/vg/NAME`
-  dd              lvcreate; dd (O_DIRECT, 4 MiB blocks) of a file holding just the image's data
-                  runs back to back: the cost of writing those bytes, nothing else
-  qemu-img writes through the page cache by default (cache=unsafe for convert), so its runs end
-  with an fsync of the volume: every method is timed until the data is on the volume.
+  thinstack       `THINSTACK_TRACE=1 thinstack import IMAGE vg/NAME --json` (creates, fills,
+                  renames, commits the volume); the trace and the summary give its phases
+  by hand         lvcreate; `qemu-img convert -n --target-is-zero -t none -W -O raw IMAGE
+                  /dev/vg/NAME`; fsync of the volume (what issue 10's goal compares with)
 
 copy only (into a volume made beforehand, untimed):
   thinstack copy  the copy loop in process: open the image, map it, copy_extents into a
                   BlockDeviceSink, sync
-  qemu-img -n     `qemu-img convert -n --target-is-zero -O raw IMAGE /dev/vg/NAME`, fsync
+  qemu-img        `qemu-img convert -n --target-is-zero -t none -W -O raw IMAGE /dev/vg/NAME`
+  dd              dd (O_DIRECT, 4 MiB blocks, conv=fsync) of a file holding just the image's
+                  data runs back to back: the rate of writing those bytes, nothing else
 
 Methods take turns, ROUNDS times each, best time kept; the image is in the page cache throughout.
 Chunks: pool chunks the volume maps afterwards (kernel thin status). thinstack's volume must equal
-qemu-img's byte for byte. The report goes to bench/reports/import.md and import.json.
+qemu-img's byte for byte. The report goes to bench/reports/import.md and import.json; with
+BENCH_LABEL=before it goes to import.before.json instead, which a later run reports beside its
+own figures (run the "before" in a checkout of the earlier commit).
 """
 
 from __future__ import annotations
@@ -65,6 +67,12 @@ SEED = 20261122
 
 def sh(*argv: str) -> str:
     return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+
+
+def commit() -> str:
+    """The code measured: BENCH_COMMIT (for a copy without git), else the checkout's HEAD."""
+    return os.environ.get("BENCH_COMMIT") or \
+        sh("git", "-C", str(ROOT), "rev-parse", "--short", "HEAD").strip()
 
 
 # --- the source ------------------------------------------------------------------------------
@@ -156,29 +164,65 @@ def digest(dev: str, size: int) -> str:
 
 # --- methods: each brings IMAGE into volume NAME; `timed` says what the clock covers ----------
 
-def end_to_end(image: Path, virtual: int, data: Path) -> dict[str, Callable[[str], None]]:
+BY_HAND = "lvcreate + qemu-img convert -n --target-is-zero -t none -W"
+QEMU_ARGS = ["convert", "-n", "--target-is-zero", "-t", "none", "-W", "-O", "raw"]
+
+
+def traced(argv: list[str]) -> tuple[str, list[tuple[float, str]]]:
+    """Run a thinstack command with THINSTACK_TRACE=1: its stdout and the (seconds, command)
+    of every command or ioctl it ran, in order."""
+    done = subprocess.run(argv, check=True, capture_output=True, text=True,
+                          env={**os.environ, "THINSTACK_TRACE": "1"})
+    trace = []
+    for line in done.stderr.splitlines():
+        words = line.split(None, 2)
+        if len(words) == 3 and words[0] == "thinstack:" and words[1].endswith("s"):
+            trace.append((float(words[1][:-1]), words[2]))
+    return done.stdout, trace
+
+
+def phases(wall: float, own: float, trace: list[tuple[float, str]],
+           last_before: Callable[[str], bool]) -> dict:
+    """Where a command's time went: the commands before its copy, the copy loop, the commands
+    after it, the rest of thinstack's own seconds (Python: images' maps, journal, writers'
+    closing), and Python's start-up and exit (the wall time beyond its own). The copy loop
+    traces itself; a trace without it (an older thinstack) counts what follows the last
+    command `last_before` matches as copy and Python work together."""
+    copy = next((i for i, (_, c) in enumerate(trace) if c.startswith("copy ")), None)
+    if copy is not None:
+        before, after, copying = trace[:copy], trace[copy + 1:], trace[copy][0]
+    else:
+        cut = max(i for i, (_, c) in enumerate(trace) if last_before(c)) + 1
+        before, after, copying = trace[:cut], trace[cut:], None
+    fixed, commit = sum(t for t, _ in before), sum(t for t, _ in after)
+    rest = own - fixed - commit
+    return {"start-up": round(wall - own, 3), "fixed commands": round(fixed, 3),
+            "copy": round(copying if copying is not None else rest, 3),
+            "other": round(rest - copying, 3) if copying is not None else None,
+            "commit commands": round(commit, 3),
+            "commands": [c.split(" --")[0][:60] for _, c in trace if not c.startswith("copy ")]}
+
+
+def end_to_end(image: Path, virtual: int, notes: dict) -> dict[str, Callable[[str], None]]:
     def thinstack(name):
-        sh(*THINSTACK, "import", str(image), f"{VG}/{name}", "--no-progress")
+        start = time.monotonic()
+        out, trace = traced([*THINSTACK, "import", str(image), f"{VG}/{name}", "--no-progress",
+                             "--json"])
+        wall = time.monotonic() - start
+        notes.setdefault("phases", []).append(
+            (wall, phases(wall, json.loads(out)["seconds"], trace,
+                          lambda c: c.startswith("lvm lvcreate"))))
 
-    def qemu_n(name):
+    def by_hand(name):
         dev = lvcreate(name, virtual)
-        sh("qemu-img", "convert", "-n", "--target-is-zero", "-O", "raw", str(image), dev)
+        sh("qemu-img", *QEMU_ARGS, str(image), dev)
         fsync(dev)
 
-    def qemu(name):
-        dev = lvcreate(name, virtual)
-        sh("qemu-img", "convert", "-O", "raw", str(image), dev)
-        fsync(dev)
-
-    def dd(name):
-        dev = lvcreate(name, virtual)
-        sh("dd", f"if={data}", f"of={dev}", "bs=4M", "oflag=direct", "conv=fsync", "status=none")
-
-    return {"thinstack import": thinstack, "qemu-img convert -n --target-is-zero": qemu_n,
-            "qemu-img convert": qemu, "dd (the data bytes only)": dd}
+    return {"thinstack import": thinstack, BY_HAND: by_hand}
 
 
-def copy_only(image: Path, virtual: int) -> dict[str, Callable[[str], Callable[[], None]]]:
+def copy_only(image: Path, virtual: int, data: Path
+              ) -> dict[str, Callable[[str], Callable[[], None]]]:
     """Each makes the volume (untimed) and returns what is timed."""
 
     def thinstack(name):
@@ -196,23 +240,29 @@ def copy_only(image: Path, virtual: int) -> dict[str, Callable[[str], Callable[[
                 img.close()
         return copy
 
-    def qemu_n(name):
+    def qemu(name):
         dev = lvcreate(name, virtual)
 
         def convert():
-            sh("qemu-img", "convert", "-n", "--target-is-zero", "-O", "raw", str(image), dev)
+            sh("qemu-img", *QEMU_ARGS, str(image), dev)
             fsync(dev)
         return convert
 
-    return {"thinstack copy loop": thinstack,
-            "qemu-img convert -n --target-is-zero (convert only)": qemu_n}
+    def dd(name):
+        dev = lvcreate(name, virtual)
+        return lambda: sh("dd", f"if={data}", f"of={dev}", "bs=4M", "oflag=direct",
+                          "conv=fsync", "status=none")
+
+    return {"thinstack copy loop": thinstack, "qemu-img convert (convert only)": qemu,
+            "dd of the data bytes": dd}
 
 
 def measure(label: str, image: Path, virtual: int, data: Path) -> dict:
     warm(image)
     warm(data)
-    whole = end_to_end(image, virtual, data)
-    copies = copy_only(image, virtual)
+    notes: dict = {}
+    whole = end_to_end(image, virtual, notes)
+    copies = copy_only(image, virtual, data)
     times: dict[str, list[float]] = {m: [] for m in [*whole, *copies]}
     chunks: dict[str, int] = {}
     digests: dict[str, str] = {}
@@ -227,36 +277,86 @@ def measure(label: str, image: Path, virtual: int, data: Path) -> dict:
                 start = time.monotonic()
                 timed()
             times[method].append(time.monotonic() - start)
-            chunks[method] = mapped_chunks(name)
-            if round_ == 0 and method in ("thinstack import", "qemu-img convert -n "
-                                                               "--target-is-zero"):
+            if method != "dd of the data bytes":  # dd writes the runs back to back
+                chunks[method] = mapped_chunks(name)
+            if round_ == 0 and method in ("thinstack import", BY_HAND):
                 digests[method] = digest(f"/dev/{VG}/{name}", virtual)
             sh("lvremove", "-q", "-y", f"{VG}/{name}")
-            print(f"{label:6} {method:40} {times[method][-1]:7.2f} s {chunks[method]:6} chunks",
-                  file=sys.stderr, flush=True)
+            print(f"{label:6} {method:60} {times[method][-1]:7.2f} s", file=sys.stderr,
+                  flush=True)
     return {"image": label, "file_bytes": image.stat().st_size, "virtual_size": virtual,
-            "end_to_end": {m: _result(times[m], chunks[m]) for m in whole},
-            "copy_only": {m: _result(times[m], chunks[m]) for m in copies},
+            "data_bytes": data.stat().st_size,
+            "end_to_end": {m: _result(times[m], chunks.get(m)) for m in whole},
+            "copy_only": {m: _result(times[m], chunks.get(m)) for m in copies},
+            "phases": min(notes["phases"], key=lambda p: p[0])[1],
             "thinstack_equals_qemu": len(set(digests.values())) == 1}
 
 
-def _result(seconds: list[float], chunks: int) -> dict:
+def _result(seconds: list[float], chunks: int | None) -> dict:
     return {"seconds": round(min(seconds), 3), "all_seconds": [round(s, 3) for s in seconds],
             "chunks": chunks}
 
 
 # --- the report ------------------------------------------------------------------------------
 
-def table(results: dict[str, dict], base: str) -> list[str]:
-    lines = [f"| method | seconds (best of {ROUNDS}) | time / {base} | chunks allocated |",
-             "|---|---:|---:|---:|"]
-    for method, r in results.items():
-        lines.append(f"| {method} | {r['seconds']:.2f} | "
-                     f"{r['seconds'] / results[base]['seconds']:.2f} | {r['chunks']} |")
+def goals(r: dict) -> dict[str, float]:
+    """Issue 10's ratios for one image: import / by hand (goal <= 0.8), thinstack's chunks /
+    by hand's (<= 1), the copy's rate / dd's for the data bytes (>= 0.7)."""
+    whole, copies = r["end_to_end"], r["copy_only"]
+    return {"import": whole["thinstack import"]["seconds"] / whole[BY_HAND]["seconds"],
+            "chunks": whole["thinstack import"]["chunks"] / whole[BY_HAND]["chunks"],
+            "copy rate": copies["dd of the data bytes"]["seconds"]
+            / copies["thinstack copy loop"]["seconds"]}
+
+
+GOALS = {"import": ("thinstack import / by hand, end to end", "<= 0.8"),
+         "chunks": ("chunks allocated, thinstack / by hand", "<= 1"),
+         "copy rate": ("copy loop's rate / dd's, for the data bytes", ">= 0.7")}
+
+
+def goal_table(runs: list[dict], before: dict[str, dict]) -> list[str]:
+    lines = ["| image | ratio | goal | before | now | met |", "|---|---|---:|---:|---:|---|"]
+    for r in runs:
+        now, then = goals(r), goals(before[r["image"]]) if r["image"] in before else {}
+        for key, (what, goal) in GOALS.items():
+            bound = float(goal.split()[1])
+            met = now[key] <= bound if goal.startswith("<=") else now[key] >= bound
+            was = f"{then[key]:.2f}" if key in then else "-"
+            lines.append(f"| {r['image']} | {what} | {goal} | {was} | {now[key]:.2f} | "
+                         f"{'yes' if met else '**no**'} |")
     return lines
 
 
-def report(runs: list[dict], context: dict) -> str:
+def table(results: dict[str, dict], base: str, before: dict[str, dict] | None) -> list[str]:
+    lines = [f"| method | seconds (best of {ROUNDS}) | time / {base} | chunks allocated "
+             "| before: seconds |", "|---|---:|---:|---:|---:|"]
+    for method, r in results.items():
+        then = (before or {}).get(method)
+        lines.append(f"| {method} | {r['seconds']:.2f} | "
+                     f"{r['seconds'] / results[base]['seconds']:.2f} | {r['chunks'] or '-'} | "
+                     f"{then['seconds'] if then else '-'} |")
+    return lines
+
+
+def phase_table(now: dict, then: dict | None) -> list[str]:
+    lines = ["| phase | before: seconds | now: seconds |", "|---|---:|---:|"]
+    for key in ("start-up", "fixed commands", "copy", "other", "commit commands"):
+        was = then.get(key) if then else None
+        lines.append(f"| {key} | {'-' if was is None else was} | "
+                     f"{'-' if now[key] is None else now[key]} |")
+    lines += ["", f"Commands now ({len(now['commands'])}): "
+              + ", ".join(f"`{c}`" for c in now["commands"])]
+    if then and then.get("other") is None:
+        lines += ["", "(Before, the copy loop did not trace itself: its copy figure includes "
+                  "the Python work around it.)"]
+    if then:
+        lines += ["", f"Commands before ({len(then['commands'])}): "
+                  + ", ".join(f"`{c}`" for c in then["commands"])]
+    return lines
+
+
+def report(runs: list[dict], context: dict, before: dict) -> str:
+    by_image = {r["image"]: r for r in before.get("results", [])}
     lines = [
         "# Import benchmark", "",
         "Made by `bench/import_bench.py` (its docstring says exactly what each method runs) in "
@@ -271,25 +371,27 @@ def report(runs: list[dict], context: dict) -> str:
         f"are allocated but zero. Pool chunk {CHUNK // KiB} KiB; the content has "
         f"**{context['nonzero_chunks']}** non-zero chunks, the least any importer can allocate.",
         "",
-        "*End to end* is from nothing to a durable volume holding the image (volume creation, and "
-        "for thinstack its rename and commit, included); *copy only* times the bytes moving "
-        "into a volume made beforehand. Each method ran "
-        f"{ROUNDS} times, taking turns with the others; the best time is shown.", ""]
+        f"By hand: `lvcreate`, then `qemu-img {' '.join(QEMU_ARGS)} IMAGE /dev/VG/NAME`. "
+        "*End to end* is from nothing to a durable volume holding the image (volume creation, "
+        "and for thinstack its rename and commit, included); *copy only* times the bytes "
+        f"moving into a volume made beforehand. Each method ran {ROUNDS} times, taking turns "
+        "with the others; the best time is shown. *Before*: the same script run on "
+        f"{before.get('context', {}).get('commit', 'no earlier run')}, in the same lab on the "
+        "same host (another boot, so compare its ratios, not its seconds).", "",
+        "## Issue 10's goals", "", *goal_table(runs, by_image), ""]
     for r in runs:
-        whole, copies = r["end_to_end"], r["copy_only"]
-        overhead = whole["thinstack import"]["seconds"] - copies["thinstack copy loop"]["seconds"]
+        then = by_image.get(r["image"])
         lines += [f"## {r['image']}: {r['file_bytes'] // MiB} MiB file, "
                   f"{r['virtual_size'] // MiB} MiB virtual", "", "End to end:", "",
-                  *table(whole, "thinstack import"), "", "Copy only:", "",
-                  *table(copies, "thinstack copy loop"), "",
-                  f"`thinstack import` spends {overhead:.1f} s beyond its copy loop: starting "
-                  "Python and running seven commands (lvs, lvcreate, lvchange -an, lvrename, "
-                  "lvchange -ay, lvchange --deltag, dmsetup status), each 0.2 to 1 s in the lab, "
-                  "where starting a process is slow.", "",
-                  "thinstack's volume equals qemu-img's byte for byte: "
+                  *table(r["end_to_end"], "thinstack import", then and then["end_to_end"]), "",
+                  "Copy only:", "",
+                  *table(r["copy_only"], "thinstack copy loop", then and then["copy_only"]), "",
+                  "Where `thinstack import`'s time goes (its best run; commands timed by "
+                  "THINSTACK_TRACE):", "", *phase_table(r["phases"], then and then["phases"]),
+                  "", "thinstack's volume equals qemu-img's byte for byte: "
                   + ("yes" if r["thinstack_equals_qemu"] else "**NO**"), ""]
     lines += ["## Environment", "", f"- lab kernel {context['kernel']}, {context['cpus']} CPU, "
-              f"{context['qemu_img']}", f"- {context['date']}", ""]
+              f"{context['qemu_img']}", f"- {context['date']}, commit {context['commit']}", ""]
     return "\n".join(lines)
 
 
@@ -309,6 +411,7 @@ def main() -> int:
                    "zero": sum(n for _, n, z in runs if z), "nonzero_chunks": nonzero_chunks(raw),
                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                    "kernel": platform.release(), "cpus": os.cpu_count(),
+                   "commit": commit(),
                    "qemu_img": sh("qemu-img", "--version").splitlines()[0]}
         results = []
         for label, fmt, options in [("vhd", "vpc", ["-o", "subformat=dynamic"]),
@@ -320,12 +423,26 @@ def main() -> int:
             results.append(measure(label, image, virtual, data))
             image.unlink()
     REPORTS.mkdir(parents=True, exist_ok=True)
-    (REPORTS / "import.json").write_text(json.dumps({"context": context, "results": results},
-                                                    indent=2) + "\n")
-    (REPORTS / "import.md").write_text(report(results, context))
+    figures = json.dumps({"context": context, "results": results}, indent=2) + "\n"
+    if os.environ.get("BENCH_LABEL") == "before":
+        (REPORTS / "import.before.json").write_text(figures)
+        return 0
+    (REPORTS / "import.json").write_text(figures)
+    before_file = REPORTS / "import.before.json"
+    before = json.loads(before_file.read_text()) if before_file.exists() else {}
+    (REPORTS / "import.md").write_text(report(results, context, before))
     print((REPORTS / "import.md").read_text())
     return 0 if all(r["thinstack_equals_qemu"] for r in results) else 1
 
 
+def rerender() -> int:
+    """`import_bench.py --report`: the report again from import.json (and import.before.json)."""
+    f = json.loads((REPORTS / "import.json").read_text())
+    before_file = REPORTS / "import.before.json"
+    before = json.loads(before_file.read_text()) if before_file.exists() else {}
+    (REPORTS / "import.md").write_text(report(f["results"], f["context"], before))
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(rerender() if sys.argv[1:] == ["--report"] else main())

@@ -214,6 +214,19 @@ class Source:
             raise ImageError(self.path, f"short read of {what} at offset {offset}")
         return data
 
+    def read_into(self, offset: int, view: memoryview, what: str) -> None:
+        """read_at straight into `view` (a slice of the caller's buffer): no bytes object made
+        and copied again, which a copy loop would pay for every byte of an image."""
+        if offset < 0 or offset + len(view) > self.size:
+            raise ImageError(self.path, f"{what} at offset {offset} (+{len(view)}) lies past the "
+                                        f"end of the file ({self.size} bytes): truncated or "
+                                        "corrupt")
+        while view:
+            n = os.preadv(self.fd, [view], offset)
+            if n <= 0:
+                raise ImageError(self.path, f"short read of {what} at offset {offset}")
+            view, offset = view[n:], offset + n
+
     def head_and_tail(self) -> tuple[bytes, bytes]:
         """The first 4 KiB and the last 512 bytes, for format detection."""
         head = os.pread(self.fd, 4096, 0)

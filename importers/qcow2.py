@@ -437,12 +437,13 @@ class Qcow2Image:
             return own
         return coalesce(_overlay(own, self.backing))
 
-    def read(self, offset: int, length: int) -> bytes:
+    def read(self, offset: int, length: int) -> bytearray:
+        """The bytes of [offset, offset + length), read straight into the buffer returned."""
         if offset < 0 or length < 0 or offset + length > self.virtual_size:
             raise ImageError(self.path, f"read of {length} bytes at {offset} outside the virtual "
                                         f"size {self.virtual_size}")
         if length == 0:
-            return b""
+            return bytearray()
         out = bytearray(length)
         view = memoryview(out)
         for run in self._map(offset, offset + length):
@@ -455,7 +456,8 @@ class Qcow2Image:
                 _pread_into(self.data, view[at:at + run.length], run.host)
             elif run.kind is Kind.HOLE and self.backing is not None:
                 view[at:at + run.length] = read_clipped(self.backing, run.offset, run.length)
-        return bytes(out)
+        view.release()
+        return out
 
     def close(self) -> None:
         if self.backing is not None:

@@ -224,16 +224,20 @@ class VhdImage:
         return coalesce(Extent(offset, length, Kind.DATA if layer else Kind.HOLE)
                         for offset, length, layer, _ in _merged(self.chain[0], start, end))
 
-    def read(self, offset: int, length: int) -> bytes:
+    def read(self, offset: int, length: int) -> bytearray:
+        """The bytes of [offset, offset + length), read from the files straight into the buffer
+        returned (the copy loop's batches are large: each extra copy costs)."""
         if offset < 0 or length < 0 or offset + length > self.virtual_size:
             raise ImageError(self.path, f"read of {length} bytes at {offset} outside the disk "
                                         f"({self.virtual_size} bytes)")
         out = bytearray(length)
+        view = memoryview(out)
         for at, count, layer, file_offset in _merged(self.chain[0], offset, offset + length):
             if layer is not None:
-                out[at - offset:at - offset + count] = layer.source.read_at(file_offset, count,
-                                                                            "data block")
-        return bytes(out)
+                layer.source.read_into(file_offset, view[at - offset:at - offset + count],
+                                       "data block")
+        view.release()
+        return out
 
     def close(self) -> None:
         for layer in self.chain:
