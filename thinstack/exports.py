@@ -46,11 +46,13 @@ from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from thinstack import extorigin, faults, lvm, mapping, recovery, tags, thinpool
+from thinstack import extorigin, faults, live, lvm, mapping, recovery, tags, thinpool
 from thinstack.copy import CopyStats, copy_extents, data_bytes
 from thinstack.dm import tools
 from thinstack.dm.client import DeviceMapper
+from thinstack.dm.errors import DmError
 from thinstack.dm.pool import Pool
+from thinstack.dm.status import ThinStatus
 from thinstack.errors import NoSpace, NotFound, Refused, ThinstackError
 from thinstack.exporters import ExportError, driver
 from thinstack.exporters.atomic import partial_name
@@ -61,6 +63,7 @@ from thinstack.lock import held
 from thinstack.lvm import LV, VolumeRef
 from thinstack.operation import KEEP_FOR_RESUME, Op, operation
 from thinstack.progress import Bar
+from thinstack.sizes import SECTOR
 from thinstack.state import run_dir, state_dir
 
 # The formats with an incremental form, and what that form is.
@@ -314,6 +317,7 @@ def _start(ref: VolumeRef, dest: Path, format: str, incremental: bool, since: st
         if earlier:
             lvs = lvm.volumes_of(ref.vg)
         source = _find(ref.name, lvs, ref)
+        live.refuse_if_hydrating(source, "export")
         kind = source_kind(source, lvs)
         if (since or incremental) and kind == SourceKind.PLAIN:
             raise Refused(f"{ref} is not a thin volume: only thin volumes export incrementally")
@@ -355,16 +359,45 @@ def _start(ref: VolumeRef, dest: Path, format: str, incremental: bool, since: st
 
 def _extents(job: _Job) -> tuple[list[Extent], int, int]:
     """The extents to copy, the bytes the pool maps for the volume, and the pool's block size
-    (the chunk the copy works in)."""
+    (the chunk the copy works in). Reads of the pool's metadata (a process each) only where
+    the kernel's status of the device (an ioctl) does not say enough."""
     size = job.read_from.size
     if job.kind == SourceKind.PLAIN:
         return volume_extents(job.kind, size, None, None), size, PLAIN_CHUNK
     thin_id = job.read_from.thin_id
     assert job.pool is not None and thin_id is not None  # not PLAIN: a thin volume
+    status = _thin_status(job.read_from)
+    if status is not None and job.base is not None:
+        changes = mapping.read_delta(job.pool, job.base.thin_id, thin_id, device=job.kernel)
+        return volume_extents(job.kind, size, None, changes), status.mapped_sectors * SECTOR, \
+            mapping.block_size(changes)
+    if status is not None and whole_volume_is_data(job.kind, size, status):
+        return [Extent(0, size, Kind.DATA)], status.mapped_sectors * SECTOR, job.pool.chunk_size
     ranges, delta = mapping.read(job.pool, thin_id, job.base.thin_id if job.base else None,
                                  device=job.kernel)
     unit = mapping.block_size(ranges)
     return volume_extents(job.kind, size, ranges, delta), ranges.mapped_blocks * unit, unit
+
+
+def whole_volume_is_data(kind: SourceKind, size: int, status: ThinStatus) -> bool:
+    """Whether a full export may read [0, size) whole without reading the thin mapping: the
+    volume reads an external origin wherever it maps nothing, or it maps every block of it
+    (and none past its end, which a volume shrunk since keeps: then the count says nothing)."""
+    if kind == SourceKind.EXTERNAL:
+        return True
+    highest = status.highest_mapped_sector
+    return highest is not None and highest * SECTOR < size \
+        and status.mapped_sectors * SECTOR >= size
+
+
+def _thin_status(lv: LV) -> ThinStatus | None:
+    """The kernel's status of the volume's thin device, or None when it has no device up (a
+    read-only volume exported as it is need not be active)."""
+    try:
+        status = DeviceMapper().target_status(lv.path)
+    except DmError:
+        return None
+    return status if isinstance(status, ThinStatus) else None
 
 
 def _write(job: _Job, dest: Path, extents: list[Extent], unit: int, *, format: str,

@@ -10,7 +10,8 @@ the VG lock and journalled as operation `import`:
      journalled;
   2. the copy loop fills it, journalling its position (`copied:OFFSET`) every CHECKPOINT_BYTES
      after syncing the volume;
-  3. it is deactivated, renamed to NAME, activated again and committed (the tag dropped).
+  3. it is deactivated, renamed to NAME, then activated and committed (the tag dropped) by one
+     command.
 
 An import interrupted after step 1 (kill, Ctrl-C, SIGTERM, an lvm or I/O error) leaves only the
 hidden, tagged volume and its journal entry: other commands' recovery leaves them be (import is
@@ -230,8 +231,9 @@ def _run(op: Op, ref: VolumeRef, image: Image, extents: list[Extent],
         faults.point("import", "after-rename")
     else:  # renamed before the interruption: only the commit is left
         stats = CopyStats(position=image.virtual_size)
-    lvm.lvm("lvchange", "-q", "-ay", str(ref))
-    op.commit(ref)
+    # Activated and committed (its tag dropped) by one LVM command: one device scan, not two.
+    lvm.lvm("lvchange", "-q", "-ay", "--deltag", op.entry.tag, str(ref))
+    op.commit()
     return stats, pool.chunk_size
 
 
@@ -304,7 +306,7 @@ def _journal_position(op: Op, position: int) -> None:
 
 def mapped_chunks(path: str, chunk: int) -> int:
     """Pool chunks a thin volume maps, as the kernel counts them (exact, unlike lvs' percent)."""
-    status = DeviceMapper().target_status(path)  # dmsetup takes a device's path for its name
+    status = DeviceMapper().target_status(path)  # a device's path names it, as in dmsetup
     if not isinstance(status, ThinStatus):
         raise ThinstackError(f"{path}: the kernel reports the thin device failed")
     return status.mapped_sectors * SECTOR // chunk

@@ -14,7 +14,8 @@ shrunk since keeps, and thin_delta reports, mappings past its end).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 from thinstack import thinpool
 from thinstack.dm import tools
@@ -29,6 +30,8 @@ from thinstack.sizes import SECTOR
 # The pool lends its one metadata snapshot to one reader at a time; another export, `list` or
 # the monitor may hold it for a moment.
 METADATA_SNAP_WAIT = 60.0
+
+T = TypeVar("T")
 
 _DELTA_KINDS = {tools.DeltaKind.DIFFERENT: Kind.DATA, tools.DeltaKind.RIGHT_ONLY: Kind.DATA,
                 tools.DeltaKind.LEFT_ONLY: Kind.ZERO}
@@ -75,6 +78,26 @@ def read(pool: LV, thin_id: int, base_id: int | None = None, *, device: Pool | N
     """Thin device `thin_id`'s mappings and, given a base, how it differs from thin device
     `base_id`: both from one metadata snapshot of the live pool. `device`: the pool's kernel
     device (thinpool.kernel_pool), if the caller has it already."""
+    def both(metadata: str) -> tuple[tools.ThinRanges | None, tools.ThinDelta | None]:
+        mapped = tools.thin_ranges(metadata, thin_id)
+        return mapped, None if base_id is None else tools.thin_delta(metadata, base_id, thin_id)
+
+    mapped, delta = _reading(pool, device, both)
+    if mapped is None:
+        raise ThinstackError(f"{pool.ref}: thin device {thin_id} is not in the pool")
+    return mapped, delta
+
+
+def read_delta(pool: LV, base_id: int, thin_id: int, *, device: Pool | None = None
+               ) -> tools.ThinDelta:
+    """How thin device `thin_id` differs from `base_id`: thin_delta alone, which is all an
+    incremental export needs (its mapped total comes from the kernel's status of the device)."""
+    return _reading(pool, device, lambda metadata: tools.thin_delta(metadata, base_id, thin_id))
+
+
+def _reading(pool: LV, device: Pool | None, read: Callable[[str], T]) -> T:
+    """`read(metadata device)` while holding the pool's metadata snapshot, waiting a while for
+    another reader that holds it."""
     device = device or thinpool.kernel_pool(pool)
     if device is None:
         raise Refused(f"{pool.ref} is not active: activate it (`thinstack pool attach "
@@ -84,9 +107,7 @@ def read(pool: LV, thin_id: int, base_id: int | None = None, *, device: Pool | N
     while True:
         try:
             with device.metadata_snap():
-                mapped = tools.thin_ranges(metadata, thin_id)
-                delta = None if base_id is None else tools.thin_delta(metadata, base_id, thin_id)
-            break
+                return read(metadata)
         except (CommandError, DmError) as e:
             # Held after our attempt failed (ours is released however it ends): another reader
             # has it. Wait for it a while; a reader that died holding it never lets go.
@@ -95,6 +116,3 @@ def read(pool: LV, thin_id: int, base_id: int | None = None, *, device: Pool | N
             if time.monotonic() > deadline:
                 raise Refused(str(e)) from None
         time.sleep(0.2)
-    if mapped is None:
-        raise ThinstackError(f"{pool.ref}: thin device {thin_id} is not in the pool")
-    return mapped, delta

@@ -8,6 +8,7 @@ import pytest
 
 from thinstack import exports, recovery
 from thinstack.dm import tools
+from thinstack.dm.status import ThinStatus
 from thinstack.errors import NotFound, Refused
 from thinstack.exporters import ExportError
 from thinstack.exports import Base, Record, SourceKind
@@ -285,3 +286,17 @@ def test_the_units_create_files_for_root_only():
     export = configparser.ConfigParser(strict=False, interpolation=None)
     export.read(units / "thinstack-export@.service")
     assert export["Service"]["ExecStartPre"].split()[:4] == ["/bin/mkdir", "-m", "0700", "-p"]
+
+
+def test_the_mapping_is_read_only_where_the_kernel_status_does_not_say_it_all():
+    size = 64 << 20  # 1024 blocks of 64 KiB: 131072 sectors
+    every = ThinStatus(mapped_sectors=131072, highest_mapped_sector=131071)
+    assert exports.whole_volume_is_data(exports.SourceKind.THIN, size, every)
+    assert not exports.whole_volume_is_data(exports.SourceKind.THIN, size,
+                                            ThinStatus(131072 - 128, 131071))
+    # Mapped past the end (a volume shrunk since): the count proves nothing about [0, size).
+    assert not exports.whole_volume_is_data(exports.SourceKind.THIN, size,
+                                            ThinStatus(131072, 131072 + 127))
+    assert not exports.whole_volume_is_data(exports.SourceKind.THIN, size, ThinStatus(0, None))
+    # Over an external origin, whatever is not mapped reads the origin: all of it is data.
+    assert exports.whole_volume_is_data(exports.SourceKind.EXTERNAL, size, ThinStatus(0, None))
