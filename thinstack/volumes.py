@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from thinstack import extorigin, faults, live, lvm, tags, thinpool
+from thinstack import extorigin, faults, lvm, tags, thinpool
 from thinstack.errors import Exists, NotFound, Refused
 from thinstack.journal import Step, StepKind
 from thinstack.lvm import LV, VolumeRef
@@ -33,6 +33,13 @@ def _get(ref: VolumeRef, lvs: list[LV]) -> LV:
         if lv.name == ref.name:
             return lv
     raise NotFound(f"{ref}: no such volume")
+
+
+def _refuse_if_hydrating(lv: LV, doing: str) -> None:
+    if tags.LIVE in lv.tags:  # only then is live.py needed: it loads every image reader
+        from thinstack import live
+
+        live.refuse_if_hydrating(lv, doing)
 
 
 def _absent(ref: VolumeRef, lvs: list[LV]) -> None:
@@ -62,7 +69,7 @@ def snapshot(origin: VolumeRef, name: str, *, readonly: bool = False) -> str:
     ref = VolumeRef(origin.vg, lvm.check_user_name(name, "snapshot name"))
     with operation("snapshot", ref.vg, dict(name=name, origin=origin.name)) as op:
         source = _get(origin, op.lvs)
-        live.refuse_if_hydrating(source, "snapshot")
+        _refuse_if_hydrating(source, "snapshot")
         _absent(ref, op.lvs)
         if not source.is_thin:
             raise Refused(f"{origin} is not a thin volume; use `thinstack cow` for other volumes")
@@ -84,7 +91,7 @@ def _thin_snapshot(op: Op, source: LV, ref: VolumeRef, readonly: bool) -> None:
 def gold(ref: VolumeRef) -> str:
     with operation("gold", ref.vg, dict(name=ref.name)) as op:
         lv = _get(ref, op.lvs)
-        live.refuse_if_hydrating(lv, "make a gold master of")
+        _refuse_if_hydrating(lv, "make a gold master of")
         if not lv.is_thin:
             raise Refused(f"{ref} is not a thin volume in the pool")
         if extorigin.is_outside_clone(lv):
@@ -119,7 +126,7 @@ def clone(origin: VolumeRef | str, ref: VolumeRef) -> str:
 def _clone_lv(op: Op, source: LV, ref: VolumeRef) -> None:
     origin = source.ref
     _absent(ref, op.lvs)
-    live.refuse_if_hydrating(source, "clone")
+    _refuse_if_hydrating(source, "clone")
     if extorigin.is_outside_clone(source):
         raise Refused(_outside_refusal(source))
     if source.is_thin:
@@ -209,7 +216,7 @@ def cow(origin: VolumeRef, ref: VolumeRef, store: int) -> str:
 def resize(ref: VolumeRef, size: int, *, shrink_ok: bool = False) -> str:
     with operation("resize", ref.vg, dict(name=ref.name, size=size)) as op:
         lv = _get(ref, op.lvs)
-        live.refuse_if_hydrating(lv, "resize")
+        _refuse_if_hydrating(lv, "resize")
         if tags.GOLD in lv.tags:
             raise Refused(f"{ref} is a gold master; its clones depend on its content")
         if size != lv.size:
@@ -243,7 +250,7 @@ def _resize_outside(lv: LV, size: int) -> None:
 def delete(ref: VolumeRef) -> None:
     with operation("delete", ref.vg, dict(name=ref.name)) as op:
         lv = _get(ref, op.lvs)
-        live.refuse_if_hydrating(lv, "delete (or abort it: `thinstack import --live --abort`)")
+        _refuse_if_hydrating(lv, "delete (or abort it: `thinstack import --live --abort`)")
         if lv.is_thin_pool:
             raise Refused(f"{ref} is a thin pool; thinstack deletes volumes, not pools")
         deps = dependants(lv, op.lvs)

@@ -1,0 +1,49 @@
+"""What each volume operation asks of LVM, over a fake: one report and the one command it wraps
+(issue 10: every LVM command is a process, and dear), and its refusals from that report."""
+
+import dataclasses
+
+import pytest
+
+from tests.fakes import FakeLvm
+from tests.unit.test_pools import lv as pool_lv
+from tests.unit.test_pools import vg
+from tests.unit.test_recovery import lv
+from thinstack import volumes
+from thinstack.errors import Refused
+from thinstack.lvm import VolumeRef
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch):
+    monkeypatch.setenv("THINSTACK_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("THINSTACK_RUN_DIR", str(tmp_path / "run"))
+    fake = FakeLvm(vgs=[vg("vg")], lvs=[dataclasses.replace(pool_lv(), vg="vg"), lv("vm")])
+    monkeypatch.setattr("thinstack.lvm.LVM", fake)
+    return fake
+
+
+def test_create_is_one_lvcreate_after_the_report_and_reads_nothing_back(fake):
+    assert volumes.create(VolumeRef("vg", "new"), 1 << 30) == "/dev/vg/new"
+    assert [c[0] for c in fake.commands] == ["lvcreate"]
+
+
+def test_gold_is_one_lvchange_that_makes_it_read_only_and_tags_it(fake):
+    assert volumes.gold(VolumeRef("vg", "vm")) == "/dev/vg/vm"
+    assert fake.commands == [("lvchange", "-q", "-pr", "--addtag", "ts_gold", "vg/vm")]
+
+
+def test_an_open_volume_is_refused_from_the_report_alone(fake):
+    fake.lv_list[1] = dataclasses.replace(fake.lv_list[1], open=True)
+    for act in (lambda: volumes.gold(VolumeRef("vg", "vm")),
+                lambda: volumes.delete(VolumeRef("vg", "vm"))):
+        with pytest.raises(Refused, match="is open"):
+            act()
+    assert fake.commands == []
+
+
+def test_delete_is_one_lvremove_with_the_export_base(fake):
+    base = lv("vm.last-export", tags={"ts_last_export"}, origin="vm")
+    fake.lv_list.append(base)
+    volumes.delete(VolumeRef("vg", "vm"))
+    assert fake.commands == [("lvremove", "-q", "-y", "vg/vm.last-export", "vg/vm")]
