@@ -1,6 +1,7 @@
 """Reading a fragmented volume's thin mapping: thin_dump's whole output parsed as one XML tree
-(`tools.parse_thin_dump`, what exports used before) against the streamed reader exports use now
-(`tools.thin_ranges`: expat over thin_dump's output as it comes, runs merged on the fly).
+(`tests/thindump.py`'s parse_thin_dump, what exports used before) against the streamed reader
+exports use now (`tools.thin_ranges`: expat over thin_dump's output as it comes, runs merged on
+the fly).
 
 No kernel needed: thin_dump's output is synthesised in the shape a fragmented volume gives (every
 mapping a `single_mapping`, data blocks interleaved with other volumes', virtual blocks in runs
@@ -22,8 +23,8 @@ REPORTS = Path(__file__).parent / "reports"
 
 METHODS = {
     "whole tree (parse_thin_dump)": (
-        "from thinstack.dm import tools; from thinstack.dm.command import RUNNER;"
-        "d = tools.parse_thin_dump(RUNNER.run(['cat', PATH]));"
+        "from tests import thindump; from thinstack.dm.command import RUNNER;"
+        "d = thindump.parse_thin_dump(RUNNER.run(['cat', PATH]));"
         "n = len(d.devices[1].virtual_ranges())"),
     "streamed (thin_ranges)": (
         "from thinstack.dm import tools; from thinstack.dm.command import RUNNER;"

@@ -1,5 +1,6 @@
 """thin-provisioning-tools (thin_dump, thin_delta, thin_ls, thin_check) with their output parsed
-into types.
+into types. thin_dump is read as it streams (thin_ranges), in constant memory; the whole dump as
+one tree is for tests (tests/thindump.py).
 
 On a live pool these tools may only read the metadata snapshot, which must be reserved for the
 duration (Pool.metadata_snap()): `metadata_snap=True`, the default, passes -m/--metadata-snap.
@@ -9,7 +10,6 @@ All block numbers and lengths are in pool data blocks of `data_block_size` secto
 
 from __future__ import annotations
 
-import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import Enum
@@ -30,37 +30,6 @@ class BlockRange:
     @property
     def end(self) -> int:
         return self.begin + self.length
-
-
-@dataclass(frozen=True)
-class Mapping:
-    """`length` virtual blocks from `origin_begin` stored at data blocks from `data_begin`."""
-
-    origin_begin: int
-    data_begin: int
-    length: int
-    time: int
-
-
-@dataclass(frozen=True)
-class DeviceMappings:
-    dev_id: int
-    mapped_blocks: int
-    transaction: int
-    creation_time: int
-    snap_time: int
-    mappings: tuple[Mapping, ...]
-
-    def virtual_ranges(self) -> list[BlockRange]:
-        """The device's mapped virtual blocks as sorted, coalesced ranges."""
-        return coalesce(BlockRange(m.origin_begin, m.length) for m in self.mappings)
-
-
-@dataclass(frozen=True)
-class ThinDump:
-    data_block_size: int  # sectors
-    transaction: int
-    devices: dict[int, DeviceMappings]
 
 
 class DeltaKind(Enum):
@@ -118,14 +87,6 @@ def coalesce(ranges: Iterable[BlockRange]) -> list[BlockRange]:
 
 def _snap(metadata_snap: bool) -> list[str]:
     return ["--metadata-snap"] if metadata_snap else []
-
-
-def thin_dump(metadata_dev: str, *, metadata_snap: bool = True, dev_id: int | None = None,
-              runner: Runner = RUNNER) -> ThinDump:
-    """Every device's mappings (only `dev_id`'s, if given)."""
-    dev = ["--dev-id", str(dev_id)] if dev_id is not None else []
-    return parse_thin_dump(runner.run(["thin_dump", *_snap(metadata_snap), *dev, metadata_dev],
-                                      timeout=TIMEOUT))
 
 
 @dataclass(frozen=True)
@@ -244,41 +205,6 @@ def thin_check(metadata_dev: str, *, metadata_snap: bool = False, skip_mappings:
     except CommandError as e:
         return ThinCheckResult(False, (e.stdout + e.stderr).strip())
     return ThinCheckResult(True, out.strip())
-
-
-def _xml(text: str, tool: str) -> ET.Element:
-    try:
-        return ET.fromstring(text)
-    except ET.ParseError as e:
-        raise ParseError(f"{tool} output is not XML: {e}") from None
-
-
-def _int(element: ET.Element, name: str) -> int:
-    value = element.get(name)
-    if value is None or not value.isdigit():
-        raise ParseError(f"<{element.tag}> has no numeric {name}: {ET.tostring(element)!r}")
-    return int(value)
-
-
-def parse_thin_dump(text: str) -> ThinDump:
-    root = _xml(text, "thin_dump")
-    devices = {}
-    for d in root.iter("device"):
-        mappings = []
-        for m in d:
-            if m.tag == "range_mapping":
-                mappings.append(Mapping(_int(m, "origin_begin"), _int(m, "data_begin"),
-                                        _int(m, "length"), _int(m, "time")))
-            elif m.tag == "single_mapping":
-                mappings.append(Mapping(_int(m, "origin_block"), _int(m, "data_block"), 1,
-                                        _int(m, "time")))
-            else:
-                raise ParseError(f"thin_dump: unexpected <{m.tag}> in a device")
-        dev_id = _int(d, "dev_id")
-        devices[dev_id] = DeviceMappings(dev_id, _int(d, "mapped_blocks"),
-                                         _int(d, "transaction"), _int(d, "creation_time"),
-                                         _int(d, "snap_time"), tuple(mappings))
-    return ThinDump(_int(root, "data_block_size"), _int(root, "transaction"), devices)
 
 
 def parse_thin_delta(output: str | Iterable[str]) -> ThinDelta:

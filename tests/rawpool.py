@@ -28,6 +28,7 @@ from collections.abc import Collection, Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass
 
+from tests import thindump
 from thinstack.dm import tools
 from thinstack.dm.client import Device, DeviceMapper
 from thinstack.dm.errors import DmError, ParseError
@@ -186,9 +187,9 @@ def create_pool(dm: DeviceMapper, name: str, target: ThinPoolTarget, *, fresh: b
 class RawPool(Pool):
     """A pool changed by messages, as LVM changes it."""
 
-    def thin_dump(self, dev_id: int | None = None) -> tools.ThinDump:
+    def thin_dump(self, dev_id: int | None = None) -> thindump.ThinDump:
         with self.metadata_snap():
-            return tools.thin_dump(self.metadata_path, dev_id=dev_id, runner=self.dm.runner)
+            return thindump.thin_dump(self.metadata_path, dev_id=dev_id, runner=self.dm.runner)
 
     def thin_delta(self, snap1: int, snap2: int) -> tools.ThinDelta:
         with self.metadata_snap():

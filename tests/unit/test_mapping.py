@@ -7,6 +7,7 @@ written, 4 KiB written inside block 40, and blocks 20-21 and 63 discarded.
 
 import pytest
 
+from tests import thindump
 from thinstack import mapping
 from thinstack.dm import tools
 from thinstack.dm.errors import ParseError
@@ -108,7 +109,7 @@ def test_an_empty_device_is_one_hole():
 
 
 def test_the_streamed_ranges_are_the_full_dumps_coalesced():
-    full = tools.parse_thin_dump(THIN_DUMP)
+    full = thindump.parse_thin_dump(THIN_DUMP)
     for dev_id, device in full.devices.items():
         streamed = ranges(dev_id)
         assert list(streamed.ranges) == device.virtual_ranges()

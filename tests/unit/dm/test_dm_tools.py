@@ -1,6 +1,8 @@
 import pytest
 
+from tests import thindump
 from tests.fakes import FakeRunner
+from tests.thindump import Mapping
 from tests.unit.dm.dmfixtures import text
 from thinstack.dm import tools
 from thinstack.dm.command import CommandError, CommandNotFound
@@ -9,7 +11,6 @@ from thinstack.dm.tools import (
     BlockRange,
     DeltaKind,
     DeltaRange,
-    Mapping,
     ThinCheckResult,
     ThinLsEntry,
     coalesce,
@@ -23,7 +24,7 @@ def run():
 
 def test_thin_dump_of_a_thin_and_its_snapshot(run):
     run.on([], text("thin_dump.xml"))
-    dump = tools.thin_dump("/dev/block/98:16", runner=run)
+    dump = thindump.thin_dump("/dev/block/98:16", runner=run)
     assert run.calls[-1].argv == ["thin_dump", "--metadata-snap", "/dev/block/98:16"]
     assert (dump.data_block_size, dump.transaction) == (128, 2)
     origin, snap = dump.devices[0], dump.devices[1]
@@ -37,7 +38,7 @@ def test_thin_dump_of_a_thin_and_its_snapshot(run):
 
 def test_thin_dump_of_one_device_of_an_inactive_pool(run):
     run.on([], text("thin_dump.xml"))
-    tools.thin_dump("/dev/md1", metadata_snap=False, dev_id=1, runner=run)
+    thindump.thin_dump("/dev/md1", metadata_snap=False, dev_id=1, runner=run)
     assert run.calls[-1].argv == ["thin_dump", "--dev-id", "1", "/dev/md1"]
 
 
@@ -98,9 +99,9 @@ def test_thin_check_missing_is_an_error(run):
 
 
 @pytest.mark.parametrize("parse, output", [
-    (tools.parse_thin_dump, "<superblock"),
-    (tools.parse_thin_dump, '<superblock data_block_size="128"/>'),
-    (tools.parse_thin_dump, '<superblock data_block_size="128" transaction="1"><device '
+    (thindump.parse_thin_dump, "<superblock"),
+    (thindump.parse_thin_dump, '<superblock data_block_size="128"/>'),
+    (thindump.parse_thin_dump, '<superblock data_block_size="128" transaction="1"><device '
                             'dev_id="0" mapped_blocks="1" transaction="0" creation_time="0" '
                             'snap_time="0"><block_mapping/></device></superblock>'),
     (tools.parse_thin_delta, '<superblock data_block_size="128" transaction="1"/>'),
@@ -124,7 +125,7 @@ def test_coalesce():
 def test_every_tool_runs_with_a_time_limit(run):
     run.on("thin_dump", text("thin_dump.xml"))
     run.on("thin_delta", text("thin_delta.xml"))
-    tools.thin_dump("/dev/m", runner=run)
+    thindump.thin_dump("/dev/m", runner=run)
     tools.thin_ranges("/dev/m", 0, runner=run)
     tools.thin_delta("/dev/m", 1, 0, runner=run)
     tools.thin_ls("/dev/m", runner=run)
