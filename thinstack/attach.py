@@ -3,7 +3,7 @@ and clones of devices outside the VG up over their origins (LVM's activation ski
 
 from __future__ import annotations
 
-from thinstack import backing, extorigin
+from thinstack import backing, extorigin, tags
 from thinstack.dm.command import CommandError
 from thinstack.errors import NotFound, ThinstackError
 from thinstack.lock import vg_lock
@@ -20,7 +20,8 @@ def attach(vg: str | None = None, lvm: Lvm | None = None) -> list[str]:
     # At boot (no VG named), also every VG with clones of outside devices: LVM's own activation
     # leaves those down, by design.
     names = [vg] if vg else sorted(set(files) | {lv.vg for lv in lvm.lvs()
-                                                 if extorigin.is_outside_clone(lv)})
+                                                 if extorigin.is_outside_clone(lv)
+                                                 or tags.LIVE in lv.tags})
     failed = []
     for name in names:
         try:
@@ -39,6 +40,12 @@ def attach(vg: str | None = None, lvm: Lvm | None = None) -> list[str]:
                         raise errors[0]
                     if errors:
                         raise ThinstackError("; ".join(map(str, errors)))
+                if any(tags.LIVE in lv.tags for lv in lvs):  # live imports: server, clone
+                    from thinstack import live
+
+                    failures = live.restart(name, lvm)
+                    if failures:
+                        raise ThinstackError("; ".join(failures))
         except CommandError as e:  # losetup, udevadm, dmsetup
             if vg:
                 raise ThinstackError(str(e)) from e

@@ -48,9 +48,9 @@ import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from typing import TYPE_CHECKING
 
-from thinstack import extorigin, faults, imports, tags
+from thinstack import extorigin, faults, tags
 from thinstack.dm.client import DeviceMapper
 from thinstack.dm.command import RUNNER, CommandError
 from thinstack.dm.status import CloneStatus
@@ -64,8 +64,6 @@ from thinstack.dm.targets import (
 )
 from thinstack.errors import Exists, NotFound, Refused, ThinstackError, Usage
 from thinstack.extents import Extent, Kind
-from thinstack.importers import ImageError, Source, detect
-from thinstack.importers import qemu as qemu_driver
 from thinstack.journal import Journal, Step, StepKind, write_atomically
 from thinstack.lock import vg_lock
 from thinstack.lvm import LV, Lvm, VolumeRef, check_name, default_lvm, pool_of
@@ -73,6 +71,9 @@ from thinstack.operation import Op, operation
 from thinstack.progress import Bar
 from thinstack.sizes import SECTOR, format_size, round_up
 from thinstack.state import run_dir, state_dir
+
+if TYPE_CHECKING:  # the importers are imported when a source is opened: refusals stay cheap
+    from thinstack.importers.qemu import QemuImage
 
 OP = "live-import"
 META_SUFFIX = ".clonemeta"
@@ -180,6 +181,8 @@ def progress(record: Record, status: CloneStatus | None, source_up: bool, now: f
 def nbd_spec(url: str) -> dict:
     """qemu's json spec of an NBD source: nbd://HOST[:PORT]/EXPORT or
     nbd+unix:///EXPORT?socket=PATH (read as raw bytes)."""
+    from urllib.parse import parse_qs, urlsplit
+
     parts = urlsplit(url)
     export = parts.path[1:] if parts.path.startswith("/") else parts.path
     if parts.scheme == "nbd":
@@ -224,7 +227,7 @@ def dm_name(vg: str, name: str) -> str:
 class Opened:
     """A checked source: what qemu-nbd is given (a json: name and the descriptors it names)."""
 
-    image: qemu_driver.QemuImage
+    image: QemuImage
     format: str
 
     def close(self) -> None:
@@ -233,6 +236,10 @@ class Opened:
 
 def open_source(source: str, format: str, allow_dirs: tuple[str, ...]) -> Opened:
     """The source, checked as `thinstack import` checks it (importers/qemu.py), opened once."""
+    from thinstack import imports
+    from thinstack.importers import ImageError, Source, detect
+    from thinstack.importers import qemu as qemu_driver
+
     if is_nbd(source):
         spec = nbd_spec(source)
         info = _qemu_img_json(source, "info", "--output=json", "json:" + json.dumps(spec))
@@ -314,14 +321,16 @@ def _direct_io(fds: tuple[int, ...]) -> bool:
     return True
 
 
-def serve(vg: str, name: str, opened: Opened) -> str:
-    """Start qemu-nbd on a free nbd device; its path once the kernel has connected it."""
+def serve(vg: str, name: str, opened: Opened, prefer: str | None = None) -> str:
+    """Start qemu-nbd on a free nbd device (`prefer` first: the one a clone already reads);
+    its path once the kernel has connected it."""
     path = pid_file(vg, name)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.unlink(missing_ok=True)
     fds = opened.image.fds
     cache = "none" if opened.format != "nbd" and _direct_io(fds) else "writeback"
-    for dev in sorted(Path("/sys/block").glob("nbd*"), key=lambda d: int(d.name[3:])):
+    devices = sorted(Path("/sys/block").glob("nbd*"), key=lambda d: int(d.name[3:]))
+    for dev in sorted(devices, key=lambda d: f"/dev/{d.name}" != prefer):
         if (dev / "pid").exists() or int((dev / "size").read_text()) != 0:
             continue
         try:
@@ -700,19 +709,71 @@ def _restart(lv: LV, lvs: list[LV]) -> None:
     if meta is None:
         raise NotFound(f"{lv.vg}/{lv.name}{META_SUFFIX} is missing")
     dm = DeviceMapper()
-    if dm.info(dm_name(lv.vg, lv.name)) is not None and server_pid(lv.vg, lv.name):
-        return
-    _load_modules(dm)
     pid = server_pid(lv.vg, lv.name)
     nbd = nbd_of(pid) if pid else None
+    top = dm.info(dm_name(lv.vg, lv.name))
+    table = dm.table(top.name) if top is not None and top.uuid is None else None
+    clone = table.lines[0].target if table is not None else None
     if nbd is None:
+        _load_modules(dm)
         stop_server(lv.vg, lv.name)
         opened = open_source(record.source, _thinstack_format(record.format), record.allow_dirs)
         try:
-            nbd = serve(lv.vg, lv.name, opened)
+            source = clone.source if isinstance(clone, CloneTarget) else None
+            nbd = serve(lv.vg, lv.name, opened, prefer=_nbd_path(source))
         finally:
             opened.close()
-    activate(lv, meta, pool_of(lv.vg, lvs), record, nbd, hydrate=True)
+    if isinstance(clone, CloneTarget) and table is not None and clone.source != _devno(nbd):
+        # The server came back on another nbd device: the clone reads from that one now (its
+        # metadata says what is hydrated already, so nothing is copied twice).
+        lines = (dataclasses.replace(table.lines[0], target=dataclasses.replace(
+            clone, source=_devno(nbd), no_hydration=False)), *table.lines[1:])
+        dm.load(top.name, Table(lines))
+        dm.resume(top.name)
+    elif top is None:
+        activate(lv, meta, pool_of(lv.vg, lvs), record, nbd, hydrate=True)
+
+
+def _nbd_path(devno: str | None) -> str | None:
+    """/dev/nbdN of a device number a table names, if it is an nbd device."""
+    if devno is None:
+        return None
+    link = Path(f"/sys/dev/block/{devno}")
+    return f"/dev/{link.resolve().name}" if link.exists() else None
+
+
+def check_all(lvm: Lvm) -> list:
+    """The monitor's part: finish what is hydrated, serve again a source whose server died,
+    and one report each (alert: not active, or its source is down)."""
+    from thinstack.lock import LockTimeout
+    from thinstack.monitor import Report
+
+    dm = DeviceMapper()
+    reports = []
+    for record in records():
+        ref = VolumeRef(record.vg, record.name)
+        status = clone_status(dm, record.vg, record.name)
+        alert = None
+        try:
+            with vg_lock(record.vg, timeout=0):
+                if status is not None and status.hydrated:
+                    if finish(ref, lvm):
+                        log(f"{ref}: copied in; now an ordinary thin volume")
+                    continue
+                if status is not None and server_pid(record.vg, record.name) is None:
+                    _restart(lvm.lv(ref), lvm.lvs(record.vg))
+                    log(f"{ref}: its source is served again; the copy continues")
+        except LockTimeout:
+            pass  # an operation holds the VG: next pass
+        except (ThinstackError, CommandError) as e:
+            alert = (f"its source is down ({e}): reads of regions not yet copied fail with EIO "
+                     f"until it is back")
+        if status is None:
+            alert = f"not active: `thinstack pool attach {record.vg}`"
+        done = progress(record, status, alert is None, time.time())
+        reports.append(Report("live", record.vg, record.name, alert=alert,
+                              data_percent=100 * done.copied / done.total if done.total else 100))
+    return reports
 
 
 def _thinstack_format(driver: str) -> str:

@@ -1,0 +1,231 @@
+"""`thinstack import --live` against the real kernel (dm-clone, nbd, qemu-nbd): the volume is
+usable at once and reads as the source while the copy runs, a writer's bytes survive, the end is
+an ordinary thin volume holding exactly the image's chunks plus the writes; refusals while it
+copies; a kill at every fault point leaves nothing after `recover`; a dead source is served
+again by the monitor and the copy completes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.labtools import assert_pool_consistent, lvs, sh, ts
+from thinstack import faults
+
+KiB, MiB = 1 << 10, 1 << 20
+CHUNK = 64 * KiB
+SIZE = 64 * MiB
+# Data (offset, length, byte), a zero extent and holes between: regions the plan discards.
+DATA = [(0, 1 * MiB, 0xab), (10 * MiB, 3 * MiB, 0xcd), (30 * MiB + 8 * KiB, 4 * KiB, 0x5a),
+        (44 * MiB, 12 * MiB, 0x77), (60 * MiB, 4 * MiB, 0x99)]
+ZERO = (20 * MiB, 2 * MiB)
+
+
+def make_vg(disk: str) -> None:
+    # The disk holds non-zero bytes first: a chunk that ever showed them would be caught.
+    sh("sh", "-c", f"tr '\\0' '\\377' < /dev/zero | dd of={disk} bs=1M count=400 2>/dev/null")
+    sh("pvcreate", "-q", disk)
+    sh("vgcreate", "-q", "vg0", disk)
+    sh("lvcreate", "-q", "--type", "thin-pool", "-L", "300M", "-Zy", "--chunksize", "64k", "-n",
+       "pool", "--addtag", "ts_pool", "vg0")
+
+
+def make_source(folder: Path) -> tuple[Path, bytearray]:
+    """A qcow2 image and its bytes as qemu reads them."""
+    image = folder / "src.qcow2"
+    sh("qemu-img", "create", "-q", "-f", "qcow2", str(image), str(SIZE))
+    ops = [f"write -P {b} {o} {n}" for o, n, b in DATA] + [f"write -z {ZERO[0]} {ZERO[1]}"]
+    sh("qemu-io", *(a for op in ops for a in ("-c", op)), str(image))
+    expect = bytearray(SIZE)
+    for o, n, b in DATA:
+        expect[o:o + n] = bytes([b]) * n
+    return image, expect
+
+
+def nonzero_chunks(data: bytes | bytearray) -> int:
+    zero = bytes(CHUNK)
+    return sum(data[i:i + CHUNK] != zero for i in range(0, len(data), CHUNK))
+
+
+def read(path: str, size: int = SIZE) -> bytes:
+    with open(path, "rb", buffering=0) as f:
+        return f.read(size)
+
+
+def write(path: str, offset: int, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def mapped_chunks(name: str) -> int:
+    words = sh("dmsetup", "status", f"vg0-{name}").split()  # 0 LEN thin MAPPED HIGHEST
+    assert words[2] == "thin", words
+    return int(words[3]) * 512 // CHUNK
+
+
+def nothing_left(name: str) -> None:
+    """No volume, dm device, server, nbd connection or record of a live import of `name`."""
+    assert not {name, f"{name}.clonemeta"} & set(lvs("vg0")), lvs("vg0")
+    assert not [d for d in sh("dmsetup", "ls").split() if d.startswith(f"vg0-{name}")]
+    assert not [p for p in Path("/sys/block").glob("nbd*") if (p / "pid").exists()]
+    assert not live_servers()
+    assert not list(Path(os.environ["THINSTACK_STATE_DIR"]).glob("live/*.json"))
+    assert not list(Path(os.environ["THINSTACK_STATE_DIR"]).glob("journal/*.json"))
+
+
+def live_servers() -> list[int]:
+    """The qemu-nbd processes thinstack started (their pid file is under its run folder)."""
+    run = os.environ["THINSTACK_RUN_DIR"].encode()
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv[0].endswith(b"qemu-nbd") and any(a.startswith(run) for a in argv):
+            found.append(int(proc.name))
+    return found
+
+
+def ordinary(name: str) -> None:
+    """What a finished live import leaves: LVM's own active thin volume, nothing else."""
+    row = lvs("vg0")[name]
+    assert row["lv_attr"][4] == "a" and "ts_live" not in row["lv_tags"], row
+    assert row["lv_skip_activation"] in ("", "0", "false"), row
+    assert f"{name}.clonemeta" not in lvs("vg0")
+    assert sh("dmsetup", "table", f"vg0-{name}").split()[2] == "thin"
+    assert not [d for d in sh("dmsetup", "ls").split() if d.startswith(f"vg0-{name}-")]
+    assert not [p for p in Path("/sys/block").glob("nbd*") if (p / "pid").exists()]
+    assert not live_servers()
+
+
+def throttled_server(folder: Path, image: Path, bytes_per_second: int) -> tuple[str, int]:
+    """A qemu-nbd on a unix socket reading `image` at a bounded rate: an NBD source slow enough
+    that the live import is still copying while the test reads and writes."""
+    sock, pidf = folder / "src.sock", folder / "src.pid"
+    spec = {"driver": "throttle", "throttle-group": "tg",
+            "file": {"driver": "qcow2", "file": {"driver": "file", "filename": str(image)}}}
+    sh("qemu-nbd", "--fork", "--persistent", "--read-only", "-x", "disk", "-k", str(sock),
+       "--pid-file", str(pidf), "--object", f"throttle-group,id=tg,x-bps-read={bytes_per_second}",
+       "json:" + json.dumps(spec))
+    return f"nbd+unix:///disk?socket={sock}", int(pidf.read_text())
+
+
+@pytest.mark.lab(disks=1, disk_size="1G", timeout=900)
+def test_live_import_oracle(lab_disks, tmp_path):
+    make_vg(lab_disks[0])
+    image, expect = make_source(tmp_path)
+
+    # A file source, to the end: identical, exactly the image's chunks, an ordinary volume.
+    done = json.loads(ts("import", "--live", "--wait", "--json", str(image), "vg0/a").stdout)
+    assert done["finished"] and done["to_copy"] == sum(n for _, n, _ in DATA) + 60 * KiB
+    assert read("/dev/vg0/a") == expect
+    assert "identical" in sh("qemu-img", "compare", "-f", "raw", "-F", "qcow2", "/dev/vg0/a",
+                             str(image))
+    assert mapped_chunks("a") == nonzero_chunks(expect)
+    ordinary("a")
+
+    # An NBD source at 4 MiB/s: the volume is usable while the kernel is still copying.
+    url, server = throttled_server(tmp_path, image, 4 * MiB)
+    ts("import", "--live", url, "vg0/v")
+    # The copy paused while the test looks (UML's slow processes would let it finish): which
+    # regions are copied is then known (a partial write copies its region first).
+    sh("dmsetup", "message", "vg0-v", "0", "disable_hydration")
+    (st,) = json.loads(ts("import", "--status", "--json", "vg0/v").stdout)
+    assert st["state"] == "hydrating" and st["copied"] < st["total"] and st["source_up"]
+    for argv in (["snapshot", "vg0/v", "s"], ["resize", "vg0/v", "128M"], ["gold", "vg0/v"],
+                 ["export", "vg0/v", str(tmp_path / "e.raw")], ["delete", "vg0/v"]):
+        r = ts(*argv, check=False)
+        assert r.returncode == 5 and "still being imported live" in r.stderr \
+            and "--wait" in r.stderr, (argv, r.stderr)
+    assert "v.clonemeta" not in ts("list", "vg0").stdout
+
+    # Reads during the copy equal the source. Writes: half a region inside a data region not
+    # yet copied, then into that region again (copied now), half a region inside a discarded
+    # hole (the pool zeroes the rest of its chunk), a whole region not yet copied.
+    assert read("/dev/vg0/v") == expect
+    writes = [(50 * MiB + 16 * KiB, b"\x22" * 32 * KiB), (50 * MiB + 56 * KiB, b"\x11" * 4 * KiB),
+              (40 * MiB + 16 * KiB, b"\x33" * 32 * KiB), (63 * MiB, b"\x44" * 64 * KiB)]
+    for offset, data in writes:
+        write("/dev/vg0/v", offset, data)
+        expect[offset:offset + len(data)] = data
+    assert read("/dev/vg0/v") == expect
+    (st,) = json.loads(ts("import", "--status", "--json", "vg0/v").stdout)
+    assert st["state"] == "hydrating", st
+    sh("dmsetup", "message", "vg0-v", "0", "enable_hydration")
+
+    # A reader and a writer hold the device open across the finish.
+    holder = os.open("/dev/vg0/v", os.O_RDWR)
+    try:
+        ts("import", "--live", "--wait", "vg0/v", timeout=600)
+        os.pwrite(holder, b"\x55" * 4 * KiB, 5 * MiB)
+        os.fsync(holder)
+        expect[5 * MiB:5 * MiB + 4 * KiB] = b"\x55" * 4 * KiB
+        assert os.pread(holder, SIZE, 0) == expect
+    finally:
+        os.close(holder)
+    ordinary("v")
+    assert read("/dev/vg0/v") == expect
+    (tmp_path / "expect.raw").write_bytes(expect)
+    assert "identical" in sh("qemu-img", "compare", "-f", "raw", "-F", "raw", "/dev/vg0/v",
+                             str(tmp_path / "expect.raw"))
+    assert mapped_chunks("v") == nonzero_chunks(expect)
+    assert json.loads(ts("import", "--status", "--json").stdout) == []
+
+    # Abort while copying: nothing is left.
+    ts("import", "--live", url, "vg0/w")
+    ts("import", "--live", "--abort", "vg0/w")
+    nothing_left("w")
+    os.kill(server, signal.SIGTERM)
+    assert_pool_consistent("vg0")
+
+
+@pytest.mark.lab(disks=1, disk_size="1G", timeout=900)
+def test_live_import_faults_and_source_failure(lab_disks, tmp_path):
+    make_vg(lab_disks[0])
+    image, expect = make_source(tmp_path)
+
+    # Killed at every fault point: `recover` removes everything.
+    for point in faults.POINTS["live-import"]:
+        r = ts("import", "--live", str(image), "vg0/v", check=False,
+               env={"THINSTACK_FAULT": f"live-import:{point}"})
+        assert r.returncode == -signal.SIGKILL, (point, r.returncode, r.stderr)
+        ts("recover", "vg0")
+        nothing_left("v")
+    assert_pool_consistent("vg0")
+
+    # The source's server dies mid-copy: unhydrated reads fail with EIO, `monitor --once`
+    # alerts (exit 7) and serves it again, and the copy completes from where it was.
+    url, server = throttled_server(tmp_path, image, 2 * MiB)
+    ts("import", "--live", url, "vg0/v")
+    pid = int(next(Path(os.environ["THINSTACK_RUN_DIR"]).glob("live/*.pid")).read_text())
+    os.kill(pid, signal.SIGKILL)
+    time.sleep(0.5)
+    with pytest.raises(OSError) as failed:
+        read("/dev/vg0/v")
+    assert failed.value.errno == 5  # EIO
+    (st,) = json.loads(ts("import", "--status", "--json", "vg0/v").stdout)
+    assert not st["source_up"]
+    r = ts("monitor", "--once", check=False)
+    assert "source" in r.stderr, r.stderr
+    (st,) = json.loads(ts("import", "--status", "--json", "vg0/v").stdout)
+    assert st["source_up"], st
+    # Killed after the table reload of the finish: the next finish completes it.
+    r = ts("import", "--live", "--wait", "vg0/v", check=False, timeout=600,
+           env={"THINSTACK_FAULT": "live-finish:after-reload"})
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    ts("import", "--live", "--wait", "vg0/v")
+    ordinary("v")
+    assert read("/dev/vg0/v") == expect
+    assert mapped_chunks("v") == nonzero_chunks(expect)
+    os.kill(server, signal.SIGTERM)
+    assert_pool_consistent("vg0")
