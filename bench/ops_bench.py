@@ -209,20 +209,24 @@ def main() -> int:
     subprocess.run([*THINSTACK, "pool", "create", VG, DISK], check=True, capture_output=True)
     entry = {"commit": commit, "kernel": platform.release(), "cpus": os.cpu_count(),
              "date": time.strftime("%Y-%m-%d %H:%M"), "scales": {}}
+    entry["startup"] = startup()
     have = 0
-    for scale in scales:
+    for scale in scales:  # the report is written after each scale: the largest may take hours
         have = fill(scale, have)
         entry["scales"][str(scale)] = measure(scale)
         have += 4 * ROUNDS  # the volumes measure() left (t, ts, h, hs per round)
-    entry["startup"] = startup()
+        save(args.label, entry)
+    return 0
+
+
+def save(label: str, entry: dict) -> None:
     REPORTS.mkdir(parents=True, exist_ok=True)
     path = REPORTS / "ops.json"
     runs = json.loads(path.read_text()) if path.exists() else {}
-    runs[args.label] = entry
+    runs[label] = entry
     path.write_text(json.dumps(runs, indent=2) + "\n")
     (REPORTS / "ops.md").write_text(report(runs))
     print(f"wrote {REPORTS / 'ops.md'}", file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":
