@@ -17,8 +17,8 @@ end to end (a new volume holding the image, durable):
                   /dev/vg/NAME`; fsync of the volume (what issue 10's goal compares with)
 
 copy only (into a volume made beforehand, untimed):
-  thinstack copy  the copy loop in process: open the image, map it, copy_extents into a
-                  BlockDeviceSink, sync
+  thinstack copy  the copy loop in process, as the import runs it: open the image, map it,
+                  copy_extents into a BlockDeviceSink, sync
   qemu-img        `qemu-img convert -n --target-is-zero -t none -W -O raw IMAGE /dev/vg/NAME`
   dd              dd (O_DIRECT, 4 MiB blocks, conv=fsync) of a file holding just the image's
                   data runs back to back: the rate of writing those bytes, nothing else
@@ -233,7 +233,7 @@ def copy_only(image: Path, virtual: int, data: Path
             sink = BlockDeviceSink(dev)
             try:
                 copy_extents(list(img.extents()), img.read, sink, size=img.virtual_size,
-                             chunk=CHUNK)
+                             chunk=CHUNK, read_into=getattr(img, "read_into", None))
                 sink.sync()
             finally:
                 sink.close()

@@ -438,26 +438,31 @@ class Qcow2Image:
         return coalesce(_overlay(own, self.backing))
 
     def read(self, offset: int, length: int) -> bytearray:
-        """The bytes of [offset, offset + length), read straight into the buffer returned."""
-        if offset < 0 or length < 0 or offset + length > self.virtual_size:
+        out = bytearray(length)
+        with memoryview(out) as view:
+            self.read_into(offset, view)
+        return out
+
+    def read_into(self, offset: int, view: memoryview) -> None:
+        """The bytes of [offset, offset + len(view)) into `view`, every byte written (the copy
+        loop hands in the device's own buffer: no copy between)."""
+        length = len(view)
+        if offset < 0 or offset + length > self.virtual_size:
             raise ImageError(self.path, f"read of {length} bytes at {offset} outside the virtual "
                                         f"size {self.virtual_size}")
-        if length == 0:
-            return bytearray()
-        out = bytearray(length)
-        view = memoryview(out)
-        for run in self._map(offset, offset + length):
+        for run in self._map(offset, offset + length) if length else ():
             at = run.offset - offset
+            piece = view[at:at + run.length]
             if run.compressed is not None:
                 within = run.offset % self.cluster_size
                 cluster = self._inflate(*run.compressed)
-                view[at:at + run.length] = cluster[within:within + run.length]
+                piece[:] = cluster[within:within + run.length]
             elif run.kind is Kind.DATA:
-                _pread_into(self.data, view[at:at + run.length], run.host)
+                _pread_into(self.data, piece, run.host)
             elif run.kind is Kind.HOLE and self.backing is not None:
-                view[at:at + run.length] = read_clipped(self.backing, run.offset, run.length)
-        view.release()
-        return out
+                piece[:] = read_clipped(self.backing, run.offset, run.length)
+            else:
+                piece[:] = bytes(run.length)
 
     def close(self) -> None:
         if self.backing is not None:

@@ -225,19 +225,24 @@ class VhdImage:
                         for offset, length, layer, _ in _merged(self.chain[0], start, end))
 
     def read(self, offset: int, length: int) -> bytearray:
-        """The bytes of [offset, offset + length), read from the files straight into the buffer
-        returned (the copy loop's batches are large: each extra copy costs)."""
-        if offset < 0 or length < 0 or offset + length > self.virtual_size:
+        out = bytearray(length)
+        with memoryview(out) as view:
+            self.read_into(offset, view)
+        return out
+
+    def read_into(self, offset: int, view: memoryview) -> None:
+        """The bytes of [offset, offset + len(view)) into `view`, from the files straight (the
+        copy loop hands in the device's own buffer: no copy between)."""
+        length = len(view)
+        if offset < 0 or offset + length > self.virtual_size:
             raise ImageError(self.path, f"read of {length} bytes at {offset} outside the disk "
                                         f"({self.virtual_size} bytes)")
-        out = bytearray(length)
-        view = memoryview(out)
         for at, count, layer, file_offset in _merged(self.chain[0], offset, offset + length):
+            piece = view[at - offset:at - offset + count]
             if layer is not None:
-                layer.source.read_into(file_offset, view[at - offset:at - offset + count],
-                                       "data block")
-        view.release()
-        return out
+                layer.source.read_into(file_offset, piece, "data block")
+            else:
+                piece[:] = bytes(count)
 
     def close(self) -> None:
         for layer in self.chain:

@@ -35,7 +35,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from thinstack.extents import Extent, Kind
 from thinstack.sizes import round_down, round_up
@@ -114,13 +114,19 @@ def copy_extents(extents: Iterable[Extent], read: Callable[[int, int], bytes], s
                  progress: Callable[[CopyStats], None] | None = None,
                  checkpoint: Callable[[int], None] | None = None,
                  batch: int = DEFAULT_BATCH,
-                 checkpoint_every: int = DEFAULT_CHECKPOINT) -> CopyStats:
-    """Copy [start, size) as described in the module's docstring; see CopyStats."""
+                 checkpoint_every: int = DEFAULT_CHECKPOINT,
+                 read_into: Callable[[int, memoryview], None] | None = None) -> CopyStats:
+    """Copy [start, size) as described in the module's docstring; see CopyStats.
+
+    read_into(offset, view): `read` into a buffer of the caller's, every byte of it written
+    (zeros where the image holds none). Given it, a sink that lends its own buffers
+    (Lending: BlockDeviceSink) gets the bytes with no copy between the image and the device."""
     started = time.monotonic()
     _reuse_freed_buffers()
     batch = max(chunk, round_down(batch, chunk))
     zeros = memoryview(bytes(chunk))  # compared against, never copied
     stats = CopyStats(position=start)
+    lender = sink if read_into is not None and isinstance(sink, Lending) else None
     since_checkpoint = 0
     for ext in aligned(extents, size=size, chunk=chunk, start=start):
         if ext.kind is Kind.ZERO:
@@ -129,10 +135,13 @@ def copy_extents(extents: Iterable[Extent], read: Callable[[int, int], bytes], s
             continue
         for offset in range(ext.offset, ext.end, batch):
             length = min(batch, ext.end - offset)
-            data = read(offset, length)
-            if len(data) != length:
-                raise ValueError(f"read of {length} bytes at {offset} returned {len(data)}")
-            stats.bytes_written += _emit(sink, offset, data, chunk, zeros)
+            if lender is not None and read_into is not None:
+                stats.bytes_written += _lent(lender, read_into, offset, length, chunk, zeros)
+            else:
+                data = read(offset, length)
+                if len(data) != length:
+                    raise ValueError(f"read of {length} bytes at {offset} returned {len(data)}")
+                stats.bytes_written += _emit(sink, offset, data, chunk, zeros)
             stats.bytes_read += length
             stats.position = offset + length
             since_checkpoint += length
@@ -149,6 +158,26 @@ def copy_extents(extents: Iterable[Extent], read: Callable[[int, int], bytes], s
         print(f"thinstack: {time.monotonic() - started:6.3f}s copy {stats.bytes_read} bytes read, "
               f"{stats.bytes_written} written", file=sys.stderr)
     return stats
+
+
+def _lent(sink: Lending, read_into: Callable[[int, memoryview], None], offset: int,
+          length: int, chunk: int, zeros: memoryview) -> int:
+    """One batch read straight into a buffer the sink lends, its non-zero runs written from
+    there. Returns the bytes written."""
+    buffer = sink.lend()
+    try:
+        with buffer.view[:length] as view:
+            read_into(offset, view)
+        written = 0
+        for lo, hi, zero in _runs(buffer.raw, buffer.base, length, chunk, zeros):
+            if zero:
+                sink.mark_zero(offset + lo, hi - lo)
+            else:
+                sink.write_lent(offset + lo, buffer, lo, hi)
+                written += hi - lo
+    finally:
+        sink.give_back(buffer)
+    return written
 
 
 @functools.cache
@@ -170,26 +199,53 @@ def _emit(sink: Sink, offset: int, data: bytes, chunk: int, zeros: memoryview) -
     one write each, runs of all-zero chunks as one mark_zero each. Returns the bytes written."""
     view = memoryview(data)
     written = 0
-    run_start, run_zero = 0, None
-    for at in range(0, len(data), chunk):
-        n = min(chunk, len(data) - at)
-        # bytes.startswith compares in place (memcmp), without slicing a copy out of data.
-        is_zero = data.startswith(zeros[:n], at, at + n)
-        if run_zero is not None and is_zero is not run_zero:
-            written += _flush(sink, offset, view, run_start, at, run_zero)
-            run_start = at
-        run_zero = is_zero
-    if run_zero is not None:
-        written += _flush(sink, offset, view, run_start, len(data), run_zero)
+    for lo, hi, zero in _runs(data, 0, len(data), chunk, zeros):
+        if zero:
+            sink.mark_zero(offset + lo, hi - lo)
+        else:
+            sink.write(offset + lo, view[lo:hi])
+            written += hi - lo
     return written
 
 
-def _flush(sink: Sink, offset: int, view: memoryview, lo: int, hi: int, zero: bool) -> int:
-    if zero:
-        sink.mark_zero(offset + lo, hi - lo)
-        return 0
-    sink.write(offset + lo, view[lo:hi])
-    return hi - lo
+def _runs(data: bytes | bytearray, base: int, length: int, chunk: int, zeros: memoryview
+          ) -> Iterator[tuple[int, int, bool]]:
+    """data[base:base + length] in runs of all-zero or non-zero chunks: (lo, hi, zero), from
+    base. startswith compares in place (memcmp), without slicing a copy out of data."""
+    run_start, run_zero = 0, None
+    for at in range(0, length, chunk):
+        n = min(chunk, length - at)
+        is_zero = data.startswith(zeros[:n], base + at, base + at + n)
+        if run_zero is not None and is_zero is not run_zero:
+            yield run_start, at, run_zero
+            run_start = at
+        run_zero = is_zero
+    if run_zero is not None:
+        yield run_start, length, run_zero
+
+
+class Buffer:
+    """`size` bytes aligned to a page (as O_DIRECT needs) inside a bytearray: `view` is them;
+    `raw` and `base` let bytes.startswith look at them in place."""
+
+    def __init__(self, size: int, align: int = mmap.PAGESIZE):
+        self.raw = bytearray(size + align)
+        address = ctypes.addressof(ctypes.c_char.from_buffer(self.raw))
+        self.base = -address % align
+        self.view = memoryview(self.raw)[self.base:self.base + size]
+
+
+@runtime_checkable
+class Lending(Protocol):
+    """A sink that lends the copy loop its buffers to read into and writes from them."""
+
+    def lend(self) -> Buffer: ...
+
+    def write_lent(self, offset: int, buffer: Buffer, lo: int, hi: int) -> None: ...
+
+    def give_back(self, buffer: Buffer) -> None: ...
+
+    def mark_zero(self, offset: int, length: int) -> None: ...
 
 
 class BlockDeviceSink:
@@ -207,27 +263,44 @@ class BlockDeviceSink:
 
     def __init__(self, path: str, *, batch: int = DEFAULT_BATCH, depth: int = DEFAULT_DEPTH):
         """batch: the largest write taken in one piece (the copy loop's batch); depth: how many
-        writes may be in flight."""
+        buffers the writes in flight may fill."""
         self.path = path
         self.fd = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
         self.buffer_size = round_up(batch, self.ALIGN)
-        self.free = [mmap.mmap(-1, self.buffer_size) for _ in range(depth)]
-        self.in_flight: deque[tuple[Future, mmap.mmap]] = deque()
+        self.free = [Buffer(self.buffer_size, self.ALIGN) for _ in range(depth)]
+        # Writes in order, each with the buffer it frees once done (None: another write of the
+        # same buffer follows); a lent buffer comes back as (None, buffer) behind its writes.
+        self.in_flight: deque[tuple[Future | None, Buffer | None]] = deque()
         self.workers = ThreadPoolExecutor(max_workers=depth, thread_name_prefix="sink")
 
     def write(self, offset: int, data: memoryview) -> None:
-        if offset % self.ALIGN:
-            raise ValueError(f"{self.path}: unaligned write at {offset}")
+        """Copy `data` into buffers of ours and write it from there."""
         for at in range(0, len(data), self.buffer_size):
             piece = data[at:at + self.buffer_size]
             buffer = self._buffer()
-            # A tail that is not a whole block is padded with zeros: it lies past the image's
-            # end, inside the volume (sized in whole extents), which reads zeros there anyway.
-            padded = round_up(len(piece), self.ALIGN)
-            buffer[:len(piece)] = piece
-            buffer[len(piece):padded] = bytes(padded - len(piece))
-            future = self.workers.submit(self._pwrite, buffer, padded, offset + at)
-            self.in_flight.append((future, buffer))
+            buffer.view[:len(piece)] = piece
+            self._submit(offset + at, buffer, 0, len(piece), frees=True)
+
+    def lend(self) -> Buffer:
+        """A buffer for the copy loop to read into (Lending): no copy on the way out."""
+        return self._buffer()
+
+    def write_lent(self, offset: int, buffer: Buffer, lo: int, hi: int) -> None:
+        self._submit(offset, buffer, lo, hi, frees=False)
+
+    def give_back(self, buffer: Buffer) -> None:
+        """The copy loop is done with a lent buffer: free once the writes from it are done."""
+        self.in_flight.append((None, buffer))
+
+    def _submit(self, offset: int, buffer: Buffer, lo: int, hi: int, *, frees: bool) -> None:
+        if offset % self.ALIGN:
+            raise ValueError(f"{self.path}: unaligned write at {offset}")
+        # A tail that is not a whole block is padded with zeros: it lies past the image's end,
+        # inside the volume (sized in whole extents), which reads zeros there anyway.
+        padded = round_up(hi - lo, self.ALIGN)
+        buffer.view[hi:lo + padded] = bytes(lo + padded - hi)
+        future = self.workers.submit(self._pwrite, buffer.view[lo:lo + padded], offset)
+        self.in_flight.append((future, buffer if frees else None))
 
     def mark_zero(self, offset: int, length: int) -> None:
         pass
@@ -236,27 +309,27 @@ class BlockDeviceSink:
         """Wait for every write (raising the first one's error) and make them durable: the
         flush also commits the thin pool's metadata."""
         while self.in_flight:
-            self.free.append(self._complete())
+            self._complete()
         os.fsync(self.fd)
 
     def close(self) -> None:
         self.workers.shutdown(wait=True)  # never close the descriptor under a write
         os.close(self.fd)
 
-    def _buffer(self) -> mmap.mmap:
-        return self.free.pop() if self.free else self._complete()
+    def _buffer(self) -> Buffer:
+        while not self.free:
+            self._complete()
+        return self.free.pop()
 
-    def _complete(self) -> mmap.mmap:
-        """Wait for the oldest write; its buffer is free again."""
+    def _complete(self) -> None:
+        """Wait for the oldest write; free the buffer it was the last user of."""
         future, buffer = self.in_flight.popleft()
-        future.result()
-        return buffer
+        if future is not None:
+            future.result()
+        if buffer is not None:
+            self.free.append(buffer)
 
-    def _pwrite(self, buffer: mmap.mmap, length: int, offset: int) -> None:
-        view = memoryview(buffer)[:length]
-        try:
-            done = 0
-            while done < length:
-                done += os.pwritev(self.fd, [view[done:]], offset + done)
-        finally:
-            view.release()
+    def _pwrite(self, view: memoryview, offset: int) -> None:
+        done = 0
+        while done < len(view):
+            done += os.pwritev(self.fd, [view[done:]], offset + done)

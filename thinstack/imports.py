@@ -262,7 +262,7 @@ def _copy(op: Op, temp: VolumeRef, image: Image, extents: list[Extent], start: i
 
     try:
         stats = copy_extents(extents, image.read, sink, size=size, chunk=chunk, start=start,
-                             progress=report,
+                             read_into=getattr(image, "read_into", None), progress=report,
                              checkpoint=checkpoint, checkpoint_every=CHECKPOINT_BYTES)
         sink.sync()
     except OSError as e:
