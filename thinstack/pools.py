@@ -254,13 +254,13 @@ def _create(op: Op, devices: list[str], file: Path | None, raid1: bool, size: in
     # and by its uuid.
     file_tag = ["--addtag", tags.kv(tags.BACKING_FILE, file)] if file is not None else []
     lvm.lvm("vgchange", "-q", "--addtag", entry.tag, *file_tag, vg)
-    op.step(Step(StepKind.VG_UUID, lvm.vgs(vg)[0].uuid))
+    info = lvm.vgs(vg)[0]
+    op.step(Step(StepKind.VG_UUID, info.uuid))
     if file is not None:
         op.step(Step(StepKind.REGISTRY, vg))
         backing.register(vg, file)
     faults.point("pool-create", "after-vg")
 
-    info = lvm.vgs(vg)[0]
     sizes = plan_sizes(info.size, info.free, info.extent_size, chunk,
                        size if file is None else None)
     op.step(Step(StepKind.POOL, f"{vg}/{POOL_LV}"))
