@@ -140,9 +140,10 @@ _FIELDS: dict[str, type | tuple[type, ...]] = {
 _ARGS: dict[str, type | tuple[type, ...]] = {
     "name": str, "origin": str, "size": (int, type(None)), "path": str, "source": dict,
     "dest": str, "partial": str, "file": str, "devices": list, "raid1": bool,
-    "chunk": int}
+    "chunk": int, "mountpoint": str, "lock": str}
 # Arguments an operation's recovery cannot do without.
-_REQUIRED_ARGS = {"import": ("name", "size", "source"), "export": ("name", "partial")}
+_REQUIRED_ARGS = {"import": ("name", "size", "source"), "export": ("name", "partial"),
+                  "mount": ("name", "mountpoint", "lock")}
 
 _reported: set[Path] = set()  # damaged entries this process has already reported
 

@@ -105,6 +105,13 @@ def test_args_that_recovery_reads_are_checked_too():
                  "vg0", "ab") is None
     assert check({**good, "op": "pool-create", "args": {"size": None, "raid1": False}},
                  "vg0", "ab") is None
+    # A mount's recovery reads its lock and unmounts its mountpoint, given as paths.
+    mount = {**good, "op": "mount", "args": {"name": "v", "mountpoint": "/m", "lock": "/l"}}
+    assert check(mount, "vg0", "ab") is None
+    assert "args.lock is missing" in check({**mount, "args": {"name": "v", "mountpoint": "/m"}},
+                                           "vg0", "ab")
+    assert "args.mountpoint: list" in check(
+        {**mount, "args": {**mount["args"], "mountpoint": ["/m"]}}, "vg0", "ab")
 
 
 def test_a_file_whose_name_is_not_ours_is_reported_for_every_vg(tmp_path):
