@@ -5,12 +5,9 @@ A pool is the LV `pool` of its VG, tagged `ts_pool`, with its growth policy in t
 (`ts_grow_threshold=PCT`, `ts_grow_step=BYTES`) that the monitor reads. A file-backed VG carries
 `ts_file=PATH`, and the file is also in backing.py's registry.
 
-Creation is journalled: each resource is recorded as a step before it is made, and its
-identity (VG and pool uuids, the file's device and inode) once it exists; the VG carries the
-operation's tag (`ts_op_<id>`) until the commit. An interrupted or failed creation is rolled back
-in reverse order (see `rollback_plan`), but only what is still what it made: a VG that lost the
-tag, changed uuid or holds volumes it did not make is left as it is (the creation is adopted),
-and a file is unlinked only if it is still the one it created.
+Creation is journalled (each resource before it is made, its identity once it exists) and the VG
+carries the operation's tag until the commit; `rollback_plan` undoes only what is still what it
+made, and adopts a VG that has become someone's (`foreign`).
 
 `pool status`, `pool check` and usage: poolstatus.py; `pool attach`: attach.py; the backing file
 and its loop device: backing.py; the kernel's side of a pool: thinpool.py.

@@ -198,11 +198,10 @@ UNDO: dict[Undo, Callable[[Action, Lvm], object]] = {
 
 # --- recovering entries ------------------------------------------------------------------------
 
-def _resolve(found):
-    if isinstance(found, str):
-        module, _, name = found.partition(":")
-        found = getattr(importlib.import_module(module), name)
-    return found
+def _resolve(name: str) -> Callable:
+    """`module:function`, imported when first needed (the module imports this one)."""
+    module, _, function = name.partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
 # Operations that plan their own rollback (entry, Lvm -> actions), instead of `plan`. Named
@@ -228,14 +227,15 @@ def deferred(entry: Entry, explicit: bool) -> bool:
     recover an operation that is still running."""
     if entry.op not in DEFERRED or entry.committed:
         return False
-    live = _resolve(LIVE.get(entry.op))
-    if live is not None and live(entry):
+    if entry.op not in LIVE:
+        return not explicit
+    if _resolve(LIVE[entry.op])(entry):
         if explicit:
             article = "an" if entry.op[0] in "aeiou" else "a"
             raise Refused(f"{article} {entry.op} of {entry.vg}/{entry.args['name']} is running; "
                           "recover when it has finished")
         return True
-    return not explicit and live is None
+    return False
 
 
 def _recover(entries: list[Entry], vg: str, lvm: Lvm, lvs: list[LV] | None,
