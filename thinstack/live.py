@@ -403,8 +403,10 @@ def activate(lv: LV, meta: LV, pool: LV, record: Record, nbd: str, hydrate: bool
     """Bring up DEST and VG-NAME over `nbd` (what is up already is kept); /dev/VG/NAME."""
     dm = DeviceMapper()
     dest_name = dm_name(lv.vg, lv.name) + DEST_SUFFIX
-    dest = dm.info(dest_name)
-    if dest is None:
+    found = dm.info(dest_name)
+    if found is not None:
+        dest = found.device
+    else:
         thin = ThinTarget(_tpool(dm, pool), lv.thin_id or 0)
         dest = dm.create(dest_name, Table.of(lv.size // SECTOR, thin), uuid=dest_uuid(lv))
     meta_info = dm.info(dm_name(meta.vg, meta.name))
@@ -723,7 +725,8 @@ def _restart(lv: LV, lvs: list[LV]) -> None:
             nbd = serve(lv.vg, lv.name, opened, prefer=_nbd_path(source))
         finally:
             opened.close()
-    if isinstance(clone, CloneTarget) and table is not None and clone.source != _devno(nbd):
+    if isinstance(clone, CloneTarget) and top is not None and table is not None \
+            and clone.source != _devno(nbd):
         # The server came back on another nbd device: the clone reads from that one now (its
         # metadata says what is hydrated already, so nothing is copied twice).
         lines = (dataclasses.replace(table.lines[0], target=dataclasses.replace(
