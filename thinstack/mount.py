@@ -47,6 +47,7 @@ DEFAULT_FORMATS = ("raw", "vhd", "qcow2")
 # Not computable: a compressed qcow2's offsets depend on compressing all that comes before, and
 # GOW's layout is not written yet (its blocks are laid out like qcow2's: it can be).
 LEFT_OUT = {f: "its layout is not computed yet" for f in EXPORT_FORMATS if f.startswith("gow")}
+FUSE_CAP_AUTO_INVAL_DATA = 1 << 12  # libfuse 3's fuse_common.h
 # How long a look at the VGs, or at an unopened volume's mapping, serves stat and readdir.
 LIST_TTL = 1.0
 WAIT_FOR_DAEMON = 120.0
@@ -137,8 +138,11 @@ class MountFS(mfusepy.Operations):
     def _vgs(self) -> list[str]:
         return self.vgs or self.cache.get("vgs", lambda: sorted(v.name for v in lvm.vgs()))
 
+    def _lvs(self, vg: str) -> list[LV]:
+        return self.cache.get(("lvs", vg), lambda: lvm.volumes_of(vg))
+
     def _volumes(self, vg: str) -> dict[str, LV]:
-        return self.cache.get(("lvs", vg), lambda: mount_instants.shown(lvm.volumes_of(vg)))
+        return mount_instants.shown(self._lvs(vg))
 
     def _files(self, vg: str) -> dict[str, tuple[str, str]]:
         """File name -> (volume name, format)."""
@@ -160,7 +164,7 @@ class MountFS(mfusepy.Operations):
     def _unopened(self, vg: str, name: str, format: str) -> Layout:
         """What opening the file now would show: from the live volume's mapping."""
         def make() -> Content:
-            lvs = lvm.volumes_of(vg)
+            lvs = self._lvs(vg)
             lv = mount_instants.shown(lvs)[name]
             kind = exports.source_kind(lv, lvs)
             return mount_instants.content(lv, kind, mount_instants.pool_of(lv, lvs))
@@ -169,31 +173,51 @@ class MountFS(mfusepy.Operations):
 
     # -- the operations -------------------------------------------------------------------
 
-    def init(self, path):
+    def init_with_config(self, conn, config):
         os.ftruncate(self.lock_fd, 0)
         os.pwrite(self.lock_fd, f"{os.getpid()}\n".encode(), 0)  # the daemon's, after the fork
+        # With it, the kernel asks for the attributes at every read (attr_timeout is 0, so that
+        # a new instant's size shows at once) and drops the cached pages when they change. An
+        # open file's instant never changes; and every open drops them anyway (no keep_cache).
+        conn.want &= ~FUSE_CAP_AUTO_INVAL_DATA
 
     def destroy(self, path):
         self.instants.close_all()
 
+    def _open_file(self, path: str) -> tuple[Layout, int] | None:
+        """The layout an open file of this path shows, its volume gone or not (fstat comes
+        without the file's handle)."""
+        parts = [p for p in path.split("/") if p]
+        if len(parts) != 2:
+            return None
+        for format in self.formats:
+            name = parts[1].removesuffix(SUFFIXES[format])
+            if name != parts[1]:
+                instant = self.instants.current(VolumeRef(parts[0], name))
+                if instant is not None:
+                    return instant.layout(format), instant.taken
+        return None
+
     @_errors
     def getattr(self, path, fh=None):
         if fh in self.handles:  # an open file: the instant it shows, its volume gone or not
-            return self._file_attrs(self.handles[fh].layout)
+            return self._file_attrs(self.handles[fh].layout, self.handles[fh].instant.taken)
+        found = self._open_file(path)
+        if found is not None:
+            return self._file_attrs(*found)
         vg, name, format = self._resolve(path) if path != "/" else (None, None, None)
         if name is None or format is None:
             return dict(st_mode=stat.S_IFDIR | 0o755, st_nlink=2, st_mtime=self.started,
                         st_ctime=self.started, st_atime=self.started)
         assert vg is not None
-        instant = self.instants.current(VolumeRef(vg, name))
-        layout = instant.layout(format) if instant else self._unopened(vg, name, format)
-        return self._file_attrs(layout)
+        return self._file_attrs(self._unopened(vg, name, format), time.time_ns())
 
-    def _file_attrs(self, layout: Layout) -> dict:
-        now = time.time_ns()
+    @staticmethod
+    def _file_attrs(layout: Layout, mtime: int) -> dict:
+        """mtime: the instant's (now, for a file not open: opening it takes a new one)."""
         return dict(st_mode=stat.S_IFREG | 0o600, st_nlink=1, st_uid=0, st_gid=0,
                     st_size=layout.size, st_blocks=-(-layout.stored // 512), st_blksize=1 << 16,
-                    st_mtime=now, st_ctime=now, st_atime=now)
+                    st_mtime=mtime, st_ctime=mtime, st_atime=mtime)
 
     @_errors
     def readdir(self, path, fh):

@@ -21,6 +21,7 @@ import logging
 import os
 import secrets
 import threading
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,6 +102,7 @@ class Instant:
     entry: Entry | None  # the snapshot's operation; None: nothing was made
     content: Content
     fd: int
+    taken: int = field(default_factory=time.time_ns)  # the files' mtime
     opens: int = 0
     layouts: dict[str, Layout] = field(default_factory=dict)
 

@@ -253,8 +253,11 @@ def test_a_killed_mount_is_cleaned_up_by_recover(vg, tmp_path):
     deadline = time.monotonic() + 30
     while mount_instants.live(mnt) and time.monotonic() < deadline:
         time.sleep(0.1)
-    with pytest.raises(OSError) as e:
+    with pytest.raises(OSError) as e:  # the open file fails, and no new one opens
         os.pread(files[0], 512, 0)
+    assert e.value.errno == errno.EIO
+    with pytest.raises(OSError) as e:
+        os.open(mnt / "vg0" / "vm1.qcow2", os.O_RDONLY)
     assert e.value.errno == errno.ENOTCONN
     ts("recover")
     for fd in files:
