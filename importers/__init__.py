@@ -142,6 +142,7 @@ class Source:
             os.close(fd)
             raise
         self.file = os.fdopen(fd, "rb", buffering=0, closefd=True)
+        self._known_data = (0, 0)  # the last range SEEK_DATA/SEEK_HOLE found to hold data
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> Source:
@@ -243,6 +244,11 @@ class Source:
             return
         pos = start
         while pos < end:
+            known_start, known_end = self._known_data
+            if known_start <= pos < known_end:  # asked already: no syscall (each is dear in UML)
+                yield pos, min(known_end, end), True
+                pos = known_end
+                continue
             try:
                 data = os.lseek(fd, pos, os.SEEK_DATA)
             except OSError as e:
@@ -259,6 +265,7 @@ class Source:
             if data >= end:
                 return
             hole = os.lseek(fd, data, os.SEEK_HOLE)
+            self._known_data = (data, hole)
             yield data, min(hole, end), True
             pos = hole
 
