@@ -2,6 +2,7 @@
 every table, status line and tool output as a type. It knows nothing of LVM or image formats.
 
 Modules: command (running programs, CommandError), targets (tables), status (status lines),
-client (DeviceMapper over dmsetup), udev (waiting for udev), pool (raw thin pools and their
+client (DeviceMapper: ioctls for reads and messages, dmsetup where nodes appear or vanish), ioctl
+(the control node's ioctls), udev (waiting for udev), pool (raw thin pools and their
 transactions), tools (thin_dump, thin_delta, thin_ls, thin_check), errors.
 """
