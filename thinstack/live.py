@@ -85,6 +85,7 @@ QEMU_DRIVERS = {"qcow2": "qcow2", "vhd": "vpc", "raw": "raw", "qemu": None}
 # dm-clone copies this many regions at once by default (kernel: 1); a batch of contiguous
 # regions is one copy, so 1 MiB batches keep the copy near the disk's sequential speed.
 BATCH_BYTES = 1 << 20
+BATCHES_IN_FLIGHT = 4  # the kernel's default (1 region) copies at a fraction of the disk's speed
 BLKDISCARD = 0x1277  # _IO(0x12, 119)
 SERVER_START_SECONDS = 30
 
@@ -386,8 +387,9 @@ def _tpool(dm: DeviceMapper, pool: LV) -> str:
 def top_table(lv: LV, record: Record, meta: str, dest: str, nbd: str,
               hydrate: bool) -> Table:
     sectors = record.virtual_size // SECTOR
+    batch = batch_regions(record.region)
     clone = CloneTarget(meta, dest, nbd, record.region // SECTOR, no_hydration=not hydrate,
-                        hydration_batch_size=batch_regions(record.region))
+                        hydration_threshold=BATCHES_IN_FLIGHT * batch, hydration_batch_size=batch)
     lines = [TableLine(0, sectors, clone)]
     if lv.size > record.virtual_size:  # LVM rounded the volume up: its tail is plain thin
         lines.append(TableLine(sectors, lv.size // SECTOR - sectors, LinearTarget(dest, sectors)))
@@ -745,11 +747,20 @@ def _nbd_path(devno: str | None) -> str | None:
     return f"/dev/{link.resolve().name}" if link.exists() else None
 
 
-def check_all(lvm: Lvm) -> list:
+@dataclass(frozen=True)
+class Check:
+    """One live import after a monitor pass (the monitor reports it as kind "live")."""
+
+    vg: str
+    name: str
+    percent: float  # of the bytes to copy
+    alert: str | None
+
+
+def check_all(lvm: Lvm) -> list[Check]:
     """The monitor's part: finish what is hydrated, serve again a source whose server died,
-    and one report each (alert: not active, or its source is down)."""
+    and one check each (alert: not active, or its source is down)."""
     from thinstack.lock import LockTimeout
-    from thinstack.monitor import Report
 
     dm = DeviceMapper()
     reports = []
@@ -774,8 +785,8 @@ def check_all(lvm: Lvm) -> list:
         if status is None:
             alert = f"not active: `thinstack pool attach {record.vg}`"
         done = progress(record, status, alert is None, time.time())
-        reports.append(Report("live", record.vg, record.name, alert=alert,
-                              data_percent=100 * done.copied / done.total if done.total else 100))
+        reports.append(Check(record.vg, record.name,
+                             100 * done.copied / done.total if done.total else 100.0, alert))
     return reports
 
 

@@ -121,7 +121,8 @@ class Monitor:
                 reports.append(report)
         from thinstack import live  # live imports: finished once copied, their source watched
 
-        reports += live.check_all(self.lvm)
+        reports += [Report("live", c.vg, c.name, data_percent=c.percent, alert=c.alert)
+                    for c in live.check_all(self.lvm)]
         self._log_alerts(reports)
         return reports
 
