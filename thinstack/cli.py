@@ -292,14 +292,14 @@ def cmd_volume(args) -> int:
 
 
 def cmd_list(args) -> int:
-    from thinstack import lvm, pools, volumes
+    from thinstack import lvm, poolstatus, volumes
 
     # One `lvs` for every VG asked for; one thin_ls per pool for the usage columns.
     lvs = lvm.volumes_of(args.vg) if args.vg else lvm.lvs()
     infos = []
     for vg in [args.vg] if args.vg else sorted({lv.vg for lv in lvs}):
         in_vg = [lv for lv in lvs if lv.vg == vg]
-        infos += volumes.volume_infos(in_vg, pools.thin_usage(vg, in_vg))
+        infos += volumes.volume_infos(in_vg, poolstatus.thin_usage(vg, in_vg))
     if args.json:
         _print_json([i.to_json() for i in infos])
         return 0
@@ -311,11 +311,11 @@ def cmd_list(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from thinstack import lvm, pools, volumes
+    from thinstack import lvm, poolstatus, volumes
     from thinstack.errors import NotFound
 
     lvs = lvm.volumes_of(args.ref.vg)
-    match = volumes.volume_infos(lvs, pools.thin_usage(args.ref.vg, lvs), args.ref.name)
+    match = volumes.volume_infos(lvs, poolstatus.thin_usage(args.ref.vg, lvs), args.ref.name)
     if not match:
         raise NotFound(f"{args.ref}: no such volume")
     info = match[0]
@@ -350,18 +350,12 @@ def cmd_recover(args) -> int:
 
 
 def cmd_pool(args) -> int:
-    from thinstack import pools
+    # Reading a pool needs none of the modules that make, attach or grow one.
+    from thinstack import poolstatus
 
     c = args.pool_command
-    if c == "create":
-        status = pools.create(args.vg, devices=args.devices, file=args.file, raid1=args.raid1,
-                              size=args.size, chunk=args.chunk, grow_threshold=args.grow_threshold,
-                              grow_step=args.grow_step)
-        print(status.path)
-    elif c == "attach":
-        pools.attach(args.vg)
-    elif c in ("status", "list"):
-        found = pools.status(getattr(args, "vg", None))
+    if c in ("status", "list"):
+        found = poolstatus.status(getattr(args, "vg", None))
         if args.json:
             _print_json([p.to_json() for p in found])
         else:
@@ -369,6 +363,16 @@ def cmd_pool(args) -> int:
                      _percent(p.metadata_percent, ".1f"), p.mode, _percent(p.grow_threshold, "g"),
                      _bytes(p.grow_step), _bytes(p.vg_free)] for p in found],
                    ["VG", "POOL", "DATA", "DATA%", "META%", "MODE", "GROW@", "STEP", "VG FREE"])
+        return 0
+    from thinstack import pools
+
+    if c == "create":
+        status = pools.create(args.vg, devices=args.devices, file=args.file, raid1=args.raid1,
+                              size=args.size, chunk=args.chunk, grow_threshold=args.grow_threshold,
+                              grow_step=args.grow_step)
+        print(status.path)
+    elif c == "attach":
+        pools.attach(args.vg)
     elif c == "check":
         print(pools.check(args.vg))
     elif c == "extend":
