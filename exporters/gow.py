@@ -13,11 +13,13 @@ import os
 from array import array
 from pathlib import Path
 
+from thinstack.extents import Extent
 from thinstack.importers import ImageError
 from thinstack.importers import gow as fmt
 
 from . import ExportError
 from .atomic import FileWriter
+from .layout import Layout, Piece, runs
 
 FORMATS = {"gow1": 1, "gow2": 2, "gow3": 3}
 _BLOCK = fmt.BLOCK_SIZE
@@ -29,14 +31,48 @@ def create(path: str | os.PathLike, virtual_size: int, *, format: str = "gow3",
            ) -> GowWriter:
     if format not in FORMATS:
         raise ExportError(f"not a GOW format: {format!r}")
-    version = FORMATS[format]
-    limit = fmt.ENTRIES[version] * _BLOCK
-    if not 0 < virtual_size <= limit:
-        raise ExportError(f"{format} holds 1 to {limit} bytes, not {virtual_size}")
+    version = _check(format, virtual_size)
     if parent is not None and version != 3:
         raise ExportError(f"{format} has no sessions, so it cannot be written over a parent")
     return GowWriter(Path(path), virtual_size, version, None if parent is None else Path(parent),
                      partial)
+
+
+def _check(format: str, size: int) -> int:
+    """The version of `format`, which must hold `size` bytes."""
+    version = FORMATS[format]
+    limit = fmt.ENTRIES[version] * _BLOCK
+    if not 0 < size <= limit:
+        raise ExportError(f"{format} holds 1 to {limit} bytes, not {size}")
+    return version
+
+
+def fits(format: str, size: int) -> bool:
+    return 0 < size <= fmt.ENTRIES[FORMATS[format]] * _BLOCK
+
+
+def layout(size: int, extents: list[Extent], chunk: int, *, format: str = "gow3") -> Layout:
+    """What GowWriter (no parent) writes for a disk whose data is `extents`: a data slot for
+    every block the data touches, in disk order; a v3 image is session 1, every written block
+    of that version."""
+    version = _check(format, size)
+    header = fmt.Header(version, size, 1 if version == 3 else 0)
+    table = array("I", [0]) * header.blocks
+    versions = array("I", [0]) * header.blocks
+    pieces: list[Piece] = []
+    slots = 0
+    for first, stop in runs(extents, size, chunk, _BLOCK):
+        table[first:stop] = array("I", range(slots + 1, slots + 1 + stop - first))
+        versions[first:stop] = array("I", [header.session]) * (stop - first)
+        pieces.append(Piece(header.data_offset + slots * _BLOCK,
+                            min(stop * _BLOCK, size) - first * _BLOCK, first * _BLOCK))
+        slots += stop - first
+    meta = [Piece(0, fmt.HEADER_SIZE, None, header.pack()),
+            Piece(fmt.HEADER_SIZE, 4 * header.blocks, None, fmt.table_bytes(table))]
+    if version == 3:
+        meta.append(Piece(header.versions_offset, 4 * header.blocks, None,
+                          fmt.table_bytes(versions)))
+    return Layout(header.data_offset + slots * _BLOCK, [*meta, *pieces])
 
 
 class GowWriter(FileWriter):

@@ -275,7 +275,7 @@ def _first_cluster(size: int, l1_size: int, l1_offset: int, table_offset: int,
     return first + backing[0] if backing is not None else first
 
 
-def layout(size: int, extents: list[Extent], chunk: int) -> Layout:
+def layout(size: int, extents: list[Extent], chunk: int, **_) -> Layout:
     """What Qcow2Writer (no parent, uncompressed) writes for a disk whose data is `extents`:
     the same appends in the same order. A data cluster for every cluster the data touches;
     each L2 table appended right after the first data cluster of the next table's range (as

@@ -48,7 +48,7 @@ class RawWriter(FileWriter):
         self.file.truncate(self.size)
 
 
-def layout(size: int, extents: list[Extent], chunk: int) -> Layout:
+def layout(size: int, extents: list[Extent], chunk: int, **_) -> Layout:
     """The disk's bytes at their offsets: the mapped chunks are the data, the rest holes."""
     return Layout(size, (Piece(e.offset, e.length, e.offset)
                          for e in data_chunks(extents, size, chunk)))

@@ -207,7 +207,8 @@ def _mount_parsers(sub) -> None:
     m.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
     m.add_argument("vgs", nargs="*", metavar="VG", help="the VGs to show (default: all)")
     m.add_argument("--formats", default="raw,vhd,qcow2",
-                   help="comma-separated: raw, vhd, vhd-fixed, qcow2 (default raw,vhd,qcow2)")
+                   help="comma-separated: raw, vhd or vhd-fixed, qcow2, gow1 or gow2 or gow3 "
+                   "(default raw,vhd,qcow2)")
     m.add_argument("--allow-other", action="store_true",
                    help="let other users in, as the files' 0600 root permissions allow")
     m.add_argument("--foreground", action="store_true", help="serve in this process (units)")

@@ -32,21 +32,18 @@ import mfusepy
 from thinstack import exports, lvm, mount_instants
 from thinstack.dm.command import RUNNER, CommandError
 from thinstack.errors import Exists, NotFound, Refused, ThinstackError, Usage
-from thinstack.exporters import FORMATS as EXPORT_FORMATS
-from thinstack.exporters import vhd
+from thinstack.exporters import gow, vhd
 from thinstack.exporters.layout import Layout
 from thinstack.lvm import LV, VolumeRef
 from thinstack.mount_instants import Content, Instant, Instants
 
 log = logging.getLogger("thinstack.mount")
 
-# The export formats a file can be computed for, and their file names. vhd and vhd-fixed are
-# both NAME.vhd: a mount shows one of them.
-SUFFIXES = {"raw": ".raw", "vhd": ".vhd", "vhd-fixed": ".vhd", "qcow2": ".qcow2"}
+# Every export format has a layout, so a file (a compressed qcow2 has none: its offsets depend
+# on compressing all that comes before). Formats of one suffix exclude each other.
+SUFFIXES = {"raw": ".raw", "vhd": ".vhd", "vhd-fixed": ".vhd", "qcow2": ".qcow2",
+            "gow1": ".gow", "gow2": ".gow", "gow3": ".gow"}
 DEFAULT_FORMATS = ("raw", "vhd", "qcow2")
-# Not computable: a compressed qcow2's offsets depend on compressing all that comes before, and
-# GOW's layout is not written yet (its blocks are laid out like qcow2's: it can be).
-LEFT_OUT = {f: "its layout is not computed yet" for f in EXPORT_FORMATS if f.startswith("gow")}
 FUSE_CAP_AUTO_INVAL_DATA = 1 << 12  # libfuse 3's fuse_common.h
 # How long a look at the VGs, or at an unopened volume's mapping, serves stat and readdir.
 LIST_TTL = 1.0
@@ -54,20 +51,26 @@ WAIT_FOR_DAEMON = 120.0
 
 
 def check_formats(formats: list[str]) -> tuple[str, ...]:
-    for f in formats:
-        if f in LEFT_OUT:
-            raise Usage(f"{f} cannot be mounted: {LEFT_OUT[f]}")
+    chosen = tuple(dict.fromkeys(formats))
+    for f in chosen:
         if f not in SUFFIXES:
             raise Usage(f"unknown format {f!r} (a mount shows {', '.join(SUFFIXES)})")
-    if "vhd" in formats and "vhd-fixed" in formats:
-        raise Usage("vhd and vhd-fixed are both NAME.vhd: choose one")
-    return tuple(dict.fromkeys(formats))
+        same = [o for o in chosen if SUFFIXES[o] == SUFFIXES[f]]
+        if len(same) > 1:
+            raise Usage(f"{' and '.join(same)} share NAME{SUFFIXES[f]}: choose one")
+    return chosen
+
+
+def fits(format: str, size: int) -> bool:
+    """Whether the format holds a disk of `size` bytes (VHD: 2040 GiB; GOW: 64 or 256 GiB)."""
+    if format.startswith("vhd"):
+        return vhd.fits(size)
+    return gow.fits(format, size) if format.startswith("gow") else True
 
 
 def file_names(name: str, size: int, formats: tuple[str, ...]) -> dict[str, str]:
-    """A volume's files: file name -> format (no VHD for a disk larger than a VHD holds)."""
-    return {name + SUFFIXES[f]: f for f in formats
-            if not f.startswith("vhd") or vhd.fits(size)}
+    """A volume's files: file name -> format (none in a format too small for the disk)."""
+    return {name + SUFFIXES[f]: f for f in formats if fits(f, size)}
 
 
 @dataclass
@@ -270,6 +273,17 @@ class _Fuse(mfusepy.FUSE):
 
 # --- the commands -------------------------------------------------------------------------------
 
+def fuse_options(allow_other: bool) -> dict[str, object]:
+    """Read-only; attributes never cached, so a new instant's size shows at once; only root
+    may enter, unless allow_other, and then the kernel checks the files' 0600 itself."""
+    options: dict[str, object] = dict(
+        ro=True, fsname="thinstack", subtype="thinstack", attr_timeout=0, entry_timeout=0,
+        negative_timeout=0, max_threads=16)
+    if allow_other:
+        options.update(allow_other=True, default_permissions=True)
+    return options
+
+
 def mount(mountpoint: Path, vgs: list[str], formats: list[str], *, allow_other: bool = False,
           foreground: bool = False) -> None:
     """Mount, and serve until unmounted (in the background unless `foreground`)."""
@@ -290,16 +304,12 @@ def mount(mountpoint: Path, vgs: list[str], formats: list[str], *, allow_other: 
     fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     fcntl.flock(fd, fcntl.LOCK_EX)
     instants = Instants(mountpoint, lock)
-    options = dict(ro=True, fsname="thinstack", subtype="thinstack", attr_timeout=0,
-                   entry_timeout=0, negative_timeout=0, max_threads=16)
-    if allow_other:
-        options.update(allow_other=True, default_permissions=True)
     # libfuse ends its loop on these only where nobody has taken them (thinstack's CLI has).
     for number in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(number, signal.SIG_DFL)
     try:
-        _Fuse(MountFS(instants, vgs, chosen, fd), str(mountpoint),
-                      foreground=foreground, **options)
+        _Fuse(MountFS(instants, vgs, chosen, fd), str(mountpoint), foreground=foreground,
+              **fuse_options(allow_other))
     except RuntimeError as e:
         raise ThinstackError(f"cannot mount at {mountpoint} (libfuse: {e})") from None
     finally:

@@ -56,10 +56,7 @@ class Content:
     chunk: int  # the pool's block size (the export's copy unit)
 
     def layout(self, format: str) -> Layout:
-        module = driver(format)
-        if format == "vhd-fixed":
-            return module.layout(self.size, self.extents, self.chunk, format=format)
-        return module.layout(self.size, self.extents, self.chunk)
+        return driver(format).layout(self.size, self.extents, self.chunk, format=format)
 
 
 def shown(lvs: list[LV]) -> dict[str, LV]:

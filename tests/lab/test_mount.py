@@ -239,9 +239,11 @@ def test_a_killed_mount_is_cleaned_up_by_recover(vg, tmp_path):
     ts("create", "vg0/vm2", "--size", "32M")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    ts("mount", str(mnt), "vg0", "--formats", "raw,qcow2")
-    assert sorted(os.listdir(mnt / "vg0")) == ["vm1.qcow2", "vm1.raw", "vm2.qcow2", "vm2.raw"]
-    files = [os.open(mnt / "vg0" / f, os.O_RDONLY) for f in ("vm1.raw", "vm2.qcow2")]
+    ts("mount", str(mnt), "vg0", "--formats", "raw,gow3")
+    assert sorted(os.listdir(mnt / "vg0")) == ["vm1.gow", "vm1.raw", "vm2.gow", "vm2.raw"]
+    exported = export_here("vg0/vm1", tmp_path / "vm1.gow", format="gow3")["path"]
+    assert (mnt / "vg0" / "vm1.gow").read_bytes() == Path(exported).read_bytes()
+    files = [os.open(mnt / "vg0" / f, os.O_RDONLY) for f in ("vm1.raw", "vm2.gow")]
     assert os.pread(files[0], BLOCK, 9 * BLOCK) == Path("/dev/vg0/vm1").read_bytes()[
         9 * BLOCK:10 * BLOCK]
     assert sum(".export-" in n for n in lvs("vg0")) == 2
@@ -257,7 +259,7 @@ def test_a_killed_mount_is_cleaned_up_by_recover(vg, tmp_path):
         os.pread(files[0], 512, 0)
     assert e.value.errno == errno.EIO
     with pytest.raises(OSError) as e:
-        os.open(mnt / "vg0" / "vm1.qcow2", os.O_RDONLY)
+        os.open(mnt / "vg0" / "vm1.gow", os.O_RDONLY)
     assert e.value.errno == errno.ENOTCONN
     ts("recover")
     for fd in files:

@@ -23,10 +23,10 @@ def lv(name: str, attr: str = "Vwi-a-tz--", *, origin: str = "", tags=(), size: 
               skip_activation=False, when_full="")
 
 
-def test_formats_are_checked_and_vhd_kinds_exclude_each_other():
+def test_formats_are_checked_and_those_of_one_suffix_exclude_each_other():
     assert mount.check_formats(["raw", "qcow2", "raw"]) == ("raw", "qcow2")
-    for bad, says in [(["gow3"], "not computed"), (["iso"], "unknown"),
-                      (["vhd", "vhd-fixed"], "choose one")]:
+    for bad, says in [(["iso"], "unknown"), (["vhd", "vhd-fixed"], "choose one"),
+                      (["gow1", "gow3"], "choose one")]:
         with pytest.raises(Usage, match=says):
             mount.check_formats(bad)
 
@@ -35,6 +35,8 @@ def test_a_volume_shows_one_file_per_format_and_no_vhd_past_its_limit():
     assert mount.file_names("vm1", GiB, mount.DEFAULT_FORMATS) == {
         "vm1.raw": "raw", "vm1.vhd": "vhd", "vm1.qcow2": "qcow2"}
     assert mount.file_names("vm1", GiB, ("vhd-fixed",)) == {"vm1.vhd": "vhd-fixed"}
+    assert mount.file_names("vm1", GiB, ("gow3",)) == {"vm1.gow": "gow3"}
+    assert mount.file_names("vm1", 128 * GiB, ("gow1",)) == {}  # v1 holds 64 GiB
     huge = vhd.MAX_SIZE + (1 << 20)
     assert mount.file_names("big", huge, mount.DEFAULT_FORMATS) == {"big.raw": "raw",
                                                                   "big.qcow2": "qcow2"}
@@ -66,3 +68,11 @@ def test_a_mounts_lock_is_its_own_and_found_by_its_mountpoint(tmp_path, monkeypa
     first, second = (mount_instants.new_lock(Path("/srv/x")) for _ in range(2))
     assert first != second and first.parent == second.parent
     assert mount_instants.live(Path("/srv/x")) == []  # nobody holds them
+
+
+def test_private_and_read_only_unless_others_are_let_in_under_the_kernels_checks():
+    private = mount.fuse_options(False)
+    assert private["ro"] and "allow_other" not in private
+    assert "default_permissions" not in private
+    shared = mount.fuse_options(True)
+    assert shared["allow_other"] and shared["default_permissions"] and shared["ro"]
