@@ -42,7 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the importer, to read VHD chains
 
-from bench.import_bench import commit, phases, traced  # noqa: E402
+from bench.import_bench import commit, phases, processes, traced  # noqa: E402
 from thinstack.importers import open_image  # noqa: E402
 
 REPORTS = ROOT / "bench" / "reports"
@@ -271,7 +271,7 @@ def goal_table(full: dict, sparse: dict, inc: dict, before: dict) -> list[str]:
 
 def phase_table(rows: dict[str, tuple[dict, dict | None]]) -> list[str]:
     keys = ("start-up", "fixed commands", "copy", "other", "commit commands")
-    lines = ["| export | " + " | ".join(keys) + " | commands |",
+    lines = ["| export | " + " | ".join(keys) + " | processes run |",
              "|---|" + "---:|" * (len(keys) + 1)]
     for label, (now, then) in rows.items():
         for tag, p in (("now", now), ("before", then)):
@@ -279,7 +279,7 @@ def phase_table(rows: dict[str, tuple[dict, dict | None]]) -> list[str]:
                 continue
             cells = ["-" if p.get(k) is None else f"{p[k]:.2f}" for k in keys]
             lines.append(f"| {label} ({tag}) | " + " | ".join(cells)
-                         + f" | {len(p['commands'])} |")
+                         + f" | {processes(p)} |")
     return lines
 
 

@@ -344,15 +344,20 @@ def phase_table(now: dict, then: dict | None) -> list[str]:
         was = then.get(key) if then else None
         lines.append(f"| {key} | {'-' if was is None else was} | "
                      f"{'-' if now[key] is None else now[key]} |")
-    lines += ["", f"Commands now ({len(now['commands'])}): "
+    lines += ["", f"Commands now ({processes(now)} processes): "
               + ", ".join(f"`{c}`" for c in now["commands"])]
     if then and then.get("other") is None:
         lines += ["", "(Before, the copy loop did not trace itself: its copy figure includes "
                   "the Python work around it.)"]
     if then:
-        lines += ["", f"Commands before ({len(then['commands'])}): "
+        lines += ["", f"Commands before ({processes(then)} processes): "
                   + ", ".join(f"`{c}`" for c in then["commands"])]
     return lines
+
+
+def processes(phases: dict) -> int:
+    """The commands a thinstack run started (its ioctls start none)."""
+    return sum(not c.startswith("ioctl ") for c in phases["commands"])
 
 
 def report(runs: list[dict], context: dict, before: dict) -> str:
