@@ -253,7 +253,7 @@ def open_source(source: str, format: str, allow_dirs: tuple[str, ...]) -> Opened
         found = detect(top)
         if format == "auto":
             policy = dataclasses.replace(policy, follow_references=False)
-        elif format != found and not (format == "raw"):
+        elif format not in ("raw", found):
             raise ImageError(source, f"claimed format {format!r} but the content is {found!r}")
         name = "raw" if format == "raw" else found
         if name not in QEMU_DRIVERS:
@@ -572,19 +572,18 @@ def _setup(op: Op, ref: VolumeRef, opened: Opened, extents: list[Extent], source
     lvm = default_lvm()
     op.step(Step(StepKind.CREATED, ref.name))
     lvm.run("lvcreate", "-q", "-y", "--type", "thin", "--thinpool", pool.name, "-V", f"{size}b",
-             "-n", ref.name, "--addtag", op.entry.tag, "--addtag", tags.LIVE,
-             "--setactivationskip", "y", ref.vg)
+            "-n", ref.name, "--addtag", op.entry.tag, "--addtag", tags.LIVE,
+            "--setactivationskip", "y", ref.vg)
     op.step(Step(StepKind.CREATED, meta_name))
     lvm.run("lvcreate", "-q", "-y", "--type", "thin", "--thinpool", pool.name,
-             "-V", f"{metadata_size(regions, extent)}b", "-n", meta_name, "--addtag",
-             op.entry.tag, "--addtag", tags.LIVE_META, "--setactivationskip", "n", ref.vg)
+            "-V", f"{metadata_size(regions, extent)}b", "-n", meta_name, "--addtag",
+            op.entry.tag, "--addtag", tags.LIVE_META, "--setactivationskip", "n", ref.vg)
     faults.point(OP, "after-lvcreate")
     lv, meta = lvm.lv(ref), lvm.lv(VolumeRef(ref.vg, meta_name))
     nbd = serve(ref.vg, ref.name, opened)
     faults.point(OP, "after-nbd")
     record = Record(ref.vg, ref.name, source, opened.format, tuple(allow_dirs), size, region,
-                    discarded, size - sum(min(length, size - off) for off, length in ranges),
-                    0.0)
+                    discarded, size - sum(length for _, length in ranges), 0.0)
     path = activate(lv, meta, pool, record, nbd, hydrate=False)
     faults.point(OP, "after-clone")
     discard(path, ranges)
