@@ -307,7 +307,8 @@ class VolumeInfo:
         return dict(self.__dict__)
 
 
-def _kind(lv: LV, lvs: list[LV]) -> str:
+def _kind(lv: LV, origin: LV | None) -> str:
+    """What `lv` is, given its origin LV (None if it has none in the VG)."""
     if tags.GOLD in lv.tags:
         return "gold"
     if lv.is_cow_snapshot:
@@ -315,7 +316,6 @@ def _kind(lv: LV, lvs: list[LV]) -> str:
     if extorigin.is_outside_clone(lv):
         return "clone"
     if lv.is_thin and lv.origin:
-        origin = next((o for o in lvs if o.name == lv.origin), None)
         if origin is not None and tags.GOLD in origin.tags:
             return "clone"
         return "snapshot" if origin is not None and origin.is_thin else "clone"
@@ -325,12 +325,17 @@ def _kind(lv: LV, lvs: list[LV]) -> str:
 def volume_infos(lvs: list[LV], usage: dict[int, tuple[int, int, int]] | None = None,
                  name: str | None = None) -> list[VolumeInfo]:
     """The volumes among `lvs` (one VG's), or the one called `name`. usage: thin device id ->
-    (mapped, exclusive, shared) bytes, from thin_ls."""
+    (mapped, exclusive, shared) bytes, from thin_ls. Linear in the volumes: origins and
+    dependants are looked up in maps made once (a VDI pool holds thousands)."""
+    visible = _visible(lvs)
+    by_name = {lv.name: lv for lv in lvs}
+    deps: dict[str, list[str]] = {}
+    for o in visible:  # as dependants() has them
+        if o.origin:
+            deps.setdefault(o.origin, []).append(o.name)
     out = []
-    for lv in _visible(lvs):
-        if name is not None and lv.name != name:
-            continue
-        if lv.is_thin_pool:
+    for lv in visible:
+        if (name is not None and lv.name != name) or lv.is_thin_pool:
             continue
         mapped = exclusive = shared = None
         if usage is not None and lv.thin_id in usage:
@@ -340,9 +345,9 @@ def volume_infos(lvs: list[LV], usage: dict[int, tuple[int, int, int]] | None = 
         outside = extorigin.recorded(lv)
         out.append(VolumeInfo(
             vg=lv.vg, name=lv.name, size=lv.size, path=lv.path, dm_path=lv.dm_path,
-            kind=_kind(lv, lvs), origin=outside[0] if outside else lv.origin or None,
+            kind=_kind(lv, by_name.get(lv.origin)),
+            origin=outside[0] if outside else lv.origin or None,
             readonly=lv.readonly, gold=tags.GOLD in lv.tags,
-            active=extorigin.active(lv),
-            dependants=[d.name for d in dependants(lv, lvs)], mapped_bytes=mapped,
+            active=extorigin.active(lv), dependants=deps.get(lv.name, []), mapped_bytes=mapped,
             exclusive_bytes=exclusive, shared_bytes=shared, thin_id=lv.thin_id))
     return out

@@ -47,3 +47,14 @@ def test_delete_is_one_lvremove_with_the_export_base(fake):
     fake.lv_list.append(base)
     volumes.delete(VolumeRef("vg", "vm"))
     assert fake.commands == [("lvremove", "-q", "-y", "vg/vm.last-export", "vg/vm")]
+
+
+def test_volume_infos_name_each_kind_and_its_dependants():
+    lvs = [dataclasses.replace(pool_lv(), vg="vg"), lv("base", tags={"ts_gold"}, attr="Vri-a-tz--"),
+           lv("c1", origin="base"), lv("c2", origin="base"), lv("vm"), lv("s", origin="vm"),
+           lv("vm.last-export", tags={"ts_last_export"}, origin="vm")]
+    infos = {i.name: i for i in volumes.volume_infos(lvs)}
+    assert {n: (i.kind, i.dependants) for n, i in infos.items()} == {
+        "base": ("gold", ["c1", "c2"]), "c1": ("clone", []), "c2": ("clone", []),
+        "vm": ("thin", ["s"]), "s": ("snapshot", [])}
+    assert [i.name for i in volumes.volume_infos(lvs, name="vm")] == ["vm"]
