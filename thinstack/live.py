@@ -138,6 +138,7 @@ class Record:
     name: str
     source: str
     format: str  # qemu's driver for the top file, or "nbd"
+    requested: str  # the operator's --format: what reopens the source at the next boot
     allow_dirs: tuple[str, ...]
     virtual_size: int
     region: int
@@ -538,7 +539,7 @@ def import_live(source: str, ref: VolumeRef, *, format: str = "auto",
         extents = list(opened.image.extents())
         journal = Journal()
         with operation(OP, ref.vg, lambda lvs: _args(ref, lvs, source), journal=journal) as op:
-            record = _setup(op, ref, opened, extents, source, allow_dirs)
+            record = _setup(op, ref, opened, extents, source, format, allow_dirs)
     finally:
         opened.close()
     usable = round(time.monotonic() - started, 3)
@@ -555,7 +556,7 @@ def _args(ref: VolumeRef, lvs: list[LV], source: str) -> dict:
 
 
 def _setup(op: Op, ref: VolumeRef, opened: Opened, extents: list[Extent], source: str,
-           allow_dirs: tuple[str, ...]) -> Record:
+           requested: str, allow_dirs: tuple[str, ...]) -> Record:
     pool = pool_of(ref.vg, op.lvs)
     if pool.attr[7:8] != "z":
         raise Refused(f"a live import needs a pool that zeroes new chunks; pool {pool.ref} does "
@@ -582,8 +583,8 @@ def _setup(op: Op, ref: VolumeRef, opened: Opened, extents: list[Extent], source
     lv, meta = lvm.lv(ref), lvm.lv(VolumeRef(ref.vg, meta_name))
     nbd = serve(ref.vg, ref.name, opened)
     faults.point(OP, "after-nbd")
-    record = Record(ref.vg, ref.name, source, opened.format, tuple(allow_dirs), size, region,
-                    discarded, size - sum(length for _, length in ranges), 0.0)
+    record = Record(ref.vg, ref.name, source, opened.format, requested, tuple(allow_dirs),
+                    size, region, discarded, size - sum(length for _, length in ranges), 0.0)
     path = activate(lv, meta, pool, record, nbd, hydrate=False)
     faults.point(OP, "after-clone")
     discard(path, ranges)
@@ -720,7 +721,7 @@ def _restart(lv: LV, lvs: list[LV]) -> None:
     if nbd is None:
         _load_modules(dm)
         stop_server(lv.vg, lv.name)
-        opened = open_source(record.source, _thinstack_format(record.format), record.allow_dirs)
+        opened = open_source(record.source, record.requested, record.allow_dirs)
         try:
             source = clone.source if isinstance(clone, CloneTarget) else None
             nbd = serve(lv.vg, lv.name, opened, prefer=_nbd_path(source))
@@ -787,12 +788,6 @@ def check_all(lvm: Lvm) -> list[Check]:
         reports.append(Check(record.vg, record.name,
                              100 * done.copied / done.total if done.total else 100.0, alert))
     return reports
-
-
-def _thinstack_format(driver: str) -> str:
-    """The --format that reopens a source recorded with qemu's driver name."""
-    names = {v: k for k, v in QEMU_DRIVERS.items() if v}
-    return names.get(driver, "qemu" if driver != "nbd" else "raw")
 
 
 def progress_lines(found: list[Progress]) -> str:

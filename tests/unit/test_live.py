@@ -58,7 +58,7 @@ def _status(hydrated: int, total: int = 100, region_sectors: int = 128) -> Clone
 
 
 def _record(**kw) -> live.Record:
-    base = dict(vg="vg0", name="v", source="/i", format="qcow2", allow_dirs=(),
+    base = dict(vg="vg0", name="v", source="/i", format="qcow2", requested="auto", allow_dirs=(),
                 virtual_size=100 * 64 * KiB, region=64 * KiB, discarded=60, to_copy=40 * 64 * KiB,
                 started=1000.0)
     return live.Record(**{**base, **kw})
@@ -102,7 +102,3 @@ def test_refusal_while_hydrating_says_to_wait():
         live.refuse_if_hydrating(_lv(frozenset({tags.LIVE})), "snapshot")
     live.refuse_if_hydrating(_lv(frozenset()), "snapshot")
 
-
-def test_thinstack_format_reopens_what_was_recorded():
-    assert [live._thinstack_format(d) for d in ("qcow2", "vpc", "raw", "vmdk", "nbd")] == \
-        ["qcow2", "vhd", "raw", "qemu", "raw"]
