@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING
 
 from thinstack import extorigin, faults, tags
 from thinstack.dm.client import DeviceMapper
-from thinstack.dm.command import RUNNER, CommandError
+from thinstack.dm.command import RUNNER, CommandError, summary
 from thinstack.dm.status import CloneStatus
 from thinstack.dm.targets import (
     CloneTarget,
@@ -276,7 +276,8 @@ def _qemu_img_json(source: str, *args: str) -> dict:
     try:
         return json.loads(RUNNER.run(["qemu-img", *args], timeout=60))
     except CommandError as e:
-        raise ThinstackError(f"{source}: {e}") from None
+        reason = summary(e.stderr).rpartition("': ")[2]  # qemu repeats the json: name first
+        raise ThinstackError(f"{source}: cannot read it: {reason}") from None
 
 
 def pid_file(vg: str, name: str) -> Path:
