@@ -98,7 +98,7 @@ class Image(Protocol):
     def extents(self) -> Iterator[Extent]:
         """Extents covering [0, virtual_size) in order, from the allocation map."""
 
-    def read(self, offset: int, length: int) -> bytes:
+    def read(self, offset: int, length: int) -> bytes | bytearray:
         """Bytes of any range in [0, virtual_size); holes read as zeros."""
 
     def close(self) -> None: ...

@@ -788,7 +788,7 @@ def _overlay(own: Iterable[Extent], backing: Image) -> Iterator[Extent]:
             pos = stop
 
 
-def read_clipped(image: Image, offset: int, length: int) -> bytes:
+def read_clipped(image: Image, offset: int, length: int) -> bytes | bytearray:
     """A parent's bytes, zeros past its end (a parent may be shorter than its child)."""
     inside = max(0, min(length, image.virtual_size - offset))
     data = image.read(offset, inside) if inside else b""

@@ -109,7 +109,10 @@ def data_bytes(extents: Iterable[Extent], *, size: int, chunk: int, start: int =
                if e.kind is Kind.DATA)
 
 
-def copy_extents(extents: Iterable[Extent], read: Callable[[int, int], bytes], sink: Sink, *,
+Read = Callable[[int, int], bytes | bytearray]
+
+
+def copy_extents(extents: Iterable[Extent], read: Read, sink: Sink, *,
                  size: int, chunk: int, start: int = 0,
                  progress: Callable[[CopyStats], None] | None = None,
                  checkpoint: Callable[[int], None] | None = None,
@@ -194,7 +197,7 @@ def _reuse_freed_buffers() -> None:
     mallopt(_M_TRIM_THRESHOLD, 256 << 20)  # and the heap keeps that much free memory
 
 
-def _emit(sink: Sink, offset: int, data: bytes, chunk: int, zeros: memoryview) -> int:
+def _emit(sink: Sink, offset: int, data: bytes | bytearray, chunk: int, zeros: memoryview) -> int:
     """Hand `data` (read at `offset`, a chunk boundary) to the sink: runs of non-zero chunks as
     one write each, runs of all-zero chunks as one mark_zero each. Returns the bytes written."""
     view = memoryview(data)
