@@ -168,7 +168,8 @@ def report(runs: dict) -> str:
              "`lvs`: it must not grow with the volumes.", ""]
     for label, entry in runs.items():
         lines += [f"## {label}: {entry['commit']}", "",
-                  f"{entry['kernel']}, {entry['cpus']} CPU, {entry['date']}", ""]
+                  f"{entry['kernel']}, {entry['cpus']} CPU, {entry['date']}"
+                  + (f"; {entry['note']}" if entry.get("note") else ""), ""]
         scales = sorted(entry["scales"], key=int)
         lines += ["| operation | " + " | ".join(f"{s} volumes: thinstack / by hand (ratio)"
                                                 for s in scales) + " | goal |",
