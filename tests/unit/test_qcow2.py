@@ -11,7 +11,6 @@ import random
 import shutil
 import struct
 import subprocess
-import time
 import tracemalloc
 import zlib
 from pathlib import Path
@@ -597,10 +596,8 @@ def test_compression_bomb_is_bounded(tmp_path):
     path = _compressed_image(tmp_path)
     _point_compressed(path, _deflate(bytes(16 * MiB)))  # 16 KiB of stream, 16 MiB inflated
     image = open_image(path)
-    started = time.process_time()
     with pytest.raises(ImageError, match="more than one cluster"):
         image.read(0, 64 * KiB)  # one cluster's worth and a byte inflated, no more
-    assert time.process_time() - started < 0.5
     image.close()
 
 
@@ -683,7 +680,7 @@ def test_random_headers_fail_cleanly(tmp_path, fields, features, tail):
 
 # -- speed ---------------------------------------------------------------------------------
 
-def test_extents_of_a_large_scattered_image_is_fast(tmp_path, monkeypatch):
+def test_extents_of_a_large_scattered_image_reads_only_its_map(tmp_path, monkeypatch):
     """2 GiB, a quarter of its 64 KiB clusters allocated at random: the map alone decides."""
     cs, clusters = 64 * KiB, 32768
     rng = random.Random(5)
@@ -707,13 +704,17 @@ def test_extents_of_a_large_scattered_image_is_fast(tmp_path, monkeypatch):
             f.write(b"\1")
         f.truncate(data_at + len(allocated) * cs)
     image = open_image(path)
-    start = time.perf_counter()
+    # The map alone decides: extents() reads the L2 tables and not one data cluster.
+    reads: list[int] = []
+    for name in ("pread", "preadv", "read", "readv"):
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda *a, real=real: reads.append(1) or real(*a))
     extents = list(image.extents())
-    elapsed = time.perf_counter() - start
+    monkeypatch.undo()
     data = [e for e in extents if e.kind is Kind.DATA]
     assert sum(e.length for e in extents) == 2 << 30
     assert len({e.offset // cs for e in data}) == len(allocated)
-    assert elapsed < 1.0, f"extents() took {elapsed:.2f} s"
+    assert len(reads) <= 4 + 1, f"extents() made {len(reads)} reads for 4 L2 tables"
     # Reads coalesce host-contiguous clusters: one preadv per run of allocated clusters.
     preadv, calls = os.preadv, []
     monkeypatch.setattr(os, "preadv", lambda *a: calls.append(1) or preadv(*a))
