@@ -106,6 +106,14 @@ def _junit_outcome(path: str):
     return "passed", None
 
 
+def pytest_collection_modifyitems(items):
+    """Lab tests first, the longest (by their timeout) first, host tests last: the workers that
+    scripts/test starts (pytest-xdist) then end on short tests, not one on a ten-minute one."""
+    if not IN_LAB:
+        items.sort(key=lambda item: -_lab_options(item).get("timeout", 300)
+                   if item.get_closest_marker("lab") else 0)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_protocol(item, nextitem):
     if IN_LAB or item.get_closest_marker("lab") is None:
