@@ -348,6 +348,35 @@ class FlakeyTarget(Target):
 
 
 @dataclass(frozen=True)
+class DelayTarget(Target):
+    """Passes I/O to `device` (from sector `offset`) after `delay` ms; writes (and flushes)
+    may go elsewhere with their own delay. For fault tests: a slow but healthy disk."""
+
+    type_name = "delay"
+    device: Device
+    offset: int
+    delay: int
+    write: tuple[Device, int, int] | None = None  # device, offset, delay for writes
+    flush: tuple[Device, int, int] | None = None  # for flushes; only with `write`
+
+    def __post_init__(self) -> None:
+        if self.flush and not self.write:
+            raise ValueError("delay: a flush path needs a write path")
+
+    def args(self) -> list[str]:
+        paths = [(self.device, self.offset, self.delay), self.write, self.flush]
+        return [str(w) for path in paths if path for w in path]
+
+    @classmethod
+    def from_args(cls, args: list[str]) -> Self:
+        a = _Args(cls.type_name, args)
+        if len(args) not in (3, 6, 9):
+            raise a.fail("expected 3, 6 or 9 arguments")
+        paths = [(a.word(), a.int(), a.int()) for _ in range(len(args) // 3)]
+        return cls(*paths[0], *paths[1:])
+
+
+@dataclass(frozen=True)
 class OtherTarget(Target):
     """A target type thinstack does not model (striped, raid, cache, ...), kept verbatim."""
 

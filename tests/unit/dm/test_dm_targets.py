@@ -7,6 +7,7 @@ from thinstack.dm.errors import DmError, ParseError
 from thinstack.dm.targets import (
     CloneTarget,
     CorruptBioByte,
+    DelayTarget,
     ErrorTarget,
     FlakeyTarget,
     LinearTarget,
@@ -154,3 +155,18 @@ def test_render_parse_round_trip(pieces):
         start += length
     table = Table(tuple(lines))
     assert Table.parse(table.render()) == table
+
+
+def test_delay_with_read_write_and_flush_paths():
+    for text, target in [
+            ("0 8 delay 1:1 0 100\n", DelayTarget("1:1", 0, 100)),
+            ("0 8 delay 1:1 0 100 1:2 8 50\n", DelayTarget("1:1", 0, 100, ("1:2", 8, 50))),
+            ("0 8 delay 1:1 0 0 1:1 0 20 1:1 0 300\n",
+             DelayTarget("1:1", 0, 0, ("1:1", 0, 20), ("1:1", 0, 300)))]:
+        assert Table.parse(text).target == target
+        assert Table.of(8, target).render() == text
+    for bad in ("1:1 0", "1:1 0 100 1:2", "1:1 0 x"):
+        with pytest.raises(ParseError, match="delay"):
+            TableLine.parse(f"0 8 delay {bad}")
+    with pytest.raises(ValueError, match="write path"):
+        DelayTarget("1:1", 0, 1, None, ("1:1", 0, 1))
