@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -76,10 +77,21 @@ def test_state_dir_keeps_disks_between_runs(tmp_path):
 
 @host_only
 def test_scratch_disks_are_removed_without_state():
-    before = set(Path("/tmp").glob("thinstack-lab-*"))
-    done = lab("--disks", "2", "--", "true")
-    assert done.returncode == 0, done.stderr
-    assert set(Path("/tmp").glob("thinstack-lab-*")) <= before
+    # Other labs may run at once (scripts/test runs tests in parallel): find this one's job
+    # folder by a token in its command, while it runs.
+    token = f"probe-{os.getpid()}-{time.monotonic_ns()}"
+    run = subprocess.Popen([*THINSTACK, "lab", "run", "--disks", "2", "--", "sh", "-c",
+                            f"sleep 3 # {token}"], stderr=subprocess.PIPE, text=True)
+    disks: list[Path] = []
+    while not disks and run.poll() is None:
+        time.sleep(0.05)
+        for script in Path("/tmp").glob("thinstack-lab-*/job.sh"):
+            if token in script.read_text(errors="replace"):
+                disks = list(script.parent.glob("**/disk*.img"))
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 0, err
+    assert len(disks) == 2
+    assert not any(d.exists() for d in disks) and not disks[0].parent.exists()
 
 
 @host_only
