@@ -66,7 +66,8 @@ def _pool_parser(sub) -> None:
     pool = sub.add_parser("pool", help="thin pools: create, attach, status, list, check, extend")
     pool.set_defaults(run=cmd_pool)
     ps = pool.add_subparsers(dest="pool_command", required=True, metavar="SUBCOMMAND")
-    c = ps.add_parser("create", help="make a VG on devices (or a file) and a thin pool in it")
+    c = ps.add_parser("create", help="make a VG on devices (or a file) and a thin pool in it; "
+                      "with neither, the pool goes into the free space of the existing VG")
     c.add_argument("vg")
     c.add_argument("devices", nargs="*", metavar="DEVICE")
     c.add_argument("--file", type=Path, help="back the VG with a sparse file on a loop device")

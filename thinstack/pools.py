@@ -1,5 +1,6 @@
-"""Thin pools: creating one (on whole disks, an md raid1 of two disks, or a sparse file on a loop
-device), rolling back a creation that did not finish, and growing a pool's data.
+"""Thin pools: creating one (on whole disks, an md raid1 of two disks, a sparse file on a loop
+device, or in the free extents of an existing VG), rolling back a creation that did not finish,
+and growing a pool's data.
 
 A pool is the LV `pool` of its VG, tagged `ts_pool`, with its growth policy in two more tags
 (`ts_grow_threshold=PCT`, `ts_grow_step=BYTES`) that the monitor reads. A file-backed VG carries
@@ -7,7 +8,8 @@ A pool is the LV `pool` of its VG, tagged `ts_pool`, with its growth policy in t
 
 Creation is journalled (each resource before it is made, its identity once it exists) and the VG
 carries the operation's tag until the commit; `rollback_plan` undoes only what is still what it
-made, and adopts a VG that has become someone's (`foreign`).
+made, and adopts a VG that has become someone's (`foreign`). A pool made in an existing VG is
+the only thing such a creation makes: it carries the operation's tag, and only it is rolled back.
 
 `pool status`, `pool check` and usage: poolstatus.py; `pool attach`: attach.py; the backing file
 and its loop device: backing.py; the kernel's side of a pool: thinpool.py.
@@ -23,7 +25,7 @@ from pathlib import Path
 
 from thinstack import backing, faults, growth, lvm, provision, tags
 from thinstack.attach import attach
-from thinstack.errors import Exists, NoSpace, ThinstackError
+from thinstack.errors import Exists, NoSpace, NotFound, ThinstackError
 from thinstack.journal import Entry, Step, StepKind, last_target, parse_steps
 from thinstack.lock import vg_lock
 from thinstack.lvm import LV, Lvm, default_lvm
@@ -93,8 +95,6 @@ def check_create_args(vg: str, devices: list[str], file: Path | None, raid1: boo
     lvm.check_name(vg, "volume group name")
     if file is not None and devices:
         raise ThinstackError("give either devices or --file, not both")
-    if file is None and not devices:
-        raise ThinstackError("give the devices for the volume group, or --file PATH --size SIZE")
     if file is not None:
         if raid1:
             raise ThinstackError("--raid1 mirrors two devices; it does not apply to --file")
@@ -105,6 +105,8 @@ def check_create_args(vg: str, devices: list[str], file: Path | None, raid1: boo
         except ValueError:
             raise ThinstackError(f"{file}: a backing file's path may only contain letters, "
                                  "digits and _+.-/=!:&# (it is kept in an LVM tag)") from None
+    if raid1 and not devices:
+        raise ThinstackError("--raid1 mirrors two devices: give them")
     if len(set(map(os.path.realpath, devices))) != len(devices):
         raise ThinstackError("a device is named twice")
     if raid1 and len(devices) != 2:
@@ -213,12 +215,16 @@ def create(vg: str, *, devices: Sequence[str] = (), file: Path | None = None, ra
            size: int | None = None, chunk: int = DEFAULT_CHUNK,
            grow_threshold: float = growth.DEFAULT_THRESHOLD,
            grow_step: int = DEFAULT_GROW_STEP) -> PoolStatus:
-    """A new VG on `devices` (or on a new sparse file of `size` bytes) and a thin pool in it.
-    The pool's data is `size` bytes on devices, and by default most of the VG."""
+    """A new VG on `devices` (or on a new sparse file of `size` bytes) and a thin pool in it;
+    with neither, a pool in the free extents of the existing VG `vg`. The pool's data is `size`
+    bytes on devices or in a VG, and by default most of the (free space of the) VG."""
     devices = list(devices)
     file = Path(os.path.abspath(file)) if file is not None else None
     check_create_args(vg, devices, file, raid1, size, chunk, grow_threshold, grow_step)
     provision.require_thin_pool(default_lvm().runner)  # before anything is made
+    if not devices and file is None:
+        _create_in_vg(vg, size, chunk, pool_tags(grow_threshold, grow_step))
+        return status(vg)[0]
     reuse = False
 
     def checked(lvs: list[LV]) -> dict:
@@ -261,22 +267,55 @@ def _create(op: Op, devices: list[str], file: Path | None, raid1: bool, size: in
     sizes = plan_sizes(info.size, info.free, info.extent_size, chunk,
                        size if file is None else None)
     op.step(Step(StepKind.POOL, f"{vg}/{POOL_LV}"))
-    # -Zy: a chunk is zeroed when first provisioned, so a partial write never exposes what the
-    # disk held before (old data of deleted volumes, or of whoever owned the disk).
-    lvm.lvm("lvcreate", "-q", "-y", "--type", "thin-pool", "-L", f"{sizes.data}b",
-            "--chunksize", f"{chunk}b", "--poolmetadatasize", f"{sizes.metadata}b", "-Zy",
-            *[a for t in pool_tag_list for a in ("--addtag", t)], "-n", POOL_LV, vg)
+    _lvcreate_pool(vg, sizes, chunk, pool_tag_list)
     op.step(Step(StepKind.POOL_UUID, lvm.lv(lvm.VolumeRef(vg, POOL_LV)).uuid))
     faults.point("pool-create", "after-pool")
     lvm.lvm("vgchange", "-q", "--deltag", entry.tag, vg)
     op.commit()
 
 
+def _lvcreate_pool(vg: str, sizes: Sizes, chunk: int, tag_list: list[str]) -> None:
+    # -Zy: a chunk is zeroed when first provisioned, so a partial write never exposes what the
+    # disk held before (old data of deleted volumes, or of whoever owned the disk).
+    lvm.lvm("lvcreate", "-q", "-y", "--type", "thin-pool", "-L", f"{sizes.data}b",
+            "--chunksize", f"{chunk}b", "--poolmetadatasize", f"{sizes.metadata}b", "-Zy",
+            *[a for t in tag_list for a in ("--addtag", t)], "-n", POOL_LV, vg)
+
+
+def _create_in_vg(vg: str, size: int | None, chunk: int, pool_tag_list: list[str]) -> None:
+    """The pool in the free extents of an existing VG, which is not thinstack's: its other LVs
+    and its PVs are never touched. Until the commit the pool carries the operation's tag, so a
+    rollback (recovery's rule for tagged volumes) removes the pool and nothing else."""
+    def checked(lvs: list[LV]) -> dict:
+        if any(lv.is_thin_pool and tags.POOL in lv.tags for lv in lvs):
+            raise Exists(f"volume group {vg} already has a thinstack pool")
+        if any(lv.name == POOL_LV for lv in lvs):
+            raise Exists(f"volume group {vg} already has a volume named {POOL_LV}")
+        # Sized on what is free: the pool may only ever grow into that. NoSpace before anything
+        # is journalled.
+        found = lvm.vgs(vg)
+        if not found:
+            raise NotFound(f"volume group {vg} not found")
+        info = found[0]
+        sizes = plan_sizes(info.free, info.free, info.extent_size, chunk, size)
+        return dict(existing_vg=True, data=sizes.data, metadata=sizes.metadata, chunk=chunk)
+
+    with operation("pool-create", vg, checked) as op:
+        sizes = Sizes(op.entry.args["data"], op.entry.args["metadata"])
+        op.step(Step(StepKind.POOL, f"{vg}/{POOL_LV}"))
+        _lvcreate_pool(vg, sizes, chunk, [*pool_tag_list, op.entry.tag])
+        faults.point("pool-create", "after-pool")
+        op.commit(lvm.VolumeRef(vg, POOL_LV))
+
+
 # --- rollback ----------------------------------------------------------------------------------
 
 def rollback(entry: Entry, lvm: Lvm) -> list[Action]:
     """recovery.PLANNERS["pool-create"]: what rolls back an uncommitted creation; nothing but its
-    tag when its VG has become someone's (said on stderr: the creation is adopted)."""
+    tag when its VG has become someone's (said on stderr: the creation is adopted). A pool made
+    in an existing VG is undone by recovery's own rule: it still carries the operation's tag."""
+    if entry.args.get("existing_vg"):
+        return []
     found = lvm.vgs(entry.vg)
     vg = found[0] if found else None
     plan = rollback_plan(entry.steps, entry.tag, vg, lvm.lvs(entry.vg) if vg else [])

@@ -5,12 +5,15 @@ blivet is imported here only, and only inside functions: loading it (libblockdev
 a udev scan of every block device) takes a second or more that commands which don't provision
 disks must not pay. Everything above this module sees plain paths; rolling back what was made
 here is the caller's (pools.py), with the plain tools, so that recovery never needs blivet.
+Whatever blivet (or libblockdev under it) raises reaches the user as one thinstack line.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,32 +34,52 @@ class PreparedVG:
         """Write it all: md superblocks, PV labels, the VG metadata."""
         import blivet.udev
 
-        self._storage.do_it()
-        # Later commands (lvcreate, pvs) look devices up through udev; let it catch up first.
-        blivet.udev.settle()
+        with blivet_errors(f"writing the volume group on {', '.join(self.pvs)}"):
+            self._storage.do_it()
+            # Later commands (lvcreate, pvs) look devices up through udev; let it catch up.
+            blivet.udev.settle()
+
+
+# blivet models whole disks, md and loops over files; for what it does not (multipath, LUKS, a
+# loop over a block device: "device is too small"), the VG can be made by hand.
+HINT = "; or make the volume group yourself (pvcreate, vgcreate) and give no devices"
+
+
+@contextmanager
+def blivet_errors(what: str) -> Iterator[None]:
+    """blivet's failures (its StorageError tree, but also ValueError, GLib.Error, ...) as one
+    ThinstackError line saying what was being done; thinstack's own errors pass as they are."""
+    try:
+        yield
+    except ThinstackError:
+        raise
+    except Exception as e:
+        detail = " ".join(str(e).split()) or type(e).__name__
+        raise ThinstackError(f"{what}: {detail}{HINT}") from None
 
 
 def prepare_vg(vg: str, devices: list[str], *, md_name: str | None = None) -> PreparedVG:
     """Schedule `vg` on `devices` (each a whole, blank block device); with md_name, on an md raid1
     of the two devices, named md_name. Refuses devices that hold anything: a partition table, a
     filesystem, an old PV or md superblock, or devices built on top of them."""
-    blivet = _blivet()
-    from blivet.formats import get_format
+    with blivet_errors(f"preparing volume group {vg} on {', '.join(devices)}"):
+        blivet = _blivet()
+        from blivet.formats import get_format
 
-    storage = blivet.Blivet()
-    storage.reset()
-    disks = [_blank_device(storage, path) for path in devices]
-    for disk in disks:
-        storage.format_device(disk, get_format("mdmember" if md_name else "lvmpv"))
-    if md_name:
-        md = storage.new_mdarray(name=md_name, level="raid1", parents=disks, total_devices=2,
-                                 member_devices=2, fmt_type="lvmpv")
-        storage.create_device(md)
-        pvs = [md]
-    else:
-        pvs = disks
-    storage.create_device(storage.new_vg(name=vg, parents=pvs))
-    return PreparedVG(pvs=[pv.path for pv in pvs], _storage=storage)
+        storage = blivet.Blivet()
+        storage.reset()
+        disks = [_blank_device(storage, path) for path in devices]
+        for disk in disks:
+            storage.format_device(disk, get_format("mdmember" if md_name else "lvmpv"))
+        if md_name:
+            md = storage.new_mdarray(name=md_name, level="raid1", parents=disks,
+                                     total_devices=2, member_devices=2, fmt_type="lvmpv")
+            storage.create_device(md)
+            pvs = [md]
+        else:
+            pvs = disks
+        storage.create_device(storage.new_vg(name=vg, parents=pvs))
+        return PreparedVG(pvs=[pv.path for pv in pvs], _storage=storage)
 
 
 def require_thin_pool(runner: Runner = RUNNER, misc: Path = Path("/proc/misc")) -> None:

@@ -104,10 +104,11 @@ def test_good_arguments_pass():
     pools.check_create_args(**args())
     pools.check_create_args(**args(devices=["/dev/sdb", "/dev/sdc"], raid1=True))
     pools.check_create_args(**args(devices=[], file=Path("/var/lib/ts/p.img"), size=GiB))
+    pools.check_create_args(**args(devices=[]))  # a pool in an existing VG
 
 
 @pytest.mark.parametrize("over, message", [
-    (dict(devices=[]), "give the devices"),
+    (dict(devices=[], raid1=True), "give them"),
     (dict(file=Path("/x.img"), size=GiB), "not both"),
     (dict(devices=[], file=Path("/x.img")), "needs --size"),
     (dict(devices=[], file=Path("/x.img"), size=GiB, raid1=True), "does not apply"),
@@ -372,3 +373,85 @@ def test_extend_beyond_the_vg_is_no_space_without_running_lvm(system):
     with pytest.raises(NoSpace, match="8MiB free"):
         pools.extend("vg0", 12 * MiB)
     assert system["fake"].commands == []
+
+
+# --- a pool in an existing VG ------------------------------------------------------------------
+
+@pytest.fixture
+def existing(system):
+    """A VG someone else made, holding one of their own LVs."""
+    system["vgs"].append(vg(free=500 * MiB))
+    system["fake"].lv_list.append(lv("root", attr="-wi-ao----", tags=()))
+    return system
+
+
+def test_a_pool_goes_into_an_existing_vgs_free_extents_tagged_until_its_commit(existing, mocker):
+    existing["fake"].on_command = fake_lvm(existing)
+    mocker.patch("thinstack.pools.status", return_value=["status"])
+    assert pools.create("vg0", grow_step=GiB) == "status"
+    (lvcreate,) = [c for c in existing["lvm"] if c[0] == "lvcreate"]
+    text = " ".join(lvcreate)
+    assert "-L 511705088b" in text  # 500 MiB free less 3 x 4 MiB of metadata, to extents: 488
+    (tag,) = [a for a in lvcreate if a.startswith("ts_op_")]
+    assert "--addtag ts_pool" in text and lvcreate[-3:] == ("-n", "pool", "vg0")
+    # The commit removes the tag from the pool; the VG itself is never changed, nor removed.
+    assert existing["lvm"][-1] == ("lvchange", "--deltag", tag, "vg0/pool")
+    assert not [c for c in existing["lvm"] if c[0] in ("vgchange", "vgremove", "pvremove")]
+    assert Journal().pending() == []
+
+
+def test_a_failed_pool_in_an_existing_vg_removes_only_the_pool(existing):
+    fake = existing["fake"]
+
+    def run(*argv):  # lvcreate makes the tagged pool, then fails
+        if argv[0] == "lvcreate":
+            tag = next(a for a in argv if a.startswith("ts_op_"))
+            fake.lv_list.append(lv(tags=("ts_pool", tag)))
+            raise ThinstackError("lvcreate failed")
+    fake.on_command = run
+    with pytest.raises(ThinstackError, match="lvcreate failed"):
+        pools.create("vg0")
+    undone = [c for c in fake.commands if c[0] in ("lvremove", "vgremove", "pvremove")]
+    assert undone == [("lvremove", "-q", "-y", "-f", "vg0/pool")]
+    assert Journal().pending() == []
+
+
+@pytest.mark.parametrize("lvs, free, error, message", [
+    ([lv()], 500 * MiB, Exists, "already has a thinstack pool"),
+    ([lv(tags=(), attr="-wi-a-----")], 500 * MiB, Exists, "already has a volume named pool"),
+    ([], 8 * MiB, NoSpace, "8MiB free"),
+    ([], None, NotFound, "volume group vg0 not found"),
+])
+def test_an_existing_vg_is_refused_before_anything_is_journalled(system, lvs, free, error,
+                                                                 message):
+    if free is not None:
+        system["vgs"].append(vg(free=free))
+    system["fake"].lv_list.extend(lvs)
+    with pytest.raises(error, match=message):
+        pools.create("vg0", size=None)
+    assert Journal().pending() == [] and system["fake"].commands == []
+
+
+def test_an_interrupted_pool_in_an_existing_vg_is_no_adoption_and_no_vg_removal():
+    entry = Journal().begin("pool-create", "vg0", existing_vg=True)
+    assert pools.rollback(entry, FakeLvm(vgs=[vg()], lvs=[lv()])) == []
+
+
+# --- blivet's failures, as thinstack's ---------------------------------------------------------
+
+def test_a_blivet_failure_is_one_thinstack_line(monkeypatch):
+    class DeviceError(Exception):  # as blivet.errors raises it, for a loop over a block device
+        pass
+
+    class Blivet:
+        def reset(self):
+            raise DeviceError("device is too small for new format\n  (more detail)")
+
+    monkeypatch.setattr("thinstack.provision._blivet", lambda: type("M", (), {"Blivet": Blivet}))
+    monkeypatch.setitem(__import__("sys").modules, "blivet.formats",
+                        type("F", (), {"get_format": None}))
+    with pytest.raises(ThinstackError) as e:
+        pools.provision.prepare_vg("vg0", ["/dev/loop1"])
+    assert type(e.value) is ThinstackError and "\n" not in str(e.value)
+    assert str(e.value).startswith("preparing volume group vg0 on /dev/loop1: device is too "
+                                   "small for new format (more detail); or make the volume group")
