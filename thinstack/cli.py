@@ -56,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="thinstack", description=__doc__,
                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_pool_parser, _volume_parsers, _list_parsers, _cow_parser, _monitor_parser,
-                _recover_parser, _import_parser, _export_parser, _mount_parsers, _lab_parser):
+    for add in (_pool_parser, _volume_parsers, _list_parsers, _reclaim_parser, _cow_parser,
+                _monitor_parser, _recover_parser, _import_parser, _export_parser, _mount_parsers,
+                _lab_parser):
         add(sub)
     return p
 
@@ -123,10 +124,32 @@ def _list_parsers(sub) -> None:
     lst.set_defaults(run=cmd_list)
     lst.add_argument("vg", nargs="?")
     lst.add_argument("--json", action="store_true")
+    lst.add_argument("--sort", choices=["name", "size", "mapped", "exclusive"], default="name",
+                     help="order (the byte keys biggest first)")
     i = sub.add_parser("info", help="one volume in detail")
     i.set_defaults(run=cmd_info)
     i.add_argument("ref", type=_ref, metavar="VG/NAME")
     i.add_argument("--json", action="store_true")
+
+
+def _reclaim_parser(sub) -> None:
+    r = sub.add_parser("reclaim", help="give a volume's all-zero chunks back to the pool, live")
+    r.set_defaults(run=cmd_reclaim)
+    r.add_argument("ref", type=_ref, metavar="VG/NAME")
+    r.add_argument("--json", action="store_true", help="print one summary object")
+
+
+def cmd_reclaim(args) -> int:
+    from thinstack import reclaim
+
+    s = reclaim.reclaim(args.ref)
+    if args.json:
+        print(json.dumps(s.to_json(), sort_keys=True))
+    else:
+        print(f"{s.volume}: discarded {s.discarded_chunks} all-zero chunks "
+              f"({format_size(s.bytes_discarded)}); pool used {format_size(s.pool_used_before)}"
+              f" -> {format_size(s.pool_used_after)}")
+    return 0
 
 
 def _cow_parser(sub) -> None:
@@ -302,6 +325,7 @@ def cmd_list(args) -> int:
     for vg in [args.vg] if args.vg else sorted({lv.vg for lv in lvs}):
         in_vg = [lv for lv in lvs if lv.vg == vg]
         infos += volumes.volume_infos(in_vg, poolstatus.thin_usage(vg, in_vg))
+    infos = volumes.sort_infos(infos, args.sort)
     if args.json:
         _print_json([i.to_json() for i in infos])
         return 0

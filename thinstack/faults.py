@@ -23,6 +23,8 @@ POINTS: dict[str, tuple[str, ...]] = {
                     "after-discard"),
     "live-finish": ("after-reload",),
     "mount": ("after-intent", "after-snapshot"),  # a mounted file's first open
+    # mid-batch: the volume suspended, its private twin up, the batch's discards done.
+    "reclaim": ("after-intent", "after-device", "mid-batch"),
 }
 
 

@@ -49,6 +49,7 @@ class Undo(StrEnum):
     ZERO_MD = "mdadm-zero"  # a member's superblock, only if of the array `arg`
     DETACH_LOOP = "losetup-detach"  # every loop over the file of identity `arg` (DEV:INO)
     REMOVE_FILE = "remove-file"  # TARGET, only while it is still the file `arg` (DEV:INO)
+    REMOVE_DEVICE = "dm-remove"  # a dm device made outside LVM (arg: its dm uuid, checked)
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,9 @@ def plan(entries: Iterable[Entry], lvs: list[LV], keep: frozenset[str] = frozens
             actions.append(Action(Undo.REMOVE_PARTIAL, e.args["partial"]))
         if "mountpoint" in e.args:  # the mount that served the snapshot, if it is dead
             actions.append(Action(Undo.UNMOUNT_STALE, e.args["mountpoint"]))
+        if "private_device" in e.args:  # reclaim's second device on the volume's thin id
+            actions.append(Action(Undo.REMOVE_DEVICE, e.args["private_device"],
+                                  e.args["private_uuid"]))
     return actions
 
 
@@ -137,6 +141,13 @@ def _resume(a: Action, lvm: Lvm) -> None:
     info = dm.info(a.target)
     if info is not None and info.suspended and info.uuid == a.arg:  # only the very device
         dm.resume(a.target)
+
+
+def _remove_device(a: Action, lvm: Lvm) -> None:
+    dm = DeviceMapper(lvm.runner)
+    info = dm.info(a.target)
+    if info is not None and info.uuid == a.arg:  # only the very device
+        dm.remove(a.target)
 
 
 def _release(a: Action, lvm: Lvm) -> None:
@@ -193,6 +204,7 @@ UNDO: dict[Undo, Callable[[Action, Lvm], object]] = {
     Undo.ZERO_MD: _zero_md,
     Undo.DETACH_LOOP: lambda a, lvm: backing.detach_loops(a.arg, lvm.runner),
     Undo.REMOVE_FILE: lambda a, lvm: backing.remove_file(Path(a.target), a.arg),
+    Undo.REMOVE_DEVICE: _remove_device,
 }
 
 

@@ -351,3 +351,18 @@ def volume_infos(lvs: list[LV], usage: dict[int, tuple[int, int, int]] | None = 
             active=extorigin.active(lv), dependants=deps.get(lv.name, []), mapped_bytes=mapped,
             exclusive_bytes=exclusive, shared_bytes=shared, thin_id=lv.thin_id))
     return out
+
+
+# The byte keys of `list --sort`, biggest first; a volume whose usage is unknown comes last.
+SORT_KEYS = {"size": "size", "mapped": "mapped_bytes", "exclusive": "exclusive_bytes"}
+
+
+def sort_infos(infos: list[VolumeInfo], key: str) -> list[VolumeInfo]:
+    """`list --sort KEY`: by name (VG/NAME), or biggest first by size, mapped or exclusive."""
+    if key == "name":
+        return sorted(infos, key=lambda i: (i.vg, i.name))
+    def order(i: VolumeInfo) -> tuple[bool, int, str, str]:
+        value = getattr(i, SORT_KEYS[key])
+        return value is None, -(value or 0), i.vg, i.name
+
+    return sorted(infos, key=order)

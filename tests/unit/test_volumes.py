@@ -58,3 +58,17 @@ def test_volume_infos_name_each_kind_and_its_dependants():
         "base": ("gold", ["c1", "c2"]), "c1": ("clone", []), "c2": ("clone", []),
         "vm": ("thin", ["s"]), "s": ("snapshot", [])}
     assert [i.name for i in volumes.volume_infos(lvs, name="vm")] == ["vm"]
+
+
+def test_list_sorts_by_name_or_biggest_first_with_unknown_usage_last():
+    def info(name, size, exclusive):
+        return volumes.VolumeInfo(
+            vg="vg", name=name, size=size, path="", dm_path="", kind="thin", origin=None,
+            readonly=False, gold=False, active=True, dependants=[], mapped_bytes=exclusive,
+            exclusive_bytes=exclusive, shared_bytes=0, thin_id=1)
+
+    infos = [info("b", 3, None), info("a", 1, 5), info("c", 2, 0)]
+    names = {key: [i.name for i in volumes.sort_infos(infos, key)]
+             for key in ("name", "size", "exclusive", "mapped")}
+    assert names == {"name": ["a", "b", "c"], "size": ["b", "c", "a"],
+                     "exclusive": ["a", "c", "b"], "mapped": ["a", "c", "b"]}
