@@ -82,7 +82,8 @@ class FakeLvm(Lvm):
     (`commands`: without the leading `lvm`) and then handed to `on_command`."""
 
     def __init__(self, vgs=(), lvs=(), pvs=(), on_command=None):
-        super().__init__(FakeRunner())
+        # No device-mapper device exists until a test says so (a later `on` wins over this).
+        super().__init__(FakeRunner().fail(["dmsetup", "info"], "Device does not exist.\n"))
         # vgs: kept as given, so a test may grow the list the fake reads
         self.vg_list = vgs if isinstance(vgs, list) else list(vgs)
         self.lv_list, self.pv_list = list(lvs), list(pvs)

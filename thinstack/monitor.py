@@ -24,7 +24,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from thinstack import thinpool
+from thinstack import poolstatus, thinpool
 from thinstack.dm.client import DeviceMapper
 from thinstack.dm.errors import DmError
 from thinstack.dm.status import Failed, ThinPoolStatus
@@ -85,6 +85,7 @@ class Monitor:
         self.lvm = lvm or default_lvm()
         self.history: dict[str, History] = {}
         self.alerts: set[str] = set()  # the volumes in alert at the last pass
+        self.modes: dict[str, str] = {}  # each pool's mode when last read
         self.command_times = deque([FIRST_COMMAND_SECONDS], maxlen=TIMED_COMMANDS)
         self.pool_devices: set[str] = set()  # device-mapper names of the pools seen last pass
 
@@ -124,6 +125,7 @@ class Monitor:
         reports += [Report("live", c.vg, c.name, data_percent=c.percent, alert=c.alert)
                     for c in live.check_all(self.lvm)]
         self._log_alerts(reports)
+        self._log_modes(reports)
         return reports
 
     def _guarded(self, lv: LV, kind: str, check, *args) -> tuple[Report, int]:
@@ -182,10 +184,15 @@ class Monitor:
             self.lvm.run("lvchange", "-q", "--refresh", ref, *config)
         mode = plan.error_if_no_space if plan.error_if_no_space is not None \
             else view.error_if_no_space
+        # A pool that is not rw needs the operator even when the policy has nothing to say;
+        # unless it is only out of data space and has just been grown (the kernel resumes it).
+        shown = poolstatus.pool_mode(st)
+        stuck = not (shown == poolstatus.OUT_OF_DATA_SPACE and plan.grow_data)
         return Report("pool", lv.vg, lv.name, data_percent=view.data.percent,
-                      metadata_percent=view.metadata.percent, mode=view.mode,
+                      metadata_percent=view.metadata.percent, mode=shown,
                       error_if_no_space=mode, growths=h.growths,
-                      alert=plan.alert), plan.grow_data + plan.grow_metadata
+                      alert=plan.alert or (poolstatus.refusal(ref, shown, "monitor") if stuck
+                                           else None)), plan.grow_data + plan.grow_metadata
 
     def check_cow(self, lv: LV, origin: LV, extent: int, room: int) -> tuple[Report, int]:
         store = Space(round(lv.size * (lv.data_percent or 0) / 100), lv.size)
@@ -227,6 +234,16 @@ class Monitor:
             log(f"{ref}: alert cleared")
         self.alerts = set(now)
 
+    def _log_modes(self, reports: list[Report]) -> None:
+        """Every change of a pool's mode away from rw is an alert; the return to rw is logged.
+        A monitor that starts on a pool that is not rw alerts at once."""
+        now = {f"{r.vg}/{r.name}": r.mode for r in reports if r.kind == "pool" and r.mode}
+        for ref, mode in now.items():
+            was = self.modes.get(ref, poolstatus.RW)
+            if mode != was:
+                log(f"{'ALERT ' if mode != poolstatus.RW else ''}{ref}: mode {was} -> {mode}")
+        self.modes.update(now)
+
 
 def growth_lock(lv: LV) -> Path:
     """The lock a monitor holds while it reads, decides on and grows `lv`."""
@@ -247,8 +264,8 @@ def log(message: str) -> None:
 _METRICS = (
     ("thinstack_pool_data_percent", "gauge", "Pool data space in use, percent."),
     ("thinstack_pool_metadata_percent", "gauge", "Pool metadata space in use, percent."),
-    ("thinstack_pool_mode", "gauge", "1 for the pool's current mode (rw, ro, out_of_data_space, "
-                                     "fail)."),
+    ("thinstack_pool_mode", "gauge", "1 for the pool's current mode (rw, out_of_data_space, ro, "
+                                     "needs_check, fail)."),
     ("thinstack_pool_error_if_no_space", "gauge", "1 if the pool fails writes when full, 0 if it "
                                                   "queues them."),
     ("thinstack_cow_percent", "gauge", "CoW store in use, percent."),
@@ -262,11 +279,12 @@ def metrics_text(reports: list[Report]) -> str:
     samples: dict[str, list[str]] = {name: [] for name, _, _ in _METRICS}
     for r in reports:
         labels = f'vg="{r.vg}",{r.kind}="{r.name}"'
+        if r.kind == "pool" and r.mode is not None:  # a failed pool has a mode, no usage
+            samples["thinstack_pool_mode"].append(f'{{{labels},mode="{r.mode}"}} 1')
         if r.kind == "pool" and r.data_percent is not None:
             samples["thinstack_pool_data_percent"].append(f"{{{labels}}} {r.data_percent:.2f}")
             samples["thinstack_pool_metadata_percent"].append(
                 f"{{{labels}}} {r.metadata_percent:.2f}")
-            samples["thinstack_pool_mode"].append(f'{{{labels},mode="{r.mode}"}} 1')
             samples["thinstack_pool_error_if_no_space"].append(
                 f"{{{labels}}} {int(bool(r.error_if_no_space))}")
         elif r.kind == "cow" and r.data_percent is not None:

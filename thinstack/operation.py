@@ -1,6 +1,8 @@
-"""The one skeleton of every operation that changes a VG: under the VG lock, recover what earlier
-runs left, journal the intent before the first change, act, commit; and when the act fails,
-roll back (as `thinstack recover` would) or keep the entry for a resume: `on_failure` says which.
+"""The one skeleton of every operation that changes a VG: under the VG lock, refuse a pool that
+is not writable (poolstatus.refusal; before anything, recovery included, fails halfway in LVM),
+recover what earlier runs left, journal the intent before the first change, act, commit; and
+when the act fails, roll back (as `thinstack recover` would) or keep the entry for a resume:
+`on_failure` says which.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 
-from thinstack import faults, lvm, recovery
+from thinstack import faults, lvm, poolstatus, recovery
 from thinstack.journal import Entry, Journal, Step, StepKind
 from thinstack.lock import vg_lock
 from thinstack.lvm import LV, VolumeRef
@@ -63,6 +65,7 @@ def operation(kind: str, vg: str, args: Args | None = None, *, on_failure: Polic
                 recovery.recover_vg(vg, journal)
             else:
                 lvs = lvm.volumes_of(vg)
+                poolstatus.refuse_unless_writable(vg, lvs, kind)
                 if recovery.recover_vg(vg, journal, lvs=lvs):
                     lvs = lvm.volumes_of(vg)
             found = args(lvs) if callable(args) else (args or {})

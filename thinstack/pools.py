@@ -23,14 +23,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from thinstack import backing, faults, growth, lvm, provision, tags
+from thinstack import backing, faults, growth, lvm, poolstatus, provision, tags
 from thinstack.attach import attach
 from thinstack.errors import Exists, NoSpace, NotFound, ThinstackError
 from thinstack.journal import Entry, Step, StepKind, last_target, parse_steps
 from thinstack.lock import vg_lock
 from thinstack.lvm import LV, Lvm, default_lvm
 from thinstack.operation import Op, operation
-from thinstack.poolstatus import PoolStatus, check, pool_lv, status, thin_usage
+from thinstack.poolstatus import PoolStatus, check, status, thin_usage
 from thinstack.recovery import Action, Undo
 from thinstack.sizes import format_size, round_down, round_up
 
@@ -332,7 +332,9 @@ def extend(vg: str, size: int) -> PoolStatus:
     if size <= 0:
         raise ThinstackError("the size to add must be positive")
     with vg_lock(vg):
-        pool = pool_lv(vg)
+        lvs = lvm.volumes_of(vg)
+        pool = lvm.pool_of(vg, lvs)
+        poolstatus.refuse_unless_writable(vg, lvs, "pool-extend")
         free = lvm.vgs(vg)[0].free
         if size > free:
             raise NoSpace(f"volume group {vg} has {format_size(free)} free, less than "

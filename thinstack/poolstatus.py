@@ -1,4 +1,5 @@
-"""Reading a pool: its status (`pool status`/`pool list`; JSON fields in docs/json.md), the check
+"""Reading a pool: its status (`pool status`/`pool list`; JSON fields in docs/json.md), its one
+mode (`pool_mode`) and whether an operation may change a pool in that mode (`refusal`), the check
 of its metadata (`pool check`), and per-volume usage from its metadata (`list`, `info`)."""
 
 from __future__ import annotations
@@ -38,6 +39,55 @@ class PoolStatus:
         return asdict(self)
 
 
+# The modes a pool shows, from the kernel's status: rw, out_of_data_space, ro (as dm-thin says),
+# needs_check (the kernel's flag: its metadata must be checked and repaired before use; the pool
+# is then read-only too), fail (the kernel stopped all I/O); inactive when it has no device.
+RW, OUT_OF_DATA_SPACE, NEEDS_CHECK, FAIL, INACTIVE = (
+    "rw", "out_of_data_space", "needs_check", "fail", "inactive")
+# What may still change a pool out of data space: what frees space in it (growing it is `pool
+# extend`, which is no operation of a VG's volumes). Every mode is `pool repair`'s to mend.
+ALLOWED = {OUT_OF_DATA_SPACE: frozenset({"delete", "reclaim", "pool-extend"})}
+REPAIRS = frozenset({"pool-repair"})
+
+
+def pool_mode(kernel: ThinPoolStatus | Failed | None) -> str:
+    """The one mode a pool shows, given the kernel's status (None: the pool is not active). The
+    worst wins: a failed pool, then one flagged for checking (whatever its mode), then dm-thin's
+    own mode."""
+    if kernel is None:
+        return INACTIVE
+    if isinstance(kernel, Failed):
+        return FAIL
+    return NEEDS_CHECK if kernel.needs_check else kernel.mode.value
+
+
+def refusal(ref: str, mode: str, kind: str) -> str | None:
+    """Why operation `kind` may not change pool `ref` in `mode` (None: it may): one line naming
+    the mode and what brings the pool back."""
+    if mode in (RW, INACTIVE) or kind in REPAIRS or kind in ALLOWED.get(mode, ()):
+        return None
+    vg = ref.partition("/")[0]
+    if mode == OUT_OF_DATA_SPACE:
+        return (f"pool {ref} is {mode}: grow it (`thinstack pool extend {vg} SIZE`) or delete "
+                "volumes first")
+    return f"pool {ref} is {mode}: repair it first (`thinstack pool repair {vg}`)"
+
+
+def refuse_unless_writable(vg: str, lvs: list[LV], kind: str,
+                           dm: DeviceMapper | None = None) -> None:
+    """Refused when the VG's pool (among `lvs`) is in a mode that operation `kind` may not
+    change it in; read through the kernel's status ioctl, not LVM. A VG without a pool is the
+    operation's own business."""
+    try:
+        pool = lvm.pool_of(vg, lvs)
+    except NotFound:
+        return
+    dm = dm or DeviceMapper(lvm.default_lvm().runner)
+    why = refusal(str(pool.ref), pool_mode(_kernel_status(pool, dm)), kind)
+    if why:
+        raise Refused(why)
+
+
 def pool_lv(vg: str) -> LV:
     """The VG's thin pool; NotFound without the VG or a pool in it."""
     return lvm.pool_of(vg, lvm.volumes_of(vg))
@@ -61,12 +111,8 @@ def pool_status(pool: LV, lvs: list[LV], kernel: ThinPoolStatus | Failed | None)
     policy = growth.settings(pool.tags)
     used = data_pct = meta_pct = None
     when_full = pool.when_full or "queue"  # LVM's default when its profile sets nothing
-    if kernel is None:
-        mode = "inactive"
-    elif isinstance(kernel, Failed):
-        mode = "failed"
-    else:
-        mode = kernel.mode.value
+    mode = pool_mode(kernel)
+    if isinstance(kernel, ThinPoolStatus):
         used = kernel.used_data_blocks * pool.chunk_size
         data_pct = 100 * kernel.used_data_blocks / kernel.total_data_blocks
         meta_pct = 100 * kernel.used_metadata_blocks / kernel.total_metadata_blocks
@@ -82,8 +128,8 @@ def pool_status(pool: LV, lvs: list[LV], kernel: ThinPoolStatus | Failed | None)
         thin_count=sum(1 for lv in lvs if lv.is_thin and lv.pool == pool.name))
 
 
-def _kernel_status(pool: LV) -> ThinPoolStatus | Failed | None:
-    device = kernel_pool(pool)
+def _kernel_status(pool: LV, dm: DeviceMapper | None = None) -> ThinPoolStatus | Failed | None:
+    device = kernel_pool(pool, dm)
     if device is None:
         return None
     status = device.dm.target_status(device.name)
@@ -107,8 +153,8 @@ def check(vg: str, dm: DeviceMapper | None = None) -> str:
         if result.clean:
             return f"{pool.ref}: metadata clean"
         detail = result.output.splitlines()[-1] if result.output else "thin_check found errors"
-    raise ThinstackError(f"{pool.ref}: metadata damaged ({detail}); deactivate the pool and "
-                         f"repair it with `lvconvert --repair {pool.ref}`")
+    raise ThinstackError(f"{pool.ref}: metadata damaged ({detail}); repair it with "
+                         f"`thinstack pool repair {vg}`")
 
 
 def thin_usage(vg: str, lvs: list[LV] | None = None, dm: DeviceMapper | None = None

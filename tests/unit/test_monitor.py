@@ -355,3 +355,38 @@ def test_concurrent_passes_grow_once(env, mocker):
     for t in threads:
         t.join()
     assert [c[0] for c in commands(env)] == ["lvextend"]
+
+
+# --- pool modes --------------------------------------------------------------------------------
+
+def test_every_mode_change_away_from_rw_is_an_alert_and_the_return_is_logged(env, capsys):
+    setup(env, [pool_lv()], [vg()])
+    dm = FakeDM(**{"vg-pool-tpool": (status(10), ARMED)})
+    m = monitor.Monitor(5.0, dm)
+    [report] = m.check_all()
+    assert report.mode == "rw" and report.alert is None and "mode" not in capsys.readouterr().err
+    dm.pools["vg-pool-tpool"] = (status(10, mode=PoolMode.RO), ARMED)
+    [report] = m.check_all()
+    assert report.mode == "ro" and "read-only" in report.alert
+    assert "ALERT vg/pool: mode rw -> ro" in capsys.readouterr().err
+    dm.pools["vg-pool-tpool"] = (status(10, mode=PoolMode.RO, needs_check=True), ARMED)
+    [report] = m.check_all()
+    assert report.mode == "needs_check"
+    assert "ALERT vg/pool: mode ro -> needs_check" in capsys.readouterr().err
+    dm.pools["vg-pool-tpool"] = (Failed(), ARMED)
+    [report] = m.check_all()
+    assert "ALERT vg/pool: mode needs_check -> fail" in capsys.readouterr().err
+    assert 'thinstack_pool_mode{vg="vg",pool="pool",mode="fail"} 1' in \
+        monitor.metrics_text([report]).splitlines()
+    dm.pools["vg-pool-tpool"] = (status(10), ARMED)
+    [report] = m.check_all()
+    err = capsys.readouterr().err
+    assert "vg/pool: mode fail -> rw" in err and "ALERT vg/pool: mode" not in err
+    assert report.alert is None
+
+
+def test_a_pool_out_of_data_space_that_cannot_grow_names_the_way_out(env):
+    setup(env, [pool_lv(POOL_TAGS | {"ts_no_grow"})], [vg(free=0)])
+    full = status(BLOCKS_256M, mode=PoolMode.OUT_OF_DATA_SPACE)
+    [report] = one_pass(FakeDM(**{"vg-pool-tpool": (full, ARMED)}))
+    assert report.mode == "out_of_data_space" and "thinstack pool extend vg" in report.alert

@@ -78,7 +78,7 @@ def test_status_of_inactive_and_failed_pools():
     s = poolstatus.pool_status(in_vg(vg(), lv(attr="twi---tz--")), [], None)
     assert (s.mode, s.data_used, s.data_percent, s.metadata_percent) == \
         ("inactive", None, None, None)
-    assert poolstatus.pool_status(in_vg(vg(), lv()), [], Failed()).mode == "failed"
+    assert poolstatus.pool_status(in_vg(vg(), lv()), [], Failed()).mode == "fail"
 
 
 # --- the kernel's side, through a FakeRunner: dmsetup, thin_check and thin_ls ------------------
@@ -128,7 +128,7 @@ def test_check_reads_a_metadata_snapshot_and_reports_damage_as_an_error(one_pool
         poolstatus.check("vg0", dm)
     assert one_pool.argvs[-1] == RELEASE  # let go however the read ends
     one_pool.on(["dmsetup", "status"], "0 2097152 thin-pool Fail\n")
-    with pytest.raises(ThinstackError, match="kernel failed the pool.*lvconvert --repair"):
+    with pytest.raises(ThinstackError, match="kernel failed the pool.*`thinstack pool repair vg0`"):
         poolstatus.check("vg0", dm)
 
 
@@ -180,3 +180,65 @@ def test_other_dm_and_command_failures_are_thinstack_errors(one_pool):
     one_pool.on(["dmsetup", "status"], "0 2097152 thin-pool Fail\n")  # and then it failed
     with pytest.raises(ThinstackError, match="^vg0/pool: thin-pool vg0-pool-tpool has failed"):
         poolstatus.thin_usage("vg0", dm=DeviceMapper(one_pool))
+
+
+# --- the one mode, and what may change a pool in it --------------------------------------------
+
+@pytest.mark.parametrize("status, mode", [
+    (None, "inactive"),
+    (Failed(), "fail"),
+    (kernel(), "rw"),
+    (kernel(mode=PoolMode.OUT_OF_DATA_SPACE), "out_of_data_space"),
+    (kernel(mode=PoolMode.RO), "ro"),
+    (dataclasses.replace(kernel(mode=PoolMode.RO), needs_check=True), "needs_check"),
+    (dataclasses.replace(kernel(), needs_check=True), "needs_check"),
+])
+def test_the_pool_shows_one_mode_the_worst(status, mode):
+    assert poolstatus.pool_mode(status) == mode
+    if status is not None:
+        assert poolstatus.pool_status(in_vg(vg(), lv()), [lv()], status).mode == mode
+
+
+@pytest.mark.parametrize("mode, kind, allowed", [
+    ("rw", "create", True), ("inactive", "snapshot", True),
+    ("out_of_data_space", "delete", True), ("out_of_data_space", "pool-extend", True),
+    ("out_of_data_space", "reclaim", True), ("out_of_data_space", "create", False),
+    ("out_of_data_space", "import", False), ("ro", "delete", False),
+    ("needs_check", "pool-extend", False), ("fail", "clone", False),
+    ("needs_check", "pool-repair", True), ("fail", "pool-repair", True),
+])
+def test_what_may_change_a_pool_in_each_mode(mode, kind, allowed):
+    why = poolstatus.refusal("vg0/pool", mode, kind)
+    assert (why is None) == allowed
+    if why:
+        assert why.startswith(f"pool vg0/pool is {mode}: ") and "\n" not in why
+        fix = "thinstack pool extend vg0" if mode == "out_of_data_space" else \
+            "thinstack pool repair vg0"
+        assert fix in why
+
+
+def test_every_operation_refuses_a_pool_not_writable_before_recovery_or_journal(
+        one_pool, tmp_path, monkeypatch, mocker):
+    from thinstack import recovery, volumes
+    from thinstack.journal import Journal
+    from thinstack.lvm import VolumeRef
+
+    monkeypatch.setenv("THINSTACK_STATE_DIR", str(tmp_path / "state"))
+    fake = FakeLvm(vgs=[vg()], lvs=[lv()])
+    fake.runner = one_pool  # the pool's device, as the kernel shows it
+    monkeypatch.setattr("thinstack.lvm.LVM", fake)
+    recover = mocker.spy(recovery, "recover_vg")
+    one_pool.on(["dmsetup", "status"], status_line().replace(" rw ", " ro "))
+    with pytest.raises(Refused, match=r"^pool vg0/pool is ro: .*`thinstack pool repair vg0`"):
+        volumes.create(VolumeRef("vg0", "new"), 1 << 30)
+    one_pool.on(["dmsetup", "status"], status_line().replace(" - 1024", " needs_check 1024"))
+    with pytest.raises(Refused, match="is needs_check"):
+        volumes.delete(VolumeRef("vg0", "new"))
+    assert recover.call_count == 0 and Journal().pending() == [] and fake.commands == []
+    one_pool.on(["dmsetup", "status"], status_line().replace(" rw ", " out_of_data_space "))
+    with pytest.raises(Refused, match="is out_of_data_space: grow it"):
+        volumes.create(VolumeRef("vg0", "new"), 1 << 30)
+    fake.lv_list.append(lv("vm", attr="Vwi-a-tz--", pool="pool", tags=()))
+    one_pool.on(["lvm", "lvremove"], "")
+    volumes.delete(VolumeRef("vg0", "vm"))  # frees space: allowed
+    assert [c[0] for c in fake.commands] == ["lvremove"]
