@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from thinstack import poolstatus, thinpool
@@ -54,6 +54,9 @@ TIMED_COMMANDS = 5  # the reaction time counts the slowest of the last few growt
 # What a pass reads: thin pools, CoW snapshots (valid or not) and their origins (LVM's attrs).
 WATCHED = 'lv_attr=~"^[tsSoO]"'
 RATE_WINDOW = 10.0  # seconds of readings the write rate is measured over (at least two passes)
+# Per-volume usage (metrics) is read this often, not every pass: thin_ls walks every mapping of
+# the pool and the names come from an lvs of every thin volume, both growing with the volumes.
+VOLUME_USAGE_EVERY = 60.0
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,14 @@ class Report:
     growths: int = 0
     alert: str | None = None
     busy: bool = False  # another monitor was looking after it: nothing read or done this pass
+    volumes: tuple[VolumeUsage, ...] = ()  # a pool's thin volumes, as last read
+
+
+@dataclass(frozen=True)
+class VolumeUsage:
+    name: str
+    mapped: int  # bytes of the pool the volume maps
+    exclusive: int  # of those, mapped by no other volume: what deleting it gives back
 
 
 @dataclass
@@ -88,6 +99,8 @@ class Monitor:
         self.modes: dict[str, str] = {}  # each pool's mode when last read
         self.command_times = deque([FIRST_COMMAND_SECONDS], maxlen=TIMED_COMMANDS)
         self.pool_devices: set[str] = set()  # device-mapper names of the pools seen last pass
+        # pool VG/NAME -> when its volumes' usage was read, and what it was
+        self.usage: dict[str, tuple[float, tuple[VolumeUsage, ...]]] = {}
 
     @property
     def reaction(self) -> float:
@@ -113,6 +126,7 @@ class Monitor:
                 if lv.is_thin_pool and TAG_POOL in lv.tags and lv.active:
                     report, used = self._guarded(lv, "pool", self.check_pool, lv,
                                                  lv.vg_extent_size, room)
+                    report = replace(report, volumes=self._volume_usage(lv))
                 elif lv.is_cow_snapshot and (lv.active or invalid(lv)):
                     report, used = self._guarded(lv, "cow", self.check_cow, lv,
                                                  in_vg[lv.origin], lv.vg_extent_size, room)
@@ -127,6 +141,26 @@ class Monitor:
         self._log_alerts(reports)
         self._log_modes(reports)
         return reports
+
+    def _volume_usage(self, pool: LV) -> tuple[VolumeUsage, ...]:
+        """The pool's volumes' usage: read anew every VOLUME_USAGE_EVERY seconds (one thin_ls),
+        else as last read. A failed read keeps the last figures: they are a view, no alert."""
+        key = str(pool.ref)
+        when, last = self.usage.get(key, (None, ()))
+        if when is not None and time.monotonic() - when < VOLUME_USAGE_EVERY:
+            return last
+        try:
+            thins = [lv for lv in self.lvm.lvs(pool.vg, select="segtype=thin")
+                     if lv.is_thin and lv.pool == pool.name]
+            usage = poolstatus.thin_usage(pool.vg, [pool, *thins], self.dm) if thins else {}
+        except (CommandError, DmError, ThinstackError):
+            usage = None
+        if usage is None:  # unreadable, or another reader holds the metadata snapshot
+            return last
+        found = tuple(VolumeUsage(lv.name, *usage[lv.thin_id][:2]) for lv in thins
+                      if lv.thin_id in usage)
+        self.usage[key] = (time.monotonic(), found)
+        return found
 
     def _guarded(self, lv: LV, kind: str, check, *args) -> tuple[Report, int]:
         """A failure on one device is that device's alert; the others are still looked after.
@@ -271,6 +305,9 @@ _METRICS = (
     ("thinstack_cow_percent", "gauge", "CoW store in use, percent."),
     ("thinstack_growths_total", "counter", "Growths by this monitor process."),
     ("thinstack_alert", "gauge", "1 if the pool or CoW volume needs the operator."),
+    ("thinstack_volume_mapped_bytes", "gauge", "Pool space a thin volume maps, bytes."),
+    ("thinstack_volume_exclusive_bytes", "gauge", "Pool space only this thin volume maps (what "
+                                                  "deleting it gives back), bytes."),
 )
 
 
@@ -291,6 +328,10 @@ def metrics_text(reports: list[Report]) -> str:
             samples["thinstack_cow_percent"].append(f"{{{labels}}} {r.data_percent:.2f}")
         samples["thinstack_growths_total"].append(f"{{{labels}}} {r.growths}")
         samples["thinstack_alert"].append(f"{{{labels}}} {int(r.alert is not None)}")
+        for v in r.volumes:
+            where = f'vg="{r.vg}",pool="{r.name}",volume="{v.name}"'
+            samples["thinstack_volume_mapped_bytes"].append(f"{{{where}}} {v.mapped}")
+            samples["thinstack_volume_exclusive_bytes"].append(f"{{{where}}} {v.exclusive}")
     lines = []
     for name, kind, help_ in _METRICS:
         lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}"]

@@ -11,6 +11,7 @@ import os
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -128,9 +129,19 @@ def test_reclaim_returns_zero_chunks_live_and_recovers_from_kills(vg):
     assert again["discarded_chunks"] == 0 and again["suspensions"] == 0
     assert used() == before - 48 * MiB
 
-    # Deleting a volume returns its space at once.
+    # Who uses the space: list biggest first, and the monitor's per-volume metrics.
     ts("create", "vg0/other", "--size", "64M")
     write_blocks("/dev/vg0/other", "other", list(range(0, 32 * MiB, BLOCK)))
+    listed = json.loads(ts("list", "vg0", "--sort", "exclusive", "--json").stdout)
+    assert [(v["name"], v["exclusive_bytes"]) for v in listed] == [("vm", 112 * MiB),
+                                                                   ("other", 32 * MiB)]
+    ts("monitor", "--once")
+    prom = (Path(os.environ["THINSTACK_RUN_DIR"]) / "monitor.prom").read_text().splitlines()
+    for name, size in (("vm", 112 * MiB), ("other", 32 * MiB)):
+        for metric in ("mapped", "exclusive"):
+            assert f'thinstack_volume_{metric}_bytes{{vg="vg0",pool="pool",volume="{name}"}} ' \
+                f"{size}" in prom, prom
+    # Deleting a volume returns its space at once.
     full = used()
     ts("delete", "vg0/other")
     assert used() == full - 32 * MiB

@@ -390,3 +390,24 @@ def test_a_pool_out_of_data_space_that_cannot_grow_names_the_way_out(env):
     full = status(BLOCKS_256M, mode=PoolMode.OUT_OF_DATA_SPACE)
     [report] = one_pass(FakeDM(**{"vg-pool-tpool": (full, ARMED)}))
     assert report.mode == "out_of_data_space" and "thinstack pool extend vg" in report.alert
+
+
+# --- per-volume usage --------------------------------------------------------------------------
+
+def test_volume_usage_is_read_once_a_minute_and_shown_per_volume(env, mocker):
+    vm = dataclasses.replace(lv("vm", "Vwi-a-tz--", segtype="thin"), pool="pool", thin_id=1)
+    setup(env, [pool_lv(), vm], [vg()])
+    reads = mocker.patch("thinstack.poolstatus.thin_usage",
+                         return_value={1: (8 * MiB, 6 * MiB, 2 * MiB), 9: (MiB, MiB, 0)})
+    m = monitor.Monitor(5.0, FakeDM(**{"vg-pool-tpool": (status(10), ARMED)}))
+    [report] = m.check_all()
+    assert report.volumes == (monitor.VolumeUsage("vm", 8 * MiB, 6 * MiB),)
+    assert [x.name for x in reads.call_args.args[1]] == ["pool", "vm"]  # and its thin volumes
+    lines = monitor.metrics_text([report]).splitlines()
+    assert f'thinstack_volume_mapped_bytes{{vg="vg",pool="pool",volume="vm"}} {8 * MiB}' in lines
+    assert f'thinstack_volume_exclusive_bytes{{vg="vg",pool="pool",volume="vm"}} {6 * MiB}' \
+        in lines
+    reads.return_value = None  # another reader holds the metadata snapshot: the last figures
+    assert m.check_all()[0].volumes == report.volumes and reads.call_count == 1
+    mocker.patch("time.monotonic", return_value=monitor.time.monotonic() + 61)
+    assert m.check_all()[0].volumes == report.volumes and reads.call_count == 2
