@@ -1,0 +1,177 @@
+"""Reliability figures (issue 13): the long versions of tests/lab/test_faults.py, each in its own
+lab boots, one JSON per row in bench/reports/reliability/, and docs/reliability.md made from
+every JSON there (H3's state machine writes its own row in the same format).
+
+Run on the host from the project root (it boots its labs itself; `bench/run --only
+reliability` does the same):
+
+    .venv/bin/python bench/reliability_bench.py [--cuts 20] [--only ROW...]
+    .venv/bin/python bench/reliability_bench.py --render     # only rewrite docs/reliability.md
+
+A row's JSON: {"row", "measured", "produced_by", "when", "details"}; `details` is what the
+workload in tests/faultdisks.py returned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests import faultdisks  # noqa: E402  (the workloads live with the tests)
+
+REPORTS = ROOT / "bench" / "reports" / "reliability"
+PAGE = ROOT / "docs" / "reliability.md"
+ME = "bench/reliability_bench.py"
+ORDER = ["data-errors", "metadata-errors", "power-cuts", "slow-disk", "state-machine", "kill-9"]
+DELAYS = [0, 50, 200]
+TITLES = {
+    "data-errors": "I/O errors on data (flakey `error_writes` under the data PV)",
+    "metadata-errors": "I/O errors on metadata (flakey `error_writes` under the metadata PV)",
+    "power-cuts": "power cut at random moments during create/clone/import/export/writes "
+                  "(flakey `drop_writes`, new boot over the same disks)",
+    "slow-disk": "dm-delay under the pool's PV (0, 50, 200 ms)"}
+
+
+def in_lab(row: str, *args: str, disk_size: str = "1G") -> dict:
+    """tests/faultdisks.py's ROW in a fresh lab; what it measured."""
+    with tempfile.TemporaryDirectory(prefix="reliability-") as d:
+        out = Path(d) / "out.json"
+        done = subprocess.run(
+            [sys.executable, "-m", "thinstack.cli", "lab", "run", "--disks", "1", "--disk-size",
+             disk_size, "--timeout", "1800", "--", sys.executable, "-m", "tests.faultdisks",
+             "run", row, str(out), *args],
+            capture_output=True, text=True, cwd=ROOT,
+            env={**os.environ, "THINSTACK_STATE_DIR": f"{d}/state",
+                 "THINSTACK_RUN_DIR": f"{d}/run"})
+        if done.returncode != 0:
+            raise SystemExit(f"{row}: lab exit {done.returncode}:\n{done.stdout}{done.stderr}")
+        return json.loads(out.read_text())
+
+
+def when(kernel: str) -> str:
+    return f"{datetime.date.today()}, kernel {kernel}"
+
+
+def write(row: str, measured: str, produced_by: str, kernel: str, details: object) -> None:
+    REPORTS.mkdir(parents=True, exist_ok=True)
+    (REPORTS / f"{row}.json").write_text(json.dumps(
+        {"row": TITLES[row], "measured": measured, "produced_by": produced_by, "when": when(kernel),
+         "details": details}, indent=1) + "\n")
+    print(f"{row}: {measured}", file=sys.stderr)
+
+
+def writes(found: dict) -> str:
+    return ", ".join(f"{what}: {outcome} in {s:g} s" for what, (outcome, s)
+                     in found["writes"].items())
+
+
+def repaired(found: dict) -> str:
+    r = found["repair"]
+    how = f"`{r['by hand']}` (by hand)" if "by hand" in r else "`pool repair`"
+    return (f"{how} exit {r['exit']}, then mode {found['mode after repair']}, "
+            f"thin_check {found['consistency']}")
+
+
+def data_errors() -> None:
+    f = in_lab("data-errors")
+    write("data-errors", (
+        f"writers: {writes(f)}; flushed data of both volumes intact during the fault: "
+        f"{f['intact during']}, after: {f['intact after repair']}; the pool went "
+        f"{f['mode during']}, `create` refused (exit {f['create during']['exit']}); "
+        f"{repaired(f)}"), "tests/lab/test_faults.py::test_io_errors_on_data_and_on_metadata; "
+        f"{ME} --only data-errors", f["kernel"], f)
+
+
+def metadata_errors() -> None:
+    f, race = in_lab("metadata-errors"), in_lab("metadata-errors-race")
+    kept = race.get("acknowledged new block kept")
+    write("metadata-errors", (
+        f"writers: {writes(f)}; mode reached: {f['mode reached']}; `create` refused (exit "
+        f"{f['create during']['exit']}); {repaired(f)}; flushed data intact: "
+        f"{f['intact after repair']}. A write whose fsync follows dm-thin's failed periodic "
+        f"commit: fsync {race['writes']['new block'][0]}, block kept: {kept}"),
+        "tests/lab/test_faults.py::test_io_errors_on_data_and_on_metadata; "
+        f"{ME} --only metadata-errors", f["kernel"], {"plain": f, "race": race})
+
+
+def power_cuts(n: int) -> None:
+    cuts = []
+    for seed in range(1, n + 1):
+        with tempfile.TemporaryDirectory(prefix="reliability-cut-") as d:
+            cuts.append(faultdisks.power_cut(Path(d), seed, latest=60))
+        print(f"cut {seed}: {json.dumps(cuts[-1])[:300]}", file=sys.stderr)
+    done = [c for c in cuts if "failed" not in c]
+    lost = sum(len(c["lost"]) for c in done)
+    unclean = [c["seed"] for c in done if c["consistency"] != "clean"]
+    left = [c["seed"] for c in done if any(c["leftovers"].values())]
+    repaired_ = [c["seed"] for c in done if "repair" in c]
+    write("power-cuts", (
+        f"{len(cuts)} cuts at random moments within 60 s of create/clone/import/export/writes "
+        f"({sum(c['acknowledged'] for c in done)} acknowledged writes and imports): flushed "
+        f"writes lost {lost}; runs that failed {len(cuts) - len(done)}; pools needing repair "
+        f"{len(repaired_)}; thin_check not clean {len(unclean)}; cuts with leftovers after "
+        f"recover {len(left)}"),
+        f"tests/lab/test_faults.py::test_power_cuts_at_random_moments (2 cuts); {ME} "
+        f"--only power-cuts --cuts {n}", os.uname().release, cuts)
+
+
+def slow_disk() -> None:
+    runs = [in_lab("slow-disk", str(ms), "256", "64M", disk_size="2G") for ms in DELAYS]
+    base = runs[0]
+
+    def ratio(r: dict, op: str) -> str:
+        return f"{r[op]['seconds']:g} s ({r[op]['seconds'] / base[op]['seconds']:.1f}x)"
+
+    parts = [f"{r['delay ms']} ms: 256 MiB written in {r['write s']:g} s, I/O errors "
+             f"{len(r['io errors'])}, pool {r['pool before MiB']} -> {r['pool after MiB']} MiB, "
+             f"fullest {r['fullest %']}%; import {ratio(r, 'import')}, export "
+             f"{ratio(r, 'export')}, create {ratio(r, 'create')}, snapshot "
+             f"{ratio(r, 'snapshot')}, commands failed "
+             f"{sum(r[op]['exit'] != 0 for op in ('import', 'export', 'create', 'snapshot'))}"
+             for r in runs]
+    write("slow-disk", "; ".join(parts),
+          f"tests/lab/test_faults.py::test_slow_disk_pool_grows_in_time (50 ms); {ME} "
+          "--only slow-disk", base["kernel"], runs)
+
+
+def render() -> None:
+    rows = {p.stem: json.loads(p.read_text()) for p in sorted(REPORTS.glob("*.json"))}
+    names = [n for n in ORDER if n in rows] + sorted(set(rows) - set(ORDER))
+    lines = ["# Reliability figures", "",
+             "How thinstack behaves when its disks fail (issue 13), measured in the lab kernel.",
+             f"Made by `.venv/bin/python {ME} --render` from bench/reports/reliability/*.json;",
+             "each row's JSON keeps every figure behind the summary.", "",
+             "| test | measured | produced by | date / kernel |", "|---|---|---|---|"]
+    for name in names:
+        r = rows[name]
+        cells = [r["row"], r["measured"], r["produced_by"], r["when"]]
+        lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ")
+                                        for c in cells) + " |")
+    PAGE.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--render", action="store_true", help="only rewrite the page")
+    parser.add_argument("--only", nargs="*", choices=ORDER[:4], default=ORDER[:4])
+    parser.add_argument("--cuts", type=int, default=20)
+    args = parser.parse_args()
+    if not args.render:
+        jobs = {"data-errors": data_errors, "metadata-errors": metadata_errors,
+                "power-cuts": lambda: power_cuts(args.cuts), "slow-disk": slow_disk}
+        for row in args.only:
+            jobs[row]()
+    render()
+
+
+if __name__ == "__main__":
+    main()
