@@ -42,6 +42,7 @@ def test_documented_schema_is_the_json():
     ("## `list --json`", "thinstack.volumes:VolumeInfo"),
     ("## `import --json`", "thinstack.imports:Summary"),
     ("## `export --json`", "thinstack.exports:Summary"),
+    ("## `reclaim --json`", "thinstack.reclaim:Summary"),
 ])
 def test_every_documented_json_is_its_class(section, cls):
     module, _, name = cls.partition(":")
