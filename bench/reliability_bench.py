@@ -125,13 +125,13 @@ def power_cuts(n: int) -> None:
 
 
 def slow_disk() -> None:
-    runs = [in_lab("slow-disk", str(ms), "256", "64M", disk_size="2G") for ms in DELAYS]
+    runs = [in_lab("slow-disk", str(ms), "64", "32M", "16") for ms in DELAYS]
     base = runs[0]
 
     def ratio(r: dict, op: str) -> str:
         return f"{r[op]['seconds']:g} s ({r[op]['seconds'] / base[op]['seconds']:.1f}x)"
 
-    parts = [f"{r['delay ms']} ms: 256 MiB written in {r['write s']:g} s, I/O errors "
+    parts = [f"{r['delay ms']} ms: 64 MiB written in {r['write s']:g} s, I/O errors "
              f"{len(r['io errors'])}, pool {r['pool before MiB']} -> {r['pool after MiB']} MiB, "
              f"fullest {r['fullest %']}%; import {ratio(r, 'import')}, export "
              f"{ratio(r, 'export')}, create {ratio(r, 'create')}, snapshot "

@@ -377,9 +377,10 @@ def power_cut(state: Path, seed: int, latest: float = 12) -> dict:
 
 # --- Slow disks ---------------------------------------------------------------------------------
 
-def slow_disk(disk: str, delay_ms: int, write_mib: int = 160, pool: str = "64M") -> dict:
+def slow_disk(disk: str, delay_ms: int, write_mib: int, pool: str, image_mib: int) -> dict:
     """dm-delay of `delay_ms` under the PV; a small pool the monitor must grow while a writer
-    writes `write_mib` MiB with O_DIRECT; then an import and an export of 32 MiB."""
+    writes `write_mib` MiB with O_DIRECT; then an import and an export of `image_mib` MiB, and
+    create, snapshot, delete."""
     hide_raw_disks()
     slow = FaultDisk("slow", disk)
     slow.delay(delay_ms)
@@ -412,7 +413,7 @@ def slow_disk(disk: str, delay_ms: int, write_mib: int = 160, pool: str = "64M")
     out["pool after MiB"] = pool_mib("svg")
     image = Path("/tmp/slow-image.raw")
     with open(image, "wb") as f:
-        for off in range(0, 32 * MiB, MiB):
+        for off in range(0, image_mib * MiB, MiB):
             f.write(pattern("img", off, MiB))
     out["import"] = cli("import", str(image), "svg/img", "--format", "raw")
     out["export"] = cli("export", "svg/img", "/tmp/slow-export.raw", "--format", "raw")
@@ -429,12 +430,12 @@ ROWS = {"data-errors": lambda: data_errors("/dev/ubdb"),
 
 
 def main(argv: list[str]) -> None:
-    """workload|cut-first|cut-second STATE_DIR ...: the power cut's parts;
-    run ROW OUT.json [DELAY_MS WRITE_MIB POOL]: one of the other rows, its figures into OUT."""
+    """workload|cut-first|cut-second STATE_DIR ...: the power cut's parts; run ROW OUT.json
+    [DELAY_MS WRITE_MIB POOL IMAGE_MIB]: one of the other rows, its figures into OUT."""
     command, state = argv[0], Path(argv[1])
     if command == "run":
-        run = ROWS.get(state.name) or (lambda: slow_disk("/dev/ubdb", int(argv[3]),
-                                                         int(argv[4]), argv[5]))
+        run = ROWS.get(state.name) or (lambda: slow_disk(
+            "/dev/ubdb", int(argv[3]), int(argv[4]), argv[5], int(argv[6])))
         Path(argv[2]).write_text(json.dumps({**run(), "kernel": os.uname().release}, indent=1))
     elif command == "workload":
         workload(state)

@@ -48,7 +48,8 @@ def test_power_cuts_at_random_moments(tmp_path):
 
 @pytest.mark.lab(disks=1, disk_size="1G", timeout=500)
 def test_slow_disk_pool_grows_in_time(lab_disks):
-    slow = faultdisks.slow_disk(lab_disks[0], delay_ms=50, write_mib=64, pool="32M")
+    slow = faultdisks.slow_disk(lab_disks[0], delay_ms=50, write_mib=40, pool="32M",
+                                 image_mib=8)
     print(slow)
     assert slow["io errors"] == [] and slow["intact"], slow
     assert slow["fullest %"] < 100 and slow["pool after MiB"] > slow["pool before MiB"], slow
