@@ -16,7 +16,15 @@ from pathlib import Path
 import pytest
 
 from tests.labtools import assert_pool_consistent, sh, ts
-from tests.patterns import BLOCK, blocks_match, is_zero, pattern, read_direct, write_blocks
+from tests.patterns import (
+    BLOCK,
+    blocks_match,
+    digest,
+    is_zero,
+    pattern,
+    read_direct,
+    write_blocks,
+)
 from thinstack import faults
 
 MiB = 1 << 20
@@ -165,6 +173,19 @@ def test_reclaim_returns_zero_chunks_live_and_recovers_from_kills(vg):
         assert blocks_match(VOL, "late", list(LATE))
         assert is_zero(VOL, [o for o in ZEROS if o not in LATE])
         assert_pool_consistent("vg0")
-    # And then a whole run gives back what the kills left.
-    reclaim()
+    # What a snapshot shares stays its own: reclaim unmaps the chunks from the volume only, the
+    # snapshot's bytes do not change, and deleting the snapshot gives the rest back.
+    ts("snapshot", "vg0/vm", "snap")
+    snap = digest("/dev/vg0/snap", 256 * MiB)
+    assert json.loads(reclaim().stdout)["discarded_chunks"] > 0
+    assert digest("/dev/vg0/snap", 256 * MiB) == snap
+    assert is_zero(VOL, [o for o in ZEROS if o not in LATE])
+    ts("delete", "vg0/snap")
     assert used() == before - 48 * MiB
+    # Nothing may write a gold master: refused in one line; an unknown volume is not found.
+    ts("create", "vg0/gold", "--size", "8M")
+    ts("gold", "vg0/gold")
+    for ref, status, text in (("vg0/gold", 5, "gold master"), ("vg0/nosuch", 3, "no such")):
+        done = ts("reclaim", ref, check=False)
+        assert done.returncode == status and text in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
