@@ -126,7 +126,11 @@ def power_cuts(n: int) -> None:
         with tempfile.TemporaryDirectory(prefix="reliability-cut-") as d:
             cuts.append(faultdisks.power_cut(Path(d), seed, latest=60))
         print(f"cut {seed}: {json.dumps(cuts[-1])[:300]}", file=sys.stderr)
-    done = [c for c in cuts if "failed" not in c]
+    write_cuts(cuts, n)
+
+
+def write_cuts(cuts: list[dict], n: int) -> None:
+    done = [c for c in cuts if "failed" not in c and "workload failed" not in c]
     lost = sum(len(c["lost"]) for c in done)
     unclean = [c["seed"] for c in done if c["consistency"] != "clean"]
     left = [c["seed"] for c in done if any(c["leftovers"].values())]

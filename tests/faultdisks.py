@@ -297,7 +297,7 @@ def workload(state: Path) -> None:
             _ack(log, name=f"c{i}", seed=f"c{i}", offsets=[MiB])
             ts("import", str(state / "image.raw"), f"{CUT_VG}/i{i}", "--format", "raw")
             _ack(log, name=f"i{i}", seed="image", offsets=IMAGE_OFFSETS)
-            ts("export", f"{CUT_VG}/v{i}", str(state / "export.raw"), "--format", "raw")
+            ts("export", f"{CUT_VG}/v{i}", str(state / f"v{i}.raw"), "--format", "raw")
             write_blocks(f"/dev/{CUT_VG}/v{i}", f"v{i}+", [16 * MiB])
             _ack(log, name=f"v{i}", seed=f"v{i}+", offsets=[16 * MiB])
 
@@ -319,14 +319,21 @@ def cut_first(state: Path, seed: int, latest: float) -> None:
     with open(state / "acked.jsonl", "w") as log:
         _ack(log, name="gold", seed="gold", offsets=[0, MiB])
     moment = random.Random(seed).uniform(0.2, latest)
-    worker = subprocess.Popen([sys.executable, "-m", "tests.faultdisks", "workload", str(state)],
-                              cwd=ROOT, start_new_session=True)
+    with open(state / "workload.err", "w") as err:
+        worker = subprocess.Popen([sys.executable, "-m", "tests.faultdisks", "workload",
+                                   str(state)], cwd=ROOT, start_new_session=True, stderr=err)
     time.sleep(moment)
-    os.killpg(worker.pid, signal.SIGSTOP)  # the CPU stops: nothing more is acknowledged
+    ended = worker.poll()  # the workload failed on its own: a finding, reported
+    if ended is None:
+        os.killpg(worker.pid, signal.SIGSTOP)  # the CPU stops: nothing more is acknowledged
     disk.drop_writes()  # and nothing more reaches the disk, not even at power-off
-    os.killpg(worker.pid, signal.SIGKILL)
+    if ended is None:
+        os.killpg(worker.pid, signal.SIGKILL)
     worker.wait()
-    (state / "cut.json").write_text(json.dumps({"seed": seed, "moment": round(moment, 2)}))
+    cut = {"seed": seed, "moment": round(moment, 2)}
+    if ended is not None:
+        cut["workload failed"] = (state / "workload.err").read_text()[-1500:]
+    (state / "cut.json").write_text(json.dumps(cut))
 
 
 def stray_devices() -> list[str]:

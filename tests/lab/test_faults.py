@@ -37,10 +37,10 @@ def test_io_errors_on_data_and_on_metadata(lab_disks):
 @pytest.mark.skipif(IN_LAB, reason="boots its own labs")
 def test_power_cuts_at_random_moments(tmp_path):
     """Two cuts (4 boots); the bench runs 20+."""
-    for seed in (1, 2):
+    for seed in (5, 2):  # cuts at 6.3 s and 9.6 s: in the first and the second operations
         cut = faultdisks.power_cut(tmp_path / f"cut{seed}", seed, latest=10)
         print(cut)
-        assert "failed" not in cut, cut
+        assert "failed" not in cut and "workload failed" not in cut, cut
         assert cut["acknowledged"] >= 1 and cut["lost"] == [], cut
         assert cut["consistency"] == "clean", cut
         assert not any(cut["leftovers"].values()), cut
