@@ -45,8 +45,9 @@ def sh(*argv: str) -> None:
 def failure(e: BaseException, seed: int) -> str:
     """The failure and the steps that led to it, as hypothesis printed them."""
     notes = "\n".join(getattr(e, "__notes__", []))
-    last = traceback.format_exception_only(type(e), e)[-1].strip()
-    return f"seed {seed}: {last}\n{notes}"
+    frames = traceback.extract_tb(e.__traceback__)
+    where = ([f for f in frames if "/tests/" in f.filename] or frames)[-1]  # the model's line
+    return f"seed {seed}: {type(e).__name__} at {where.name}:{where.lineno}: {e}\n{notes}"
 
 
 def main() -> None:

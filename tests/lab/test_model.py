@@ -35,13 +35,13 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from exporters import vhd as vhd_out
 from tests import model
 from tests.imagetools import export as write_image
 from tests.labtools import assert_pool_consistent, sh, ts
 from tests.model import BLOCK, EPERM, MiB, Outcome, Stats, Vol, Vols
 from tests.patterns import pattern, read_direct, write_blocks
 from thinstack import faults
+from thinstack.exporters import vhd as vhd_out
 from thinstack.state import state_dir
 
 SIZES = [8 * MiB, 16 * MiB, 32 * MiB]
