@@ -207,8 +207,9 @@ def _discard(source: LV, candidates: Sequence[int], chunk: int) -> tuple[int, in
     def checked(lvs: list[LV]) -> dict:
         # The VG lock was not held while scanning: it must still be the volume scanned.
         lv = _find(source.ref, lvs)
-        if (lv.uuid, lv.thin_id) != (source.uuid, source.thin_id):
-            raise Refused(f"{source.ref} was replaced while it was scanned; run reclaim again")
+        if (lv.uuid, lv.thin_id, lv.size) != (source.uuid, source.thin_id, source.size):
+            raise Refused(f"{source.ref} was replaced or resized while it was scanned; run "
+                          "reclaim again")
         return dict(name=source.name, private_device=private, private_uuid=uuid)
 
     with operation(OP, source.vg, checked) as op:
