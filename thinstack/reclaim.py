@@ -22,9 +22,9 @@ the device in the entry's arguments), and any recovery of the VG resumes the one
 other (recovery.Undo.RESUME, Undo.REMOVE_DEVICE).
 
 Refused: volumes nothing may write (gold masters, read-only volumes), volumes over an external
-origin (an unmapped chunk reads the origin, not zeros), live imports, inactive volumes, and
-pools that do not zero new chunks: there a later partial write into a discarded chunk would show
-the disk's old bytes in the rest of it, where readers saw zeros.
+origin (an unmapped chunk reads the origin, not zeros), live imports, inactive volumes, pools
+that ignore discards, and pools that do not zero new chunks: there a later partial write into
+a discarded chunk would show the disk's old bytes in the rest of it, where readers saw zeros.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass
 from thinstack import extorigin, faults, lvm, mapping, tags, thinpool
 from thinstack.copy import Buffer, _runs
 from thinstack.dm.client import DeviceMapper
-from thinstack.dm.status import PoolMode
+from thinstack.dm.status import Discards, PoolMode
 from thinstack.dm.targets import ThinTarget
 from thinstack.errors import NotFound, Refused, ThinstackError
 from thinstack.extents import Kind
@@ -137,6 +137,9 @@ def reclaim(ref: VolumeRef) -> Summary:
         # A suspension would wait on the writes a full pool queues; a read-only one discards
         # nothing.
         raise Refused(f"{pool.ref} is {status.mode.value}: grow or repair it first")
+    if status.discards is Discards.IGNORED:
+        raise Refused(f"{pool.ref} ignores discards: let it take them first (`lvchange "
+                      f"--discards nopassdown {pool.ref}`, or passdown)")
     before = status.used_data_blocks * pool.chunk_size
     assert lv.thin_id is not None  # refusal(): a thin volume
     mapped, _ = mapping.read(pool, lv.thin_id, device=device)
