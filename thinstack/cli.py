@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _pool_parser(sub) -> None:
-    pool = sub.add_parser("pool", help="thin pools: create, attach, status, list, check, extend")
+    pool = sub.add_parser("pool", help="thin pools: create, attach, status, list, check, extend, "
+                          "repair")
     pool.set_defaults(run=cmd_pool)
     ps = pool.add_subparsers(dest="pool_command", required=True, metavar="SUBCOMMAND")
     c = ps.add_parser("create", help="make a VG on devices (or a file) and a thin pool in it; "
@@ -90,6 +91,10 @@ def _pool_parser(sub) -> None:
     ex = ps.add_parser("extend", help="grow the pool's data by SIZE")
     ex.add_argument("vg")
     ex.add_argument("size", type=_size)
+    r = ps.add_parser("repair", help="fresh metadata for a damaged pool (lvconvert --repair); "
+                      "the old is kept as an LV")
+    r.add_argument("vg")
+    r.add_argument("--json", action="store_true")
 
 
 def _volume_parsers(sub) -> None:
@@ -403,6 +408,16 @@ def cmd_pool(args) -> int:
         print(pools.check(args.vg))
     elif c == "extend":
         print(pools.extend(args.vg, args.size).path)
+    elif c == "repair":
+        from thinstack import repair
+
+        done = repair.repair(args.vg)
+        if args.json:
+            _print_json(done.to_json())
+        else:
+            print(f"{done.pool}: repaired, {done.volumes} volumes checked"
+                  + (f"; old metadata kept as {done.old_metadata} (lvremove it when no "
+                     "longer needed)" if done.old_metadata else ""))
     return 0
 
 

@@ -16,6 +16,7 @@ POINTS: dict[str, tuple[str, ...]] = {
     "delete": ("after-intent",),
     "cow": ("after-intent", "after-lvcreate"),
     "pool-create": ("after-intent", "after-vg", "after-pool"),
+    "pool-repair": ("after-intent", "after-deactivate", "after-repair"),
     "import": ("after-intent", "after-lvcreate", "mid-copy", "after-copy", "after-rename"),
     # after-suspend: only an export of a clone of a device outside the VG suspends it.
     "export": ("after-intent", "after-suspend", "after-snapshot", "mid-copy", "after-write"),

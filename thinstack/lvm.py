@@ -130,7 +130,8 @@ class LV:
 
     @property
     def active(self) -> bool:
-        return self.attr[4] == "a"
+        # "c": a thin pool active in the kernel that needs a check (needs_check).
+        return self.attr[4] in "ac"
 
     @property
     def readonly(self) -> bool:

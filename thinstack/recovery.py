@@ -24,7 +24,7 @@ from pathlib import Path
 from thinstack import backing, extorigin, tags
 from thinstack.dm.client import DeviceMapper
 from thinstack.dm.command import CommandError
-from thinstack.errors import Refused
+from thinstack.errors import Refused, ThinstackError
 from thinstack.exporters.atomic import remove_partial
 from thinstack.journal import Entry, Journal, StepKind
 from thinstack.lvm import LV, Lvm, default_lvm
@@ -39,6 +39,7 @@ class Undo(StrEnum):
     DELTAG = "deltag"  # the tag `arg` off VG/NAME, or off the VG TARGET
     WRITABLE = "writable"
     ACTIVATE = "activate"
+    TRY_ACTIVATE = "try-activate"  # VG/NAME, unless LVM refuses (its pool fails LVM's check)
     DEVICE_WRITABLE = "device-writable"  # a device outside the VG, by its path
     REMOVE_PARTIAL = "remove-partial"  # a writer's temporary file
     UNMOUNT_STALE = "unmount-stale"  # a `thinstack mount` whose daemon is dead, at TARGET
@@ -185,6 +186,13 @@ def _zero_md(a: Action, lvm: Lvm) -> None:
         lvm.runner.run(["mdadm", "--zero-superblock", a.target])
 
 
+def _try_activate(a: Action, lvm: Lvm) -> None:
+    try:
+        lvm.run("lvchange", "-ay", "-K", a.target)
+    except ThinstackError:  # LVM's failure, as Lvm.run reports it
+        pass  # a damaged pool stays inactive, as it was, for `thinstack pool repair`
+
+
 UNDO: dict[Undo, Callable[[Action, Lvm], object]] = {
     Undo.RESUME: _resume,
     Undo.RELEASE: _release,
@@ -193,6 +201,7 @@ UNDO: dict[Undo, Callable[[Action, Lvm], object]] = {
                                         "--deltag", a.arg, a.target),
     Undo.WRITABLE: lambda a, lvm: lvm.run("lvchange", "-prw", a.target),
     Undo.ACTIVATE: lambda a, lvm: lvm.run("lvchange", "-ay", "-K", a.target),
+    Undo.TRY_ACTIVATE: _try_activate,
     Undo.DEVICE_WRITABLE: lambda a, lvm: lvm.runner.run(["blockdev", "--setrw", a.target]),
     Undo.REMOVE_PARTIAL: lambda a, lvm: remove_partial(a.target),
     Undo.UNMOUNT_STALE: lambda a, lvm: _resolve("thinstack.mount_instants:unmount_stale")(
@@ -220,7 +229,8 @@ def _resolve(name: str) -> Callable:
 # here rather than registered on import, so no recovery misses a planner whose module happened
 # not to be imported yet.
 PLANNERS: dict[str, str] = {"pool-create": "thinstack.pools:rollback",
-                             "live-import": "thinstack.live:rollback"}
+                             "live-import": "thinstack.live:rollback",
+                             "pool-repair": "thinstack.repair:rollback"}
 
 # Operations whose entries the recovery at the start of other commands leaves alone: an
 # interrupted import may still be resumed (`import --resume`); an export copies outside the VG

@@ -36,6 +36,7 @@ COMMANDS = {
     ("pool", "list"): (["pool", "list", "--json"], "thinstack.poolstatus.status"),
     ("pool", "check"): (["pool", "check", "vg0"], "thinstack.pools.check"),
     ("pool", "extend"): (["pool", "extend", "vg0", "1G"], "thinstack.pools.extend"),
+    ("pool", "repair"): (["pool", "repair", "vg0"], "thinstack.repair.repair"),
     ("create",): (["create", "vg0/vm", "--size", "1G"], "thinstack.volumes.create"),
     ("snapshot",): (["snapshot", "vg0/vm", "snap"], "thinstack.volumes.snapshot"),
     ("gold",): (["gold", "vg0/vm"], "thinstack.volumes.gold"),

@@ -1,0 +1,127 @@
+"""`thinstack pool repair VG`: fresh metadata for a pool whose metadata is damaged (LVM's check
+fails at activation) or that the kernel stopped trusting (mode needs_check, ro or fail).
+
+LVM's `lvconvert --repair` runs thin_repair from the pool's metadata into its spare metadata LV
+(pmspare) and swaps the two in its own metadata, in one commit; the old metadata stays as the
+LV `pool_metaN`, kept for analysis and named in the result. So a repair killed before that
+commit leaves the pool as it was, and after it, repaired; the old metadata is kept either way.
+
+The flow, journalled as operation `pool-repair`: refuse while any of the pool's volumes is open
+(naming them); deactivate its active thin volumes and the pool (each journalled `inactive:NAME`
+first, so recovering an interrupted repair activates them again, where LVM can); repair (the
+commit); activate the pool alone (LVM's thin_check first, which clears the needs_check flag once
+the check passes) and check it, thin_check clean and the pool's thin ids those LVM lists, before
+the volumes that were active are activated again. A repair that loses volumes
+says which: their data is gone from the new metadata (it may be in the old).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+from thinstack import faults, lvm
+from thinstack.dm.client import DeviceMapper
+from thinstack.errors import Refused, ThinstackError
+from thinstack.journal import Entry, Step, StepKind
+from thinstack.lvm import LV, Lvm
+from thinstack.operation import operation
+from thinstack.recovery import Action, Undo
+from thinstack.thinpool import kernel_pool, reading_metadata
+
+OP = "pool-repair"
+CLEAR_NEEDS_CHECK = 'global{thin_check_options=["-q","--clear-needs-check-flag"]}'
+
+
+@dataclass(frozen=True)
+class Repaired:
+    pool: str  # VG/NAME
+    old_metadata: str | None  # VG/NAME_metaN: LVM's copy of the metadata before the repair
+    volumes: int  # the pool's thin volumes, all present in the repaired metadata
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def old_metadata(pool: str, before: set[str], after: set[str]) -> str | None:
+    """The LV that `lvconvert --repair` left the old metadata in: the new `POOL_metaN`."""
+    made = sorted(n for n in after - before if re.fullmatch(rf"{re.escape(pool)}_meta\d+", n))
+    return made[-1] if made else None
+
+
+def problems(clean: bool, check_output: str, known: dict[str, int], found: set[int]) -> str | None:
+    """What is wrong with a repaired pool, given its thin_check and the thin ids LVM knows
+    (volume name -> id) and the repaired metadata holds; None when nothing is."""
+    if not clean:
+        last = check_output.splitlines()[-1] if check_output else "thin_check found errors"
+        return f"its metadata still fails thin_check ({last})"
+    lost = sorted(name for name, i in known.items() if i not in found)
+    strays = sorted(found - set(known.values()))
+    said = []
+    if lost:
+        said.append(f"it lost volumes, whose data is not in the repaired metadata: "
+                    f"{', '.join(lost)}")
+    if strays:
+        said.append(f"it holds thin ids no volume has: {', '.join(map(str, strays))}")
+    return "; ".join(said) or None
+
+
+def repair(vg: str) -> Repaired:
+    def checked(lvs: list[LV]) -> dict:
+        pool = lvm.pool_of(vg, lvs)
+        thins = [lv for lv in lvs if lv.is_thin and lv.pool == pool.name]
+        busy = sorted(str(lv.ref) for lv in thins if lv.open)
+        if busy:
+            raise Refused(f"{pool.ref} has open volumes; close them first: {', '.join(busy)}")
+        return dict(pool=pool.name, active=sorted(lv.name for lv in thins if lv.active))
+
+    # No recovery first: what earlier operations left may need a writable pool to be undone;
+    # the next command recovers it, once the pool is repaired.
+    with operation(OP, vg, checked, recover=False) as op:
+        name, active = op.entry.args["pool"], op.entry.args["active"]
+        ref = lvm.VolumeRef(vg, name)
+        for volume in active:
+            op.step(Step(StepKind.INACTIVE, volume))
+        lvm.lvm("lvchange", "-q", "-an", *[f"{vg}/{v}" for v in active], str(ref))
+        faults.point(OP, "after-deactivate")
+        before = {lv.name for lv in op.lvs}
+        lvm.lvm("lvconvert", "-q", "-y", "--repair", str(ref))
+        op.commit()  # LVM has swapped the metadata: there is no going back
+        faults.point(OP, "after-repair")
+        # LVM checks the metadata before it activates the pool; told to, it also clears the
+        # needs_check flag, which thin_repair copies from the old metadata.
+        lvm.lvm("lvchange", "-q", "-ay", "-K", "--config", CLEAR_NEEDS_CHECK, str(ref))
+        lvs = lvm.volumes_of(vg)
+        pool = lvm.pool_of(vg, lvs)
+        known = {lv.name: lv.thin_id for lv in lvs
+                 if lv.is_thin and lv.pool == name and lv.thin_id is not None}
+        wrong = check(pool, known)
+        if wrong is None and active:
+            lvm.lvm("lvchange", "-q", "-ay", "-K", *[f"{vg}/{v}" for v in active])
+    old = old_metadata(name, before, {lv.name for lv in lvs})
+    kept = f"; the old metadata is kept as {vg}/{old}" if old else ""
+    if wrong:
+        raise ThinstackError(f"{ref} was repaired, but {wrong}{kept}")
+    return Repaired(str(ref), f"{vg}/{old}" if old else None, len(known))
+
+
+def check(pool: LV, known: dict[str, int]) -> str | None:
+    """problems() of the active, repaired pool, read on a metadata snapshot."""
+    device = kernel_pool(pool, DeviceMapper(lvm.default_lvm().runner))
+    if device is None:
+        return "it did not activate"
+    result = reading_metadata(pool, device.thin_check)
+    found = {e.dev_id for e in reading_metadata(pool, device.thin_ls)} if result.clean else set()
+    return problems(result.clean, result.output, known, found)
+
+
+def rollback(entry: Entry, lvm: Lvm) -> list[Action]:
+    """recovery.PLANNERS["pool-repair"]: an interrupted repair that had not yet repaired
+    activates the volumes it deactivated, where LVM can (a pool that fails LVM's check stays
+    inactive, as it was, for the next `pool repair`). A repaired one leaves them to the next
+    repair, which checks the pool before use."""
+    if entry.committed:
+        return []
+    active = {lv.name for lv in lvm.lvs(entry.vg) if lv.active}
+    return [Action(Undo.TRY_ACTIVATE, f"{entry.vg}/{s.target}") for s in entry.parsed()
+            if s.kind is StepKind.INACTIVE and s.target not in active]
