@@ -22,6 +22,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -421,13 +422,14 @@ def slow_disk(disk: str, delay_ms: int, write_mib: int, pool: str, image_mib: in
     monitor.terminate()
     out["monitor stderr"] = monitor.communicate(timeout=60)[1].strip().splitlines()[-3:]
     out["pool after MiB"] = pool_mib("svg")
-    image = Path("/tmp/slow-image.raw")
+    folder = Path(tempfile.mkdtemp(prefix="slow-disk-"))  # the lab's /tmp is the host's
+    image, export = folder / "image.raw", folder / "export.raw"
     with open(image, "wb") as f:
         for off in range(0, image_mib * MiB, MiB):
             f.write(pattern("img", off, MiB))
     out["import"] = cli("import", str(image), "svg/img", "--format", "raw")
-    out["export"] = cli("export", "svg/img", "/tmp/slow-export.raw", "--format", "raw")
-    out["export same"] = Path("/tmp/slow-export.raw").read_bytes() == image.read_bytes()
+    out["export"] = cli("export", "svg/img", str(export), "--format", "raw")
+    out["export same"] = export.exists() and export.read_bytes() == image.read_bytes()
     out["create"] = cli("create", "svg/c", "--size", "64M")
     out["snapshot"] = cli("snapshot", "svg/c", "s")
     out["delete"] = cli("delete", "svg/s")

@@ -226,7 +226,7 @@ def _run(op: Op, ref: VolumeRef, image: Image, extents: list[Extent],
         faults.point("import", "after-copy")
         # Renaming an inactive volume changes LVM's metadata only, which takes half the time of
         # renaming a live device (and leaves udev nothing to race with).
-        lvm.lvm("lvchange", "-q", "-an", str(temp))
+        _deactivate_written(temp)
         lvm.lvm("lvrename", "-q", ref.vg, temp.name, ref.name)
         faults.point("import", "after-rename")
     else:  # renamed before the interruption: only the commit is left
@@ -235,6 +235,17 @@ def _run(op: Op, ref: VolumeRef, image: Image, extents: list[Extent],
     lvm.lvm("lvchange", "-q", "-ay", "--deltag", op.entry.tag, str(ref))
     op.commit()
     return stats, pool.chunk_size
+
+
+def _deactivate_written(ref: VolumeRef) -> None:
+    """udev probes a device its writer has just closed (its watch rule). On a slow disk (dm-delay
+    of 200 ms, issue 13) the probe outlasts LVM's own wait and lvchange answers "in use": then
+    wait once for udev's queue to empty, and try again."""
+    try:
+        lvm.lvm("lvchange", "-q", "-an", str(ref))
+    except Refused:
+        lvm.LVM.runner.run(["udevadm", "settle", "--timeout=120"], timeout=130)
+        lvm.lvm("lvchange", "-q", "-an", str(ref))
 
 
 def _check_space(vg: str, pool: LV, needed: int) -> None:

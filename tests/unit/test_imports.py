@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from thinstack import imports
+from tests.fakes import FakeRunner
+from thinstack import imports, lvm
+from thinstack.dm.command import CommandError
 from thinstack.errors import NoSpace, NotFound, Refused, ThinstackError
 from thinstack.importers import ImageError
 from thinstack.journal import Entry, Journal
-from thinstack.lvm import BadName, VolumeRef
+from thinstack.lvm import BadName, Lvm, VolumeRef
 from thinstack.progress import Bar, line
 
 GiB, MiB = 1 << 30, 1 << 20
@@ -172,3 +174,15 @@ def test_images_that_write_themselves_need_a_pool_that_zeroes_new_chunks():
     assert imports.direct(object(), "twi-aot---") is False  # thinstack's copy loop: any pool
     with pytest.raises(Refused, match="zeroes new chunks; pool vg0/pool .*lvchange -Zy"):
         imports.direct(_Direct(), "twi-aot---", "vg0/pool")
+
+
+def test_a_volume_udev_still_probes_is_deactivated_after_udev_settles(monkeypatch):
+    in_use = CommandError(["lvm", "lvchange"], 5, "  Logical volume vg0/disk.importing in use.\n")
+    runner = FakeRunner().on(["lvm", "lvchange"], in_use, "")
+    monkeypatch.setattr(lvm, "LVM", Lvm(runner))
+    imports._deactivate_written(imports.temp_ref(REF))
+    off = ["lvm", "lvchange", "-q", "-an", "vg0/disk.importing"]
+    assert runner.argvs == [off, ["udevadm", "settle", "--timeout=120"], off]
+    runner.on(["lvm", "lvchange"], in_use)  # still open after udev is done: the user's, say so
+    with pytest.raises(Refused, match="in use"):
+        imports._deactivate_written(imports.temp_ref(REF))
