@@ -1,7 +1,7 @@
 """A pool's health against the real kernel (issue 13): a pool made in an existing VG over a
-device-mapper device, driven to `fail` by I/O errors, refused by every mutating command and
-the monitor's alert, then `pool repair`ed; and a pool whose metadata is flagged needs_check or
-damaged, repaired through kills midway. Each test does many checks in one boot."""
+device-mapper device, driven to needs_check by write errors, refused by every mutating command
+and alerted by the monitor, then `pool repair`ed; and a pool whose metadata is damaged (LVM
+refuses to activate it), repaired through kills midway. Each test does many checks in one boot."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from tests.patterns import BLOCK, blocks_match, write_blocks
 MiB = 1 << 20
 META_BLOCK = 4096
 SUPERBLOCK_CSUM_XOR = 160774  # dm-thin-metadata.c
-NEEDS_CHECK = 1  # the superblock's flags
 METADATA_SM_ROOT = slice(192, 320)  # the superblock's metadata space map root
 
 
@@ -134,35 +133,24 @@ def test_pool_in_an_existing_vg_fails_is_refused_alerted_and_repaired(lab_disks)
 
 
 @pytest.mark.lab(disks=1, disk_size="1G", timeout=600)
-def test_needs_check_and_damaged_metadata_are_repaired_through_kills(lab_disks):
+def test_damaged_metadata_is_repaired_through_kills_with_the_old_kept(lab_disks):
     ts("pool", "create", "vg0", lab_disks[0], "--size", "300M")
     ts("create", "vg0/vm", "--size", "64M")
     write_blocks("/dev/vg0/vm", "vm", [0, 200 * BLOCK])
     ts("snapshot", "vg0/vm", "snap")
     write_blocks("/dev/vg0/vm", "vm2", [0])
 
-    # needs_check: the flag the kernel sets when it stops trusting the metadata. LVM clears it
-    # when its own check passes at activation; an activation that skips the clearing shows it.
-    sh("lvchange", "-q", "-an", "vg0/vm", "vg0/snap", "vg0/pool")
-    edit_superblock("vg0", lambda b: b.__setitem__(slice(4, 5), bytes([b[4] | NEEDS_CHECK])))
-    sh("lvchange", "-q", "-ay", "--config", 'global{thin_check_options=["-q"]}', "vg0/vm")
-    assert mode("vg0") == "needs_check"
-    refused = ts("create", "vg0/x", "--size", "8M", check=False)
-    assert refused.returncode == 5 and "is needs_check" in refused.stderr
-    assert "`thinstack pool repair vg0`" in refused.stderr
-
     # A repair killed once the volumes are down: recovery brings back what was active.
     killed = ts("pool", "repair", "vg0", env={"THINSTACK_FAULT": "pool-repair:after-deactivate"},
                 check=False)
     assert killed.returncode == -9, killed.stderr
-    assert lvs("vg0")["vm"]["lv_attr"][4] != "a"
+    assert lvs("vg0")["vm"]["lv_attr"][4] != "a" and mode("vg0") == "inactive"
     ts("recover", "vg0")
     assert lvs("vg0")["vm"]["lv_attr"][4] == "a" and state_left() == []
-    assert blocks_match("/dev/vg0/vm", "vm2", [0])
-    assert blocks_match("/dev/vg0/vm", "vm", [200 * BLOCK])
+    assert mode("vg0") == "rw" and names("vg0") & {"pool_meta0", "pool_meta1"} == set()
 
     # Damaged metadata: LVM refuses to activate the pool at all, and says so.
-    sh("lvchange", "-q", "-an", "vg0/vm", "vg0/pool")
+    sh("lvchange", "-q", "-an", "vg0/vm", "vg0/snap", "vg0/pool")
     edit_superblock("vg0", lambda b: b.__setitem__(METADATA_SM_ROOT, bytes(128)))
     failed = subprocess.run(["lvchange", "-ay", "vg0/vm"], capture_output=True, text=True)
     assert failed.returncode != 0 and "Manual repair required" in failed.stderr
@@ -176,11 +164,12 @@ def test_needs_check_and_damaged_metadata_are_repaired_through_kills(lab_disks):
     assert killed.returncode == -9, killed.stderr
     ts("recover", "vg0")
     assert "pool_meta0" in names("vg0") and state_left() == []
-    out = ts("pool", "repair", "vg0").stdout
+    out = ts("pool", "repair", "vg0").stdout  # again: checked this time
     assert out.strip() == ("vg0/pool: repaired, 2 volumes checked; old metadata kept as "
                            "vg0/pool_meta1 (lvremove it when no longer needed)")
-    sh("lvchange", "-q", "-ay", "-K", "vg0/vm", "vg0/snap")
-    assert mode("vg0") == "rw"
+    assert {"pool_meta0", "pool_meta1"} <= names("vg0") and mode("vg0") == "rw"
+    ts("pool", "attach", "vg0")
+    sh("lvchange", "-q", "-ay", "-K", "vg0/snap")
     assert blocks_match("/dev/vg0/vm", "vm2", [0]) and blocks_match("/dev/vg0/snap", "vm", [0])
     assert blocks_match("/dev/vg0/vm", "vm", [200 * BLOCK])
     assert ts("pool", "check", "vg0").stdout.strip() == "vg0/pool: metadata clean"
