@@ -227,6 +227,14 @@ def resize(ref: VolumeRef, size: int, *, shrink_ok: bool = False) -> str:
         if size != lv.size and extorigin.is_outside_clone(lv):
             _resize_outside(lv, size)
         elif size != lv.size:
+            if size < lv.size and lv.is_thin:
+                # dm-thin keeps the mappings past a thin device's new end: grown again, the
+                # volume would show its old tail. Unmapped first, as --yes promises.
+                if not lv.active or lv.readonly:
+                    raise Refused(f"{ref} is not active and writable: make it so to shrink it")
+                kept = round_up(size, lvm.vgs(lv.vg)[0].extent_size)  # LVM rounds up to it
+                if kept < lv.size:
+                    extorigin.discard(lv, kept, lv.size - kept)
             lvm.lvm("lvresize", "-q", "-f", "-L", f"{size}b", str(ref))
     return ref.path
 
