@@ -40,6 +40,7 @@ def test_documented_schema_is_the_json():
 
 @pytest.mark.parametrize("section, cls", [
     ("## `list --json`", "thinstack.volumes:VolumeInfo"),
+    ("## `pool repair --json`", "thinstack.repair:Repaired"),
     ("## `import --json`", "thinstack.imports:Summary"),
     ("## `export --json`", "thinstack.exports:Summary"),
     ("## `reclaim --json`", "thinstack.reclaim:Summary"),
