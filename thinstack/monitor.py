@@ -180,8 +180,8 @@ class Monitor:
         self.pool_devices.add(kernel.name)
         st = kernel.dm.target_status(kernel.name)
         if isinstance(st, Failed):
-            return Report("pool", lv.vg, lv.name, mode="fail", alert=(
-                "the pool has failed: it needs `thinstack pool check` and repair")), 0
+            return Report("pool", lv.vg, lv.name, mode=poolstatus.FAIL, alert=(
+                f"the pool has failed: it needs `thinstack pool repair {lv.vg}`")), 0
         target = kernel.dm.table(kernel.name).target
         if not isinstance(st, ThinPoolStatus) or not isinstance(target, ThinPoolTarget):
             raise DmError(f"{kernel.name} is not a thin-pool device")
@@ -221,12 +221,13 @@ class Monitor:
         # A pool that is not rw needs the operator even when the policy has nothing to say;
         # unless it is only out of data space and has just been grown (the kernel resumes it).
         shown = poolstatus.pool_mode(st)
-        stuck = not (shown == poolstatus.OUT_OF_DATA_SPACE and plan.grow_data)
+        full = shown == poolstatus.OUT_OF_DATA_SPACE
+        why = None if full and plan.grow_data else poolstatus.refusal(ref, shown, "monitor")
         return Report("pool", lv.vg, lv.name, data_percent=view.data.percent,
                       metadata_percent=view.metadata.percent, mode=shown,
                       error_if_no_space=mode, growths=h.growths,
-                      alert=plan.alert or (poolstatus.refusal(ref, shown, "monitor") if stuck
-                                           else None)), plan.grow_data + plan.grow_metadata
+                      alert=(plan.alert or why) if full else (why or plan.alert)
+                      ), plan.grow_data + plan.grow_metadata
 
     def check_cow(self, lv: LV, origin: LV, extent: int, room: int) -> tuple[Report, int]:
         store = Space(round(lv.size * (lv.data_percent or 0) / 100), lv.size)
