@@ -78,10 +78,8 @@ def writes(found: dict) -> str:
 
 
 def repaired(found: dict) -> str:
-    r = found["repair"]
-    how = f"`{r['by hand']}` (by hand)" if "by hand" in r else "`pool repair`"
-    return (f"{how} exit {r['exit']}, then mode {found['mode after repair']}, "
-            f"thin_check {found['consistency']}")
+    return (f"`pool repair` exit {found['repair']['exit']}, then mode "
+            f"{found['mode after repair']}, thin_check {found['consistency']}")
 
 
 def data_errors() -> None:
@@ -114,8 +112,8 @@ def metadata_errors() -> None:
             "fsync successfully, since nothing is left to commit. The write is lost although "
             "fsync returned 0 (`metadata-errors-race` in tests/faultdisks.py, deterministic: "
             "2 s between write and fsync). A writer that fsyncs at once gets EIO unless the "
-            "commit runs while its write is in flight (an immediate fsync returned 0 in one of "
-            "the first three runs). "
+            "commit runs while its write is in flight (an immediate fsync returned 0 in "
+            "2 of the first 4 runs; the write was lost wherever it was checked). "
             "Nothing above the pool can see the difference; the monitor's alert on the mode "
             "change is the operator's signal that recent writes may be lost."])
 

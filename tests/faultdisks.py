@@ -263,10 +263,6 @@ def repair(vg: str, volumes: list[str]) -> dict:
     for name in volumes:
         sh("lvchange", "-an", f"{vg}/{name}")
     out = {"repair": cli("pool", "repair", vg)}
-    if "invalid choice" in out["repair"]["stderr"]:  # not in this build yet: LVM's, by hand
-        sh("lvchange", "-an", f"{vg}/pool")
-        out["repair"] = {"by hand": "lvconvert --repair",
-                         **cli_like(["lvconvert", "-y", "--repair", f"{vg}/pool"])}
     for name in volumes:
         ts_ok = subprocess.run(["lvchange", "-ay", "-K", f"{vg}/{name}"], capture_output=True)
         out.setdefault("reactivated", []).append(ts_ok.returncode == 0)

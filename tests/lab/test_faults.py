@@ -18,6 +18,12 @@ def one_line_refusal(result: dict) -> None:
     assert result["exit"] != 0 and not result["traceback"] and result["stderr"], result
 
 
+def repaired(result: dict) -> None:
+    """`pool repair` brought the pool back read-write with clean metadata."""
+    assert result["repair"]["exit"] == 0, result
+    assert result["mode after repair"] == "rw" and result["consistency"] == "clean", result
+
+
 @pytest.mark.lab(disks=2, disk_size="1G", timeout=400)
 def test_io_errors_on_data_and_on_metadata(lab_disks):
     data = faultdisks.data_errors(lab_disks[0])
@@ -26,12 +32,16 @@ def test_io_errors_on_data_and_on_metadata(lab_disks):
         assert outcome == "EIO" and seconds < 30, data  # an error, not a hang
     assert data["intact during"] and data["intact after heal"], data
     one_line_refusal(data["create during"])
+    repaired(data)
+    assert data["intact after repair"], data
     meta = faultdisks.metadata_errors(lab_disks[1])
     print(meta)
     assert all(seconds < 30 for _, seconds in meta["writes"].values()), meta
     assert meta["mode reached"].startswith("ro"), meta
     assert meta["intact during"], meta
     one_line_refusal(meta["create during"])
+    repaired(meta)
+    assert meta["intact after repair"], meta
 
 
 @pytest.mark.skipif(IN_LAB, reason="boots its own labs")
