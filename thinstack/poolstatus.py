@@ -146,8 +146,11 @@ def check(vg: str, dm: DeviceMapper | None = None) -> str:
     if device is None:
         raise Refused(f"{pool.ref} is not active: activate it (`thinstack pool attach {vg}`) "
                       "to check it")
-    if isinstance(device.dm.target_status(device.name), Failed):
+    mode = pool_mode(_kernel_status(pool, device.dm))
+    if mode == FAIL:
         detail = "the kernel failed the pool"
+    elif mode not in (RW, OUT_OF_DATA_SPACE):  # the kernel lends no metadata snapshot then
+        detail = f"the kernel has the pool {mode}"
     else:
         result = reading_metadata(pool, device.thin_check)
         if result.clean:

@@ -112,6 +112,8 @@ def test_pool_in_an_existing_vg_fails_is_refused_alerted_and_repaired(lab_disks)
         assert refused.returncode == 5, (argv, refused.stderr)
         assert refused.stderr == ("thinstack: pool vgx/pool is needs_check: repair it first "
                                   "(`thinstack pool repair vgx`)\n"), refused.stderr
+    check = ts("pool", "check", "vgx", check=False)
+    assert check.returncode == 1 and "`thinstack pool repair vgx`" in check.stderr
     monitor = ts("monitor", "--once", check=False)
     assert monitor.returncode == 7 and "ALERT vgx/pool: mode rw -> needs_check" in monitor.stderr
     prom = (Path(os.environ["THINSTACK_RUN_DIR"]) / "monitor.prom").read_text()

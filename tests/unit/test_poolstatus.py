@@ -134,6 +134,15 @@ def test_check_reads_a_metadata_snapshot_and_reports_damage_as_an_error(one_pool
         poolstatus.check("vg0", dm)
 
 
+def test_check_of_a_pool_the_kernel_no_longer_trusts_asks_for_repair(one_pool):
+    one_pool.on(["dmsetup", "status"], status_line().replace(" rw ", " ro ").replace(
+        " - 1024", " needs_check 1024"))
+    with pytest.raises(ThinstackError, match=r"^vg0/pool: metadata damaged \(the kernel has the "
+                       r"pool needs_check\); repair it with `thinstack pool repair vg0`$"):
+        poolstatus.check("vg0", DeviceMapper(one_pool))
+    assert RESERVE not in one_pool.argvs  # a read-only pool takes no messages
+
+
 def test_check_of_an_inactive_or_busy_pool_is_refused(one_pool):
     busy(one_pool)
     with pytest.raises(Refused, match="another reader"):
