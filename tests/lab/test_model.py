@@ -221,9 +221,8 @@ class CLIModel(RuleBasedStateMachine):
         assert found is not None, f"{fault} then {then}: neither done nor undone: " + \
             "; ".join(f"{i}: {model.mismatches(c, listing)}" for i, c in enumerate(candidates))
         self.vols = found
-        dest = Path(argv[2])
-        if op == "export" and dest.exists():  # an export is complete or absent
-            self.check_image(dest, self.vols[name])
+        if op == "export" and Path(argv[2]).exists():  # an export is complete or absent
+            self.check_image(Path(argv[2]), self.vols[name])
         return self.created(name, *news)
 
     # --- helpers of the rules -------------------------------------------------------------------
