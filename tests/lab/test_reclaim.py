@@ -182,6 +182,20 @@ def test_reclaim_returns_zero_chunks_live_and_recovers_from_kills(vg):
     assert is_zero(VOL, [o for o in ZEROS if o not in LATE])
     ts("delete", "vg0/snap")
     assert used() == before - 48 * MiB
+    # A pool that ran out of space (failing writes at once) takes writes again after a reclaim.
+    sh("lvchange", "-q", "--errorwhenfull", "y", "vg0/pool")
+    ts("create", "vg0/fill", "--size", "1G")
+    filled = subprocess.run(["dd", "if=/dev/zero", "of=/dev/vg0/fill", "bs=4M", "oflag=direct",
+                             "status=none"], capture_output=True, text=True)
+    assert "No space left" in filled.stderr, filled.stderr
+    assert "out_of_data_space" in sh("dmsetup", "status", "vg0-pool-tpool")
+    freed = json.loads(ts("reclaim", "vg0/fill", "--json").stdout)
+    assert freed["pool_used_after"] == freed["pool_used_before"] - freed["bytes_discarded"]
+    assert " rw " in sh("dmsetup", "status", "vg0-pool-tpool")
+    write_blocks("/dev/vg0/fill", "fill", [0])
+    assert blocks_match("/dev/vg0/fill", "fill", [0])
+    ts("delete", "vg0/fill")
+    assert used() == before - 48 * MiB
     # Nothing may write a gold master: refused in one line; an unknown volume is not found.
     ts("create", "vg0/gold", "--size", "8M")
     ts("gold", "vg0/gold")
