@@ -96,10 +96,11 @@ def test_scratch_disks_are_removed_without_state():
 
 @host_only
 def test_timeout_kills_the_lab_with_its_own_status():
-    done = lab("--timeout", "5", "--", "sleep", "60")
+    nap = f"60.{os.getpid()}{time.monotonic_ns() % 10**6}"  # its own, among parallel tests
+    done = lab("--timeout", "5", "--", "sleep", nap)
     assert done.returncode == 124
     assert "timed out" in done.stderr
-    left = subprocess.run(["pgrep", "-f", "sleep 60"], capture_output=True)
+    left = subprocess.run(["pgrep", "-f", f"sleep {nap}"], capture_output=True)
     assert left.returncode == 1  # nothing left running
 
 
