@@ -136,7 +136,7 @@ def test_pool_in_an_existing_vg_fails_is_refused_alerted_and_repaired(lab_disks)
 
 @pytest.mark.lab(disks=1, disk_size="1G", timeout=600)
 def test_damaged_metadata_is_repaired_through_kills_with_the_old_kept(lab_disks):
-    ts("pool", "create", "vg0", lab_disks[0], "--size", "300M")
+    ts("pool", "create", "vg0", lab_disks[0], "--size", "64M")
     ts("create", "vg0/vm", "--size", "64M")
     write_blocks("/dev/vg0/vm", "vm", [0, 200 * BLOCK])
     ts("snapshot", "vg0/vm", "snap")
@@ -176,4 +176,21 @@ def test_damaged_metadata_is_repaired_through_kills_with_the_old_kept(lab_disks)
     assert blocks_match("/dev/vg0/vm", "vm", [200 * BLOCK])
     assert ts("pool", "check", "vg0").stdout.strip() == "vg0/pool: metadata clean"
     ts("create", "vg0/after", "--size", "8M")
+    assert_pool_consistent("vg0")
+
+    # Out of data space: only what frees or adds space is let through.
+    ts("create", "vg0/fill", "--size", "128M")
+    sh("lvchange", "-q", "--errorwhenfull", "y", "vg0/pool")  # ENOSPC at once, no 60 s queue
+    full = subprocess.run(["dd", "if=/dev/zero", "of=/dev/vg0/fill", "bs=1M", "oflag=direct"],
+                          capture_output=True, text=True, timeout=300)
+    assert "No space left" in full.stderr or "Input/output error" in full.stderr, full.stderr
+    assert mode("vg0") == "out_of_data_space"
+    refused = ts("snapshot", "vg0/vm", "s2", check=False)
+    assert refused.returncode == 5 and refused.stderr == (
+        "thinstack: pool vg0/pool is out_of_data_space: grow it (`thinstack pool extend vg0 "
+        "SIZE`) or delete volumes first\n")
+    ts("delete", "vg0/after")
+    ts("pool", "extend", "vg0", "64M")
+    assert mode("vg0") == "rw"
+    ts("snapshot", "vg0/vm", "s2")
     assert_pool_consistent("vg0")
