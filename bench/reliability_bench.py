@@ -140,7 +140,12 @@ def write_cuts(cuts: list[dict], n: int) -> None:
         f"{len(repaired_)}; thin_check not clean {len(unclean)}; cuts with leftovers after "
         f"recover {len(left)}"),
         f"tests/lab/test_faults.py::test_power_cuts_at_random_moments (2 cuts); {ME} "
-        f"--only power-cuts --cuts {n}", os.uname().release, cuts)
+        f"--only power-cuts --cuts {n}", next((c["kernel"] for c in done if "kernel" in c), "?"),
+        cuts, [f"`recover` after the cut at {c['moment']:g} s: {c['recover']['stderr']}"
+               for c in done if c["recover"]["stderr"]] + [
+            f"cut {c['seed']} at {c['moment']:g} s: " + (c.get("workload failed") or
+                                                        c.get("output", ""))[-300:]
+            for c in cuts if c not in done])
 
 
 def slow_disk() -> None:

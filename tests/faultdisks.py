@@ -344,7 +344,7 @@ def stray_devices() -> list[str]:
 def cut_second(state: Path) -> dict:
     """Boot 2, over the same disk: what a boot does (activation, `pool attach`), `recover`,
     then the checks: acknowledged writes, thin_check, leftovers."""
-    out = json.loads((state / "cut.json").read_text())
+    out = {**json.loads((state / "cut.json").read_text()), "kernel": os.uname().release}
     out["activate"] = cli_like(["vgchange", "-ay", CUT_VG])
     out["attach"] = cli("pool", "attach", CUT_VG)
     out["recover"] = cli("recover", CUT_VG)
