@@ -143,7 +143,7 @@ def write_cuts(cuts: list[dict], n: int) -> None:
         f"--only power-cuts --cuts {n}", next((c["kernel"] for c in done if "kernel" in c), "?"),
         cuts, [f"`recover` after the cut at {c['moment']:g} s: {c['recover']['stderr']}"
                for c in done if c["recover"]["stderr"]] + [
-            f"cut {c['seed']} at {c['moment']:g} s: " + (c.get("workload failed") or
+            f"cut {c['seed']} failed: " + (c.get("workload failed") or
                                                         c.get("output", ""))[-300:]
             for c in cuts if c not in done])
 
