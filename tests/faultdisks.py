@@ -87,14 +87,14 @@ class FaultDisk:
 
 
 def make_pool(vg: str, data_pv: str, meta_pv: str | None = None, size: str = "512M") -> None:
-    """vg on the PVs and a thin pool tagged as thinstack's (as tests/lab/conftest.py's `vg`);
-    with meta_pv, the pool's metadata alone on it, so data and metadata fail separately."""
+    """vg on the PVs and thinstack's pool in it (`pool create VG`, a pool in an existing VG);
+    with meta_pv, the pool's metadata alone on it (by LVM's hand: thinstack places no
+    metadata), so data and metadata fail separately."""
     pvs = [data_pv, *([meta_pv] if meta_pv else [])]
     sh("pvcreate", "-q", *pvs)
     sh("vgcreate", "-q", vg, *pvs)
     if meta_pv is None:
-        sh("lvcreate", "-q", "--type", "thin-pool", "-L", size, "-Zy", "-n", "pool",
-           "--addtag", "ts_pool", vg, data_pv)
+        ts("pool", "create", vg, "--size", size)
         return
     sh("lvcreate", "-q", "-L", "8M", "-n", "meta", vg, meta_pv)
     sh("lvcreate", "-q", "-L", size, "-n", "pool", "--addtag", "ts_pool", vg, data_pv)
