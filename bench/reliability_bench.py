@@ -106,6 +106,8 @@ def metadata_errors() -> None:
         f"commit: fsync {race['writes']['new block'][0]}, block kept: {kept}"),
         "tests/lab/test_faults.py::test_io_errors_on_data_and_on_metadata; "
         f"{ME} --only metadata-errors", f["kernel"], {"plain": f, "race": race}, [
+            "An overwrite of a block already provisioned changes no metadata: it reaches the "
+            "healthy data PV and succeeds, also once the pool is read-only.",
             "A kernel flaw, not thinstack's: when dm-thin's periodic commit (every second) "
             "fails between a write to a new block and the write's fsync, the pool aborts the "
             "transaction (the block's mapping is gone) and goes read-only, then completes the "
