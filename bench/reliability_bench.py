@@ -132,22 +132,51 @@ def power_cuts(n: int) -> None:
 def write_cuts(cuts: list[dict], n: int) -> None:
     done = [c for c in cuts if "failed" not in c and "workload failed" not in c]
     lost = sum(len(c["lost"]) for c in done)
-    unclean = [c["seed"] for c in done if c["consistency"] != "clean"]
+    ids = [c for c in done if c["consistency"].startswith("pool has thin ids")]
+    unclean = [c for c in done if c["consistency"] != "clean" and c not in ids]
     left = [c["seed"] for c in done if any(c["leftovers"].values())]
     repaired_ = [c["seed"] for c in done if "repair" in c]
     write("power-cuts", (
         f"{len(cuts)} cuts at random moments within 60 s of create/clone/import/export/writes "
         f"({sum(c['acknowledged'] for c in done)} acknowledged writes and imports): flushed "
         f"writes lost {lost}; runs that failed {len(cuts) - len(done)}; pools needing repair "
-        f"{len(repaired_)}; thin_check not clean {len(unclean)}; cuts with leftovers after "
-        f"recover {len(left)}"),
+        f"{len(repaired_)}; thin_check not clean {len(unclean)}; thin ids of the pool and "
+        f"LVM's differing {len(ids)}; cuts with leftovers after recover {len(left)}"),
         f"tests/lab/test_faults.py::test_power_cuts_at_random_moments (2 cuts); {ME} "
         f"--only power-cuts --cuts {n}", next((c["kernel"] for c in done if "kernel" in c), "?"),
-        cuts, [f"`recover` after the cut at {c['moment']:g} s: {c['recover']['stderr']}"
-               for c in done if c["recover"]["stderr"]] + [
-            f"cut {c['seed']} failed: " + (c.get("workload failed") or
-                                                        c.get("output", ""))[-300:]
+        cuts, [recovered(done)] + ([
+            "Not fixed: after " + " and ".join(f"the cut at {c['moment']:g} s {c['consistency']}"
+                                               for c in ids) +
+            " (thin_check itself clean). LVM changes a thin volume in two places, its own "
+            "metadata and the pool's (a message the kernel commits), and a cut between the two "
+            "commits leaves them apart: a thin device only the pool has holds space nobody can "
+            "free; an LV whose device the pool lacks cannot be activated. `recover` does not "
+            "reconcile them yet and `pool check` (thin_check) does not see them; `pool "
+            "repair`'s check of the thin ids names them."] if ids else []) + [
+            f"cut {c['seed']} failed: " + (c.get("workload failed") or c.get("output", ""))[-300:]
             for c in cuts if c not in done])
+
+
+def recovered(done: list[dict]) -> str:
+    """What `recover` did after the cuts, by kind of action."""
+    kinds: dict[str, int] = {}
+    for c in done:
+        for line in c["recover"]["stderr"].splitlines():
+            kind = line.split(": ", 1)[-1].split()[0]
+            kinds[kind] = kinds.get(kind, 0) + 1
+    acted = sum(bool(c["recover"]["stderr"]) for c in done)
+    return (f"`recover` acted after {acted} of {len(done)} cuts: " + ", ".join(
+        f"{kind} {n}" for kind, n in sorted(kinds.items())) + " (remove-partial: an export's "
+        "unfinished file; remove: an import's unfinished volume)")
+
+
+SLOW_NOTES = [
+    "Found and fixed: at 200 ms an import failed after its copy, \"Logical volume "
+    "svg/img.importing in use\" (exit 5): udev's probe of the volume its writer had just "
+    "closed outlasted LVM's wait. The import now waits once for udev to settle and deactivates "
+    "again (thinstack/imports.py; tests/unit/test_imports.py).",
+    "Operation times are from one run each on a shared host (load 8-10): compare the ratios "
+    "to the 0 ms run, not the seconds."]
 
 
 def slow_disk() -> None:
@@ -166,7 +195,7 @@ def slow_disk() -> None:
              for r in runs]
     write("slow-disk", "; ".join(parts),
           f"tests/lab/test_faults.py::test_slow_disk_pool_grows_in_time (50 ms); {ME} "
-          "--only slow-disk", base["kernel"], runs)
+          "--only slow-disk", base["kernel"], runs, SLOW_NOTES)
 
 
 def kill9() -> None:
