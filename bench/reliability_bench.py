@@ -145,8 +145,10 @@ def write_cuts(cuts: list[dict], n: int) -> None:
         f"tests/lab/test_faults.py::test_power_cuts_at_random_moments (2 cuts); {ME} "
         f"--only power-cuts --cuts {n}", next((c["kernel"] for c in done if "kernel" in c), "?"),
         cuts, [recovered(done)] + ([
-            "Not fixed: after " + " and ".join(f"the cut at {c['moment']:g} s {c['consistency']}"
-                                               for c in ids) +
+            "Not fixed: after " + " and ".join(
+                f"the cut at {c['moment']:g} s {c['consistency']}" + "".join(
+                    f" (`{step}` exit {c[step]['exit']}: {c[step]['stderr']})"
+                    for step in ("activate", "attach") if c[step]["exit"]) for c in ids) +
             " (thin_check itself clean). LVM changes a thin volume in two places, its own "
             "metadata and the pool's (a message the kernel commits), and a cut between the two "
             "commits leaves them apart: a thin device only the pool has holds space nobody can "
