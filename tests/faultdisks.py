@@ -208,6 +208,18 @@ def data_errors(disk: str) -> dict:
     return out
 
 
+def missing_thin_device(vg: str, others: list[str]) -> dict:
+    """A volume whose thin device the pool lacks, as a power cut between the pool's commit and
+    LVM's can leave one: `pool attach` must name it and leave `others` up."""
+    ts("create", f"{vg}/gone", "--size", "16M")
+    thin_id = lvs(vg)["gone"]["thin_id"]
+    sh("lvchange", "-an", f"{vg}/gone")
+    DM.message(f"{vg}-pool-tpool", 0, f"delete {thin_id}")
+    out = {"attach": cli("pool", "attach", vg)}
+    out["others active"] = all(lvs(vg)[n]["lv_attr"][4] == "a" for n in others)
+    return out
+
+
 def slow_fsync(dev: str, seed: str, offset: int) -> tuple[str, float]:
     """timed_write's write with 2 s between the write and its fsync: dm-thin's periodic commit
     (every second) runs in between."""

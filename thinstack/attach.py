@@ -32,7 +32,7 @@ def attach(vg: str | None = None, lvm: Lvm | None = None) -> list[str]:
                     backing.attach_loop(files[name], lvm.runner)
                 if not lvm.vgs(name):
                     raise NotFound(f"volume group {name} not found")
-                lvm.run("vgchange", "-q", "-ay", name)
+                down = _activate(name, lvm)
                 lvs = lvm.lvs(name)
                 if any(extorigin.is_outside_clone(lv) for lv in lvs):
                     errors = extorigin.activate_all(lvs, pool_of(name, lvs))
@@ -46,6 +46,8 @@ def attach(vg: str | None = None, lvm: Lvm | None = None) -> list[str]:
                     failures = live.restart(name, lvm)
                     if failures:
                         raise ThinstackError("; ".join(failures))
+                if down:
+                    raise down
         except CommandError as e:  # losetup, udevadm, dmsetup
             if vg:
                 raise ThinstackError(str(e)) from e
@@ -57,3 +59,19 @@ def attach(vg: str | None = None, lvm: Lvm | None = None) -> list[str]:
     if failed:
         raise ThinstackError("; ".join(failed))
     return names
+
+
+def _activate(vg: str, lvm: Lvm) -> ThinstackError | None:
+    """vgchange -ay; when it fails, which volumes stayed down and why, returned rather than
+    raised: LVM activates every volume it can (a power cut between LVM's commit and the pool's
+    may leave one whose thin device the pool lacks), and the clones of outside devices and live
+    imports must come up all the same."""
+    try:
+        lvm.run("vgchange", "-q", "-ay", vg)
+        return None
+    except ThinstackError as e:
+        down = [lv.name for lv in lvm.lvs(vg)
+                if lv.is_thin and not lv.active and not lv.skip_activation]
+        if not down:
+            raise
+        return ThinstackError(f"{vg}: {', '.join(down)} not activated: {e}")

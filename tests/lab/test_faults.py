@@ -34,6 +34,9 @@ def test_io_errors_on_data_and_on_metadata(lab_disks):
     one_line_refusal(data["create during"])
     repaired(data)
     assert data["intact after repair"], data
+    gone = faultdisks.missing_thin_device("dvg", ["a", "b"])
+    assert gone["attach"]["exit"] == 1 and gone["others active"], gone
+    assert gone["attach"]["stderr"].startswith("thinstack: dvg: gone not activated: "), gone
     meta = faultdisks.metadata_errors(lab_disks[1])
     print(meta)
     assert all(seconds < 30 for _, seconds in meta["writes"].values()), meta
