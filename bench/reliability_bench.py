@@ -154,7 +154,10 @@ def write_cuts(cuts: list[dict], n: int) -> None:
             "commits leaves them apart: a thin device only the pool has holds space nobody can "
             "free; an LV whose device the pool lacks cannot be activated. `recover` does not "
             "reconcile them yet and `pool check` (thin_check) does not see them; `pool "
-            "repair`'s check of the thin ids names them."] if ids else []) + [
+            "repair`'s check of the thin ids names them. Since this run `pool attach` names "
+            "a volume left down (it printed only the device-mapper error above) and brings "
+            "up the VG's other volumes, outside clones and live imports all the same."]
+            if ids else []) + [
             f"cut {c['seed']} failed: " + (c.get("workload failed") or c.get("output", ""))[-300:]
             for c in cuts if c not in done])
 
