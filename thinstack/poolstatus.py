@@ -10,6 +10,7 @@ from thinstack import growth, lvm, tags
 from thinstack.dm.client import DeviceMapper
 from thinstack.dm.status import Failed, ThinPoolStatus
 from thinstack.errors import NotFound, Refused, ThinstackError
+from thinstack.lock import vg_lock
 from thinstack.lvm import LV
 from thinstack.thinpool import kernel_pool, reading_metadata
 
@@ -138,24 +139,53 @@ def _kernel_status(pool: LV, dm: DeviceMapper | None = None) -> ThinPoolStatus |
     return status
 
 
+def thin_id_problems(known: dict[str, int], found: set[int]) -> str | None:
+    """What differs between the thin ids LVM knows (volume name -> id) and those the pool's
+    metadata holds; None when they agree. A power cut between LVM's two commits (its VG
+    metadata, the pool's transaction) can leave either kind behind."""
+    lost = sorted(name for name, i in known.items() if i not in found)
+    strays = sorted(found - set(known.values()))
+    said = []
+    if lost:
+        said.append(f"it lost volumes, whose data is not in the pool's metadata: "
+                    f"{', '.join(lost)}")
+    if strays:
+        said.append(f"it holds thin ids no volume has: {', '.join(map(str, strays))}")
+    return "; ".join(said) or None
+
+
+def known_thin_ids(pool: LV, lvs: list[LV]) -> dict[str, int]:
+    return {lv.name: lv.thin_id for lv in lvs
+            if lv.is_thin and lv.pool == pool.name and lv.thin_id is not None}
+
+
 def check(vg: str, dm: DeviceMapper | None = None) -> str:
-    """thin_check the pool's metadata, read through a metadata snapshot so the live pool is never
-    touched: one line when clean; ThinstackError when damaged."""
-    pool = pool_lv(vg)
-    device = kernel_pool(pool, dm)
-    if device is None:
-        raise Refused(f"{pool.ref} is not active: activate it (`thinstack pool attach {vg}`) "
-                      "to check it")
-    mode = pool_mode(_kernel_status(pool, device.dm))
-    if mode == FAIL:
-        detail = "the kernel failed the pool"
-    elif mode not in (RW, OUT_OF_DATA_SPACE):  # the kernel lends no metadata snapshot then
-        detail = f"the kernel has the pool {mode}"
-    else:
-        result = reading_metadata(pool, device.thin_check)
-        if result.clean:
-            return f"{pool.ref}: metadata clean"
-        detail = result.output.splitlines()[-1] if result.output else "thin_check found errors"
+    """thin_check the pool's metadata, and compare its thin ids with LVM's, read through a
+    metadata snapshot so the live pool is never touched, under the VG lock so no operation is
+    halfway: one line when clean; ThinstackError when damaged."""
+    with vg_lock(vg):
+        lvs = lvm.volumes_of(vg)
+        pool = lvm.pool_of(vg, lvs)
+        device = kernel_pool(pool, dm)
+        if device is None:
+            raise Refused(f"{pool.ref} is not active: activate it (`thinstack pool attach {vg}`) "
+                          "to check it")
+        mode = pool_mode(_kernel_status(pool, device.dm))
+        if mode == FAIL:
+            detail = "the kernel failed the pool"
+        elif mode not in (RW, OUT_OF_DATA_SPACE):  # the kernel lends no metadata snapshot then
+            detail = f"the kernel has the pool {mode}"
+        else:
+            result = reading_metadata(pool, device.thin_check)
+            if result.clean:
+                found = {e.dev_id for e in reading_metadata(pool, device.thin_ls)}
+                wrong = thin_id_problems(known_thin_ids(pool, lvs), found)
+                if wrong is None:
+                    return f"{pool.ref}: metadata clean"
+                raise ThinstackError(f"{pool.ref}: metadata clean, but LVM and the pool "
+                                     f"disagree: {wrong}")
+            detail = (result.output.splitlines()[-1] if result.output
+                      else "thin_check found errors")
     raise ThinstackError(f"{pool.ref}: metadata damaged ({detail}); repair it with "
                          f"`thinstack pool repair {vg}`")
 

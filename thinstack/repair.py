@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 
-from thinstack import faults, lvm
+from thinstack import faults, lvm, poolstatus
 from thinstack.dm.client import DeviceMapper
 from thinstack.errors import Refused, ThinstackError
 from thinstack.journal import Entry, Step, StepKind
@@ -55,15 +55,7 @@ def problems(clean: bool, check_output: str, known: dict[str, int], found: set[i
     if not clean:
         last = check_output.splitlines()[-1] if check_output else "thin_check found errors"
         return f"its metadata still fails thin_check ({last})"
-    lost = sorted(name for name, i in known.items() if i not in found)
-    strays = sorted(found - set(known.values()))
-    said = []
-    if lost:
-        said.append(f"it lost volumes, whose data is not in the repaired metadata: "
-                    f"{', '.join(lost)}")
-    if strays:
-        said.append(f"it holds thin ids no volume has: {', '.join(map(str, strays))}")
-    return "; ".join(said) or None
+    return poolstatus.thin_id_problems(known, found)
 
 
 def repair(vg: str) -> Repaired:
@@ -93,8 +85,7 @@ def repair(vg: str) -> Repaired:
         lvm.lvm("lvchange", "-q", "-ay", "-K", "--config", CLEAR_NEEDS_CHECK, str(ref))
         lvs = lvm.volumes_of(vg)
         pool = lvm.pool_of(vg, lvs)
-        known = {lv.name: lv.thin_id for lv in lvs
-                 if lv.is_thin and lv.pool == name and lv.thin_id is not None}
+        known = poolstatus.known_thin_ids(pool, lvs)
         wrong = check(pool, known)
         if wrong is None and active:
             lvm.lvm("lvchange", "-q", "-ay", "-K", *[f"{vg}/{v}" for v in active])

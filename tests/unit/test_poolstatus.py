@@ -101,12 +101,18 @@ def one_pool(tmp_path, monkeypatch):
     """VG vg0 with its pool (a FakeLvm as the default Lvm), and the pool's kernel device as a
     FakeRunner answers for it: active, reservable, its metadata clean; tests change the answers."""
     monkeypatch.setenv("THINSTACK_RUN_DIR", str(tmp_path / "run"))  # the readers' lock
-    monkeypatch.setattr("thinstack.lvm.LVM", FakeLvm(vgs=[vg()], lvs=[lv()]))
+    fake = FakeLvm(vgs=[vg()], lvs=[lv(), thin("a", 1), thin("b", 2)])
+    monkeypatch.setattr("thinstack.lvm.LVM", fake)
     runner = FakeRunner(default=None)  # any command not answered here fails the test
     runner.on(["dmsetup", "info"], TPOOL_INFO).on(["dmsetup", "table"], TABLE)
     runner.on(["dmsetup", "status"], status_line()).on(["dmsetup", "message"], "")
     runner.on("thin_check", "").on("thin_ls", "1 10 4 6\n2 6 0 6\n")
     return runner
+
+
+def thin(name, thin_id):
+    return dataclasses.replace(lv(name, attr="Vwi-a-tz--", pool="pool", tags=()),
+                               segtype="thin", thin_id=thin_id)
 
 
 def inactive(runner):
@@ -124,7 +130,8 @@ def test_check_reads_a_metadata_snapshot_and_reports_damage_as_an_error(one_pool
     dm = DeviceMapper(one_pool)
     assert poolstatus.check("vg0", dm) == "vg0/pool: metadata clean"
     reads = [a for a in one_pool.argvs if a[1] in ("message", "-m", "--metadata-snap")]
-    assert reads == [RESERVE, ["thin_check", "--metadata-snap", "/dev/block/254:1"], RELEASE]
+    assert reads[:3] == [RESERVE, ["thin_check", "--metadata-snap", "/dev/block/254:1"], RELEASE]
+    assert [reads[3], reads[4][0], reads[5]] == [RESERVE, "thin_ls", RELEASE]  # ids vs LVM's
     one_pool.fail("thin_check", "examining superblock\nbad checksum in superblock")
     with pytest.raises(ThinstackError, match="damaged .bad checksum in superblock."):
         poolstatus.check("vg0", dm)
@@ -132,6 +139,15 @@ def test_check_reads_a_metadata_snapshot_and_reports_damage_as_an_error(one_pool
     one_pool.on(["dmsetup", "status"], "0 2097152 thin-pool Fail\n")
     with pytest.raises(ThinstackError, match="kernel failed the pool.*`thinstack pool repair vg0`"):
         poolstatus.check("vg0", dm)
+
+
+def test_check_names_thin_ids_lvm_and_the_pool_disagree_on(one_pool):
+    # After a power cut between LVM's commit and the pool's: a volume LVM lists that the pool
+    # lost (b, id 2), and a thin id no volume has (7).
+    one_pool.on("thin_ls", "1 10 4 6\n7 6 0 6\n")
+    with pytest.raises(ThinstackError, match=r"^vg0/pool: metadata clean, but LVM and the pool "
+                       r"disagree: it lost volumes, .*: b; it holds thin ids no volume has: 7$"):
+        poolstatus.check("vg0", DeviceMapper(one_pool))
 
 
 def test_check_of_a_pool_the_kernel_no_longer_trusts_asks_for_repair(one_pool):
