@@ -417,7 +417,11 @@ def cmd_pool(args) -> int:
         else:
             print(f"{done.pool}: repaired, {done.volumes} volumes checked"
                   + (f"; old metadata kept as {done.old_metadata} (lvremove it when no "
-                     "longer needed)" if done.old_metadata else ""))
+                     "longer needed)" if done.old_metadata else "")
+                  + (f"; deleted thin ids no volume had: {', '.join(map(str, done.deleted_ids))}"
+                     if done.deleted_ids else "")
+                  + (f"; lost in the pool, made again empty: {', '.join(done.emptied)}"
+                     if done.emptied else ""))
     return 0
 
 

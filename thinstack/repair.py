@@ -13,6 +13,10 @@ commit); activate the pool alone (LVM's thin_check first, which clears the needs
 the check passes) and check it, thin_check clean and the pool's thin ids those LVM lists, before
 the volumes that were active are activated again. A repair that loses volumes
 says which: their data is gone from the new metadata (it may be in the old).
+
+A pool whose metadata is sound but whose thin ids are not LVM's (a power cut between LVM's
+commit and the pool's: `pool check` names them) needs no new metadata: `reconcile` deletes the
+ids no volume has and makes the lost volumes again, empty, in place, with the volumes in use.
 """
 
 from __future__ import annotations
@@ -22,10 +26,12 @@ from dataclasses import asdict, dataclass
 
 from thinstack import faults, lvm, poolstatus
 from thinstack.dm.client import DeviceMapper
+from thinstack.dm.errors import DmError
+from thinstack.dm.status import ThinPoolStatus
 from thinstack.errors import Refused, ThinstackError
 from thinstack.journal import Entry, Step, StepKind
 from thinstack.lvm import LV, Lvm
-from thinstack.operation import operation
+from thinstack.operation import Op, operation
 from thinstack.recovery import Action, Undo
 from thinstack.thinpool import kernel_pool, reading_metadata
 
@@ -38,6 +44,10 @@ class Repaired:
     pool: str  # VG/NAME
     old_metadata: str | None  # VG/NAME_metaN: LVM's copy of the metadata before the repair
     volumes: int  # the pool's thin volumes, all present in the repaired metadata
+    # A pool with sound metadata whose thin ids are not LVM's (a power cut between LVM's
+    # commit and the pool's) is reconciled instead of rebuilt:
+    deleted_ids: tuple[int, ...] = ()  # thin ids no volume had, deleted from the pool
+    emptied: tuple[str, ...] = ()  # volumes the pool had lost, made again as empty devices
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -62,16 +72,22 @@ def repair(vg: str) -> Repaired:
     def checked(lvs: list[LV]) -> dict:
         pool = lvm.pool_of(vg, lvs)
         thins = [lv for lv in lvs if lv.is_thin and lv.pool == pool.name]
-        busy = sorted(str(lv.ref) for lv in thins if lv.open)
-        if busy:
-            raise Refused(f"{pool.ref} has open volumes; close them first: {', '.join(busy)}")
-        return dict(pool=pool.name, active=sorted(lv.name for lv in thins if lv.active))
+        return dict(pool=pool.name, active=sorted(lv.name for lv in thins if lv.active),
+                    busy=sorted(str(lv.ref) for lv in thins if lv.open))
 
     # No recovery first: what earlier operations left may need a writable pool to be undone;
     # the next command recovers it, once the pool is repaired.
     with operation(OP, vg, checked, recover=False) as op:
         name, active = op.entry.args["pool"], op.entry.args["active"]
         ref = lvm.VolumeRef(vg, name)
+        pool = lvm.pool_of(vg, op.lvs)
+        found = sound_thin_ids(pool)
+        if found is not None and poolstatus.thin_id_problems(
+                poolstatus.known_thin_ids(pool, op.lvs), found):
+            return reconcile(op, pool, found)
+        if op.entry.args["busy"]:
+            raise Refused(f"{ref} has open volumes; close them first: "
+                          f"{', '.join(op.entry.args['busy'])}")
         for volume in active:
             op.step(Step(StepKind.INACTIVE, volume))
         lvm.lvm("lvchange", "-q", "-an", *[f"{vg}/{v}" for v in active], str(ref))
@@ -94,6 +110,47 @@ def repair(vg: str) -> Repaired:
     if wrong:
         raise ThinstackError(f"{ref} was repaired, but {wrong}{kept}")
     return Repaired(str(ref), f"{vg}/{old}" if old else None, len(known))
+
+
+def sound_thin_ids(pool: LV) -> set[int] | None:
+    """The thin ids of a pool whose metadata is sound (active, trusted by the kernel, thin_check
+    clean); None when it is not. A sound pool that agrees with LVM is still rebuilt: the
+    operator asked for it."""
+    device = kernel_pool(pool, DeviceMapper(lvm.default_lvm().runner))
+    if device is None:
+        return None
+    status = device.dm.target_status(device.name)
+    if not isinstance(status, ThinPoolStatus) or poolstatus.pool_mode(status) not in (
+            poolstatus.RW, poolstatus.OUT_OF_DATA_SPACE):
+        return None
+    if not reading_metadata(pool, device.thin_check).clean:
+        return None
+    return {e.dev_id for e in reading_metadata(pool, device.thin_ls)}
+
+
+def reconcile(op: Op, pool: LV, found: set[int]) -> Repaired:
+    """Make the pool's thin ids LVM's: delete those no volume has (nobody can reach their
+    data), and make the lost volumes again as empty devices (what they held was never flushed:
+    a flush commits the pool's metadata, and with it the device), so LVM can activate, roll
+    back or remove them. Both messages are idempotent: a killed run is simply run again."""
+    known = poolstatus.known_thin_ids(pool, op.lvs)
+    strays = tuple(sorted(found - set(known.values())))
+    lost = tuple(sorted(name for name, i in known.items() if i not in found))
+    device = kernel_pool(pool, DeviceMapper(lvm.default_lvm().runner))
+    assert device is not None  # sound_thin_ids found it active, under the same VG lock
+    try:
+        for i in strays:
+            device.dm.message(device.name, 0, f"delete {i}")
+        for name in lost:
+            device.dm.message(device.name, 0, f"create_thin {known[name]}")
+    except DmError as e:
+        raise ThinstackError(f"{pool.ref}: {e}") from None
+    op.commit()
+    wrong = check(pool, known)
+    if wrong:
+        raise ThinstackError(f"{pool.ref} was reconciled with LVM, but {wrong}")
+    return Repaired(str(pool.ref), None, len(known), strays, tuple(f"{pool.vg}/{n}"
+                                                                      for n in lost))
 
 
 def check(pool: LV, known: dict[str, int]) -> str | None:

@@ -125,7 +125,8 @@ def test_pool_in_an_existing_vg_fails_is_refused_alerted_and_repaired(lab_disks)
         busy = ts("pool", "repair", "vgx", check=False)
     assert busy.returncode == 5 and busy.stderr.rstrip().endswith("close them first: vgx/vm")
     done = json.loads(ts("pool", "repair", "vgx", "--json").stdout)
-    assert done == {"pool": "vgx/pool", "old_metadata": "vgx/pool_meta0", "volumes": 1}
+    assert done == {"pool": "vgx/pool", "old_metadata": "vgx/pool_meta0", "volumes": 1,
+                    "deleted_ids": [], "emptied": []}
     assert mode("vgx") == "rw" and "pool_meta0" in names("vgx")
     assert blocks_match("/dev/vgx/vm", "vm", [0, 300 * BLOCK])  # flushed before the fault
     assert blocks_match("/dev/vgx/theirs", "theirs", [0, 100 * BLOCK])
@@ -193,4 +194,27 @@ def test_damaged_metadata_is_repaired_through_kills_with_the_old_kept(lab_disks)
     ts("pool", "extend", "vg0", "64M")
     assert mode("vg0") == "rw"
     ts("snapshot", "vg0/vm", "s2")
+    assert_pool_consistent("vg0")
+
+    # A power cut between LVM's commit and the pool's can leave sound metadata that disagrees
+    # with LVM (H2's power-cut runs, 2 in 20): made here by hand, a volume the pool lost and a
+    # thin id no volume has. pool check names both; pool repair reconciles them in place, with
+    # vm open, and changes no byte of vm.
+    ts("create", "vg0/lost", "--size", "8M")
+    lost_id = lvs("vg0")["lost"]["thin_id"]
+    sh("lvchange", "-q", "-an", "vg0/lost")
+    sh("dmsetup", "message", "vg0-pool-tpool", "0", "delete", lost_id)
+    sh("dmsetup", "message", "vg0-pool-tpool", "0", "create_thin", "99")
+    check = ts("pool", "check", "vg0", check=False)
+    assert check.returncode == 1 and check.stderr.rstrip().endswith(
+        "disagree: it lost volumes, whose data is not in the pool's metadata: lost; "
+        "it holds thin ids no volume has: 99"), check.stderr
+    with open("/dev/vg0/vm", "rb"):
+        done = json.loads(ts("pool", "repair", "vg0", "--json").stdout)
+    assert done["deleted_ids"] == [99] and done["emptied"] == ["vg0/lost"], done
+    assert done["old_metadata"] is None
+    assert ts("pool", "check", "vg0").stdout.strip() == "vg0/pool: metadata clean"
+    ts("delete", "vg0/lost")
+    assert blocks_match("/dev/vg0/vm", "vm2", [0])
+    assert blocks_match("/dev/vg0/vm", "vm", [200 * BLOCK])
     assert_pool_consistent("vg0")

@@ -41,10 +41,14 @@ def thin(name, thin_id, **over):
                                thin_id=thin_id, **over)
 
 
+NEEDS_CHECK = status_line().replace(" rw ", " ro ").replace(" - 1024", " needs_check 1024")
+
+
 @pytest.fixture
 def fake(tmp_path, monkeypatch):
     """VG vg0: a pool with an active volume `a` (id 1) and an inactive `b` (id 2); the pool's
-    device answers as an active, clean pool that holds both."""
+    device answers as an active pool the kernel flagged needs_check, whose metadata (once
+    repaired) is clean and holds both."""
     monkeypatch.setenv("THINSTACK_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.setenv("THINSTACK_RUN_DIR", str(tmp_path / "run"))
     fake = FakeLvm(vgs=[vg()], lvs=[lv(), thin("a", 1), thin("b", 2, attr="Vwi---tz--")])
@@ -56,7 +60,7 @@ def fake(tmp_path, monkeypatch):
     r = fake.runner
     r.on(["dmsetup", "info"], "vg0-pool-tpool/254/3/1/0/L--w/LVM-pool-tpool\n")
     r.on(["dmsetup", "table"], "0 2097152 thin-pool 254:1 254:2 128 16 0\n")
-    r.on(["dmsetup", "status"], status_line()).on(["dmsetup", "message"], "")
+    r.on(["dmsetup", "status"], NEEDS_CHECK).on(["dmsetup", "message"], "")
     r.on("thin_check", "").on("thin_ls", "1 10 4 6\n2 6 0 6\n")
     monkeypatch.setattr("thinstack.lvm.LVM", fake)
     return fake
@@ -89,6 +93,20 @@ def test_open_volumes_are_refused_by_name_before_anything_is_done(fake):
     fake.lv_list[1] = dataclasses.replace(fake.lv_list[1], open=True)
     with pytest.raises(Refused, match="open volumes; close them first: vg0/a$"):
         repair.repair("vg0")
+    assert fake.commands == [] and Journal().pending() == []
+
+
+def test_a_sound_pool_that_disagrees_with_lvm_is_reconciled_in_place(fake):
+    # A power cut between LVM's commit and the pool's: the pool lost b (id 2) and kept an id 7
+    # no volume has. Its metadata is sound, so nothing is deactivated and open volumes stay.
+    fake.lv_list[1] = dataclasses.replace(fake.lv_list[1], open=True)
+    fake.runner.on(["dmsetup", "status"], status_line())
+    fake.runner.on("thin_ls", "1 10 4 6\n7 6 0 6\n", "1 10 4 6\n2 0 0 0\n")
+    done = repair.repair("vg0")
+    assert done == repair.Repaired("vg0/pool", None, 2, (7,), ("vg0/b",))
+    messages = [a[2:] for a in fake.runner.argvs if a[:2] == ["dmsetup", "message"]]
+    assert ["vg0-pool-tpool", "0", "delete", "7"] in messages
+    assert ["vg0-pool-tpool", "0", "create_thin", "2"] in messages
     assert fake.commands == [] and Journal().pending() == []
 
 
