@@ -132,7 +132,9 @@ def power_cuts(n: int) -> None:
 def write_cuts(cuts: list[dict], n: int) -> None:
     done = [c for c in cuts if "failed" not in c and "workload failed" not in c]
     lost = sum(len(c["lost"]) for c in done)
-    ids = [c for c in done if c["consistency"].startswith("pool has thin ids")]
+    ids = [c for c in done if "thin ids differed" in c
+           or c["consistency"].startswith("pool has thin ids")]
+    reconciled = [c for c in ids if c["consistency"] == "clean"]
     unclean = [c for c in done if c["consistency"] != "clean" and c not in ids]
     left = [c["seed"] for c in done if any(c["leftovers"].values())]
     repaired_ = [c["seed"] for c in done if "repair" in c]
@@ -141,22 +143,26 @@ def write_cuts(cuts: list[dict], n: int) -> None:
         f"({sum(c['acknowledged'] for c in done)} acknowledged writes and imports): flushed "
         f"writes lost {lost}; runs that failed {len(cuts) - len(done)}; pools needing repair "
         f"{len(repaired_)}; thin_check not clean {len(unclean)}; thin ids of the pool and "
-        f"LVM's differing {len(ids)}; cuts with leftovers after recover {len(left)}"),
+        f"LVM's differing {len(ids)} (reconciled by `pool repair`: {len(reconciled)}); "
+        f"cuts with leftovers after recover {len(left)}"),
         f"tests/lab/test_faults.py::test_power_cuts_at_random_moments (2 cuts); {ME} "
         f"--only power-cuts --cuts {n}", next((c["kernel"] for c in done if "kernel" in c), "?"),
         cuts, [recovered(done)] + ([
-            "Not fixed: after " + " and ".join(
-                f"the cut at {c['moment']:g} s {c['consistency']}" + "".join(
+            "After " + " and ".join(
+                f"the cut at {c['moment']:g} s {c.get('thin ids differed', c['consistency'])}"
+                + "".join(
                     f" (`{step}` exit {c[step]['exit']}: {c[step]['stderr']})"
                     for step in ("activate", "attach") if c[step]["exit"]) for c in ids) +
             " (thin_check itself clean). LVM changes a thin volume in two places, its own "
             "metadata and the pool's (a message the kernel commits), and a cut between the two "
             "commits leaves them apart: a thin device only the pool has holds space nobody can "
-            "free; an LV whose device the pool lacks cannot be activated. `recover` does not "
-            "reconcile them yet and `pool check` (thin_check) does not see them; `pool "
-            "repair`'s check of the thin ids names them. Since this run `pool attach` names "
-            "a volume left down (it printed only the device-mapper error above) and brings "
-            "up the VG's other volumes, outside clones and live imports all the same."]
+            "free; an LV whose device the pool lacks cannot be activated. `pool check` "
+            "compares the thin ids and names both kinds; `pool repair` on such a pool (its "
+            "metadata sound) reconciles it in place: it deletes the ids no volume has and "
+            "makes the lost volumes again, empty (they held nothing flushed), so `recover` "
+            "can roll back their operations. `recover` does not do it on its own: deleting a "
+            "thin id is the operator's call. `pool attach` names a volume left down and "
+            "brings up the VG's other volumes, outside clones and live imports all the same."]
             if ids else []) + [
             f"cut {c['seed']} failed: " + (c.get("workload failed") or c.get("output", ""))[-300:]
             for c in cuts if c not in done])

@@ -362,6 +362,12 @@ def cut_second(state: Path) -> dict:
     out["recover"] = cli("recover", CUT_VG)
     if pool_mode(CUT_VG) != "rw":
         out.update(repair(CUT_VG, [n for n, r in lvs(CUT_VG).items() if r["thin_id"]]))
+    differ = consistency(CUT_VG)
+    if differ.startswith("pool has thin ids"):  # a cut between LVM's commit and the pool's
+        out["thin ids differed"] = differ
+        out["check"] = cli("pool", "check", CUT_VG)  # names them
+        out["reconcile"] = cli("pool", "repair", CUT_VG)  # in place: the metadata is sound
+        out["recover again"] = cli("recover", CUT_VG)  # what the lost volumes held up
     acked = [json.loads(line) for line in (state / "acked.jsonl").read_text().splitlines()]
     exists = lvs(CUT_VG)
     lost = [a for a in acked if a["name"] not in exists or not os.path.exists(

@@ -55,10 +55,9 @@ def test_power_cuts_at_random_moments(tmp_path):
         print(cut)
         assert "failed" not in cut and "workload failed" not in cut, cut
         assert cut["acknowledged"] >= 1 and cut["lost"] == [], cut
-        # thin_check clean; the pool's thin ids and LVM's may differ after a cut between
-        # LVM's two commits (not fixed yet: docs/reliability.md, power cuts)
-        assert cut["consistency"] == "clean" or \
-            cut["consistency"].startswith("pool has thin ids"), cut
+        # thin_check clean and the thin ids LVM's, after `pool repair` where a cut between
+        # LVM's two commits left them apart (docs/reliability.md, power cuts)
+        assert cut["consistency"] == "clean", cut
         assert not any(cut["leftovers"].values()), cut
 
 
