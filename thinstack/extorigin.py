@@ -210,9 +210,11 @@ def reload(lv: LV, size: int) -> None:
     dm.resume(dm_name(lv))  # suspends, swaps in the loaded table, resumes
 
 
-def discard(lv: LV, start: int, length: int) -> None:
-    """Unmap a byte range of the active clone (the tail a shrink drops)."""
-    RUNNER.run(["blkdiscard", "-o", str(start), "-l", str(length), f"/dev/mapper/{dm_name(lv)}"])
+def discard(lv: LV, start: int, length: int, *, zero: bool = False) -> None:
+    """Unmap a byte range of the active volume (the tail a shrink drops); `zero`: write zeros
+    over it instead (a range smaller than a chunk, which a discard leaves mapped)."""
+    RUNNER.run(["blkdiscard", *(["-z"] if zero else []), "-o", str(start), "-l", str(length),
+                f"/dev/mapper/{dm_name(lv)}"])
 
 
 def release(lv: LV) -> None:

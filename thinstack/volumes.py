@@ -234,6 +234,12 @@ def resize(ref: VolumeRef, size: int, *, shrink_ok: bool = False) -> str:
                     raise Refused(f"{ref} is not active and writable: make it so to shrink it")
                 kept = round_up(size, lvm.vgs(lv.vg)[0].extent_size)  # LVM rounds up to it
                 if kept < lv.size:
+                    # A discard unmaps whole chunks only: a chunk larger than the extent that
+                    # straddles the new end keeps its tail, which is zeroed instead.
+                    chunk = lvm.pool_of(lv.vg, op.lvs).chunk_size
+                    straddling = min(round_up(kept, chunk), lv.size) - kept
+                    if straddling:
+                        extorigin.discard(lv, kept, straddling, zero=True)
                     extorigin.discard(lv, kept, lv.size - kept)
             lvm.lvm("lvresize", "-q", "-f", "-L", f"{size}b", str(ref))
     return ref.path

@@ -81,7 +81,7 @@ def test_external_origin_clone_of_a_read_only_lv_outside_the_pool(vg):
 
 
 @pytest.mark.lab(disks=1, disk_size="1G")
-def test_snapshots_are_isolated_both_ways_and_resize_is_online(vg):
+def test_snapshots_are_isolated_both_ways_and_resize_is_online(vg, tmp_path):
     ts("create", "vg0/vm", "--size", "128M")
     write_blocks("/dev/vg0/vm", "v1", [0, BLOCK])
     ts("snapshot", "vg0/vm", "snap")
@@ -109,6 +109,17 @@ def test_snapshots_are_isolated_both_ways_and_resize_is_online(vg):
     ts("resize", "vg0/vm", "64M", "--yes")
     assert int(sh("blockdev", "--getsize64", "/dev/vg0/vm")) == 64 * MiB
     assert_pool_consistent("vg0")
+
+    # Chunks of 8 MiB, twice LVM's extent: a shrink to 4 MiB ends inside the first chunk, whose
+    # old tail must not come back when the volume grows again (found by the CLI model).
+    ts("pool", "create", "vgc", "--file", str(tmp_path / "vgc.img"), "--size", "256M",
+       "--chunk", "8M")
+    ts("create", "vgc/t", "--size", "16M")
+    write_blocks("/dev/vgc/t", "t", [0, 5 * MiB, 12 * MiB])
+    ts("resize", "vgc/t", "4M", "--yes")
+    ts("resize", "vgc/t", "16M")
+    assert blocks_match("/dev/vgc/t", "t", [0])
+    assert read_direct("/dev/vgc/t", 5 * MiB) == read_direct("/dev/vgc/t", 12 * MiB) == bytes(BLOCK)
 
 
 @pytest.mark.lab(disks=1, disk_size="1G")
