@@ -7,7 +7,7 @@ from thinstack import backing, extorigin, tags
 from thinstack.dm.command import CommandError
 from thinstack.errors import NotFound, ThinstackError
 from thinstack.lock import vg_lock
-from thinstack.lvm import Lvm, default_lvm, pool_of
+from thinstack.lvm import Lvm, default_lvm
 
 
 def attach(vg: str | None = None, lvm: Lvm | None = None) -> list[str]:
@@ -35,7 +35,7 @@ def attach(vg: str | None = None, lvm: Lvm | None = None) -> list[str]:
                 down = _activate(name, lvm)
                 lvs = lvm.lvs(name)
                 if any(extorigin.is_outside_clone(lv) for lv in lvs):
-                    errors = extorigin.activate_all(lvs, pool_of(name, lvs))
+                    errors = extorigin.activate_all(lvs)
                     if len(errors) == 1:
                         raise errors[0]
                     if errors:

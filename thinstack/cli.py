@@ -34,6 +34,38 @@ def _ref(text: str):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _pool_ref(text: str):
+    """VG, or VG/POOL."""
+    from thinstack.lvm import BadName, PoolRef
+
+    try:
+        return PoolRef.parse(text)
+    except BadName as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _limit(text: str) -> int | None:
+    """A size, or `none`: no limit."""
+    return None if text == "none" else _size(text)
+
+
+def _ratio(text: str) -> float | None:
+    if text == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text}: a ratio, such as 1.5, or none") from None
+    if not 0 < value < 1e6:
+        raise argparse.ArgumentTypeError(f"{text}: a positive ratio")
+    return value
+
+
+def _pool_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pool", metavar="POOL", help="the pool of the VG the new volume goes "
+                        "in (needed when the VG has several)")
+
+
 def _origin(text: str):
     """VG/NAME, or a device given by its absolute path."""
     return text if text.startswith("/") else _ref(text)
@@ -79,21 +111,33 @@ def _pool_parser(sub) -> None:
     c.add_argument("--chunk", type=_size, default=64 << 10, help="pool chunk size (default 64K)")
     c.add_argument("--grow-threshold", type=_pct, default=70.0, metavar="PCT")
     c.add_argument("--grow-step", type=_size, default=256 << 20, metavar="SIZE")
+    c.add_argument("--name", default="pool", metavar="POOL",
+                   help="the pool's name (default pool); a VG may hold several pools")
+    c.add_argument("--limit", type=_size, metavar="SIZE",
+                   help="the pool's data never grows past SIZE: at it, its writers get ENOSPC "
+                   "and the VG's other pools write on")
+    c.add_argument("--overcommit", type=_ratio, metavar="R",
+                   help="refuse volumes whose sizes would add up to more than R x the limit")
+    st = ps.add_parser("set", help="change a pool's --limit and --overcommit (none: remove)")
+    st.add_argument("pool", type=_pool_ref, metavar="VG[/POOL]")
+    st.add_argument("--limit", type=_limit, default=argparse.SUPPRESS, metavar="SIZE|none")
+    st.add_argument("--overcommit", type=_ratio, default=argparse.SUPPRESS, metavar="R|none")
+    st.add_argument("--json", action="store_true")
     a = ps.add_parser("attach", help="re-attach file-backed pools and activate (boot time)")
     a.add_argument("vg", nargs="?")
-    s = ps.add_parser("status", help="usage, mode and growth settings of pools")
-    s.add_argument("vg", nargs="?")
+    s = ps.add_parser("status", help="usage, limits, mode and growth settings of pools")
+    s.add_argument("pool", nargs="?", type=_pool_ref, metavar="VG[/POOL]")
     s.add_argument("--json", action="store_true")
     ps.add_parser("list", help="the thin pools thinstack knows").add_argument(
         "--json", action="store_true")
     ps.add_parser("check", help="thin_check the pool's metadata (on a metadata snapshot)"
-                  ).add_argument("vg")
+                  ).add_argument("pool", type=_pool_ref, metavar="VG[/POOL]")
     ex = ps.add_parser("extend", help="grow the pool's data by SIZE")
-    ex.add_argument("vg")
+    ex.add_argument("pool", type=_pool_ref, metavar="VG[/POOL]")
     ex.add_argument("size", type=_size)
     r = ps.add_parser("repair", help="fresh metadata for a damaged pool (lvconvert --repair); "
                       "the old is kept as an LV")
-    r.add_argument("vg")
+    r.add_argument("pool", type=_pool_ref, metavar="VG[/POOL]")
     r.add_argument("--json", action="store_true")
 
 
@@ -106,6 +150,7 @@ def _volume_parsers(sub) -> None:
     c = volume("create", "a new thin volume")
     c.add_argument("ref", type=_ref, metavar="VG/NAME")
     c.add_argument("--size", type=_size, required=True)
+    _pool_option(c)
     s = volume("snapshot", "a thin snapshot, active and writable unless --readonly")
     s.add_argument("ref", type=_ref, metavar="VG/NAME")
     s.add_argument("snapname", metavar="SNAPNAME")
@@ -116,6 +161,7 @@ def _volume_parsers(sub) -> None:
                "device (/dev/...), O(1)")
     c.add_argument("origin", type=_origin, metavar="ORIGIN")
     c.add_argument("ref", type=_ref, metavar="VG/NAME")
+    _pool_option(c)
     r = volume("resize", "grow online; shrinking needs --yes")
     r.add_argument("ref", type=_ref, metavar="VG/NAME")
     r.add_argument("size", type=_size)
@@ -197,6 +243,7 @@ def _import_parser(sub) -> None:
     im.add_argument("--allow-dir", type=Path, action="append", default=[], metavar="DIR",
                     help="a folder parent/backing images may also come from")
     im.add_argument("--resume", action="store_true", help="continue an interrupted import")
+    _pool_option(im)
     im.add_argument("--live", action="store_true", help="the volume at once; the kernel copies "
                     "the image underneath (also nbd:// and nbd+unix:// sources)")
     im.add_argument("--wait", action="store_true", help="with --live: block until the copy has "
@@ -302,13 +349,13 @@ def cmd_volume(args) -> int:
     from thinstack import volumes
 
     if args.command == "create":
-        path = volumes.create(args.ref, args.size)
+        path = volumes.create(args.ref, args.size, args.pool)
     elif args.command == "snapshot":
         path = volumes.snapshot(args.ref, args.snapname, readonly=args.readonly)
     elif args.command == "gold":
         path = volumes.gold(args.ref)
     elif args.command == "clone":
-        path = volumes.clone(args.origin, args.ref)
+        path = volumes.clone(args.origin, args.ref, args.pool)
     elif args.command == "cow":
         path = volumes.cow(args.origin, args.ref, args.store)
     elif args.command == "resize":
@@ -385,33 +432,36 @@ def cmd_pool(args) -> int:
     from thinstack import poolstatus
 
     c = args.pool_command
+    ref = getattr(args, "pool", None)  # VG[/POOL] of the subcommands that name a pool
     if c in ("status", "list"):
-        found = poolstatus.status(getattr(args, "vg", None))
-        if args.json:
-            _print_json([p.to_json() for p in found])
-        else:
-            _table([[p.vg, p.name, _bytes(p.data_size), _percent(p.data_percent, ".1f"),
-                     _percent(p.metadata_percent, ".1f"), p.mode, _percent(p.grow_threshold, "g"),
-                     _bytes(p.grow_step), _bytes(p.vg_free)] for p in found],
-                   ["VG", "POOL", "DATA", "DATA%", "META%", "MODE", "GROW@", "STEP", "VG FREE"])
+        found = poolstatus.status(*((ref.vg, ref.name) if ref else ()))
+        _pool_table(found, args.json)
         return 0
     from thinstack import pools
 
     if c == "create":
         status = pools.create(args.vg, devices=args.devices, file=args.file, raid1=args.raid1,
                               size=args.size, chunk=args.chunk, grow_threshold=args.grow_threshold,
-                              grow_step=args.grow_step)
+                              grow_step=args.grow_step, name=args.name, limit=args.limit,
+                              overcommit=args.overcommit)
         print(status.path)
     elif c == "attach":
         pools.attach(args.vg)
+    elif ref is None:
+        raise AssertionError(f"pool {c} without its VG[/POOL]")  # argparse requires it
+    elif c == "set":
+        changes = {k: getattr(args, k) for k in ("limit", "overcommit") if hasattr(args, k)}
+        if not changes:
+            raise _usage("pool set: give --limit or --overcommit")
+        _pool_table([pools.set_pool(ref.vg, ref.name, **changes)], args.json)
     elif c == "check":
-        print(pools.check(args.vg))
+        print(pools.check(ref.vg, ref.name))
     elif c == "extend":
-        print(pools.extend(args.vg, args.size).path)
+        print(pools.extend(ref.vg, args.size, ref.name).path)
     elif c == "repair":
         from thinstack import repair
 
-        done = repair.repair(args.vg)
+        done = repair.repair(ref.vg, ref.name)
         if args.json:
             _print_json(done.to_json())
         else:
@@ -425,6 +475,19 @@ def cmd_pool(args) -> int:
     return 0
 
 
+def _pool_table(found, as_json: bool) -> None:
+    if as_json:
+        _print_json([p.to_json() for p in found])
+        return
+    _table([[p.vg, p.name, _bytes(p.data_size), _percent(p.data_percent, ".1f"),
+             _percent(p.metadata_percent, ".1f"), p.mode, _bytes(p.limit),
+             _bytes(p.provisioned), "-" if p.overcommit is None else f"{p.overcommit:g}x",
+             _percent(p.grow_threshold, "g"), _bytes(p.grow_step), _bytes(p.vg_free)]
+            for p in found],
+           ["VG", "POOL", "DATA", "DATA%", "META%", "MODE", "LIMIT", "PROVISIONED", "OVERCOMMIT",
+            "GROW@", "STEP", "VG FREE"])
+
+
 def cmd_import(args) -> int:
     from thinstack import imports
 
@@ -434,7 +497,7 @@ def cmd_import(args) -> int:
         raise _usage("import needs SOURCE and VG/NAME")
     summary = imports.import_image(args.source, args.ref, format=args.format, size=args.size,
                                    allow_dirs=tuple(args.allow_dir), resume=args.resume,
-                                   progress=_progress(args))
+                                   progress=_progress(args), pool_name=args.pool)
     if args.json:
         print(json.dumps(summary.to_json(), sort_keys=True))
     else:
@@ -464,7 +527,7 @@ def _live_import(args) -> int:
         raise _usage("import --live needs SOURCE and VG/NAME")
     summary = live.import_live(args.source, args.ref, format=args.format,
                                allow_dirs=tuple(map(str, args.allow_dir)), wait=args.wait,
-                               show_progress=_progress(args))
+                               show_progress=_progress(args), pool_name=args.pool)
     print(json.dumps(summary.to_json(), sort_keys=True) if args.json else summary.path)
     return 0
 

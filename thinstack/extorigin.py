@@ -248,15 +248,19 @@ def _link(lv: LV, target: str) -> None:
     tmp.replace(link)
 
 
-def activate_all(lvs: list[LV], pool: LV) -> list[NotFound | Refused]:
-    """Every committed outside-origin clone of the VG, up; returns the failures (one clone
-    whose origin is missing must not keep the others down)."""
-    failed = []
+def activate_all(lvs: list[LV]) -> list[NotFound | Refused]:
+    """Every committed outside-origin clone of the VG (`lvs`, one VG's), up, each in its own
+    pool; returns the failures (one clone whose origin is missing must not keep the others
+    down)."""
+    pools = {lv.name: lv for lv in lvs if lv.is_thin_pool}
+    failed: list[NotFound | Refused] = []
     for lv in lvs:
         if is_outside_clone(lv) and not lv.op_tags \
                 and tags.LAST_EXPORT not in lv.tags:
             try:
-                activate(lv, pool)
+                if lv.pool not in pools:
+                    raise NotFound(f"{lv.ref} is in no thin pool")
+                activate(lv, pools[lv.pool])
             except (NotFound, Refused) as e:
                 failed.append(e)
     return failed

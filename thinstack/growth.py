@@ -129,6 +129,7 @@ class PoolView:
     needs_check: bool
     low_water_mark: int  # in data blocks, as the live table has it
     settings: Settings
+    limit: int | None = None  # the data never grows past this (the pool's quota); None: the VG
 
 
 @dataclass(frozen=True)
@@ -153,15 +154,24 @@ def plan_pool(pool: PoolView, *, room: int, extent: int, data_rate: float, metad
     if pool.mode == "ro" or pool.needs_check:
         return PoolPlan(alert="the pool is read-only (metadata full or damaged): it needs "
                               "`thinstack pool check`")
+    at_limit = pool.limit is not None and pool.data.size >= pool.limit
     if not s.enabled:
-        return PoolPlan()
+        # No growth, but a quota all the same: at its limit the pool errors when full.
+        return PoolPlan(error_if_no_space=True if at_limit and not pool.error_if_no_space
+                        else None)
     data = growth(pool.data, s.threshold, s.step or default_step(pool.data.size),
-                  rate=data_rate, reaction=reaction, extent=extent, room=room)
+                  rate=data_rate, reaction=reaction, extent=extent, room=room,
+                  ceiling=pool.limit)
+    at_limit = pool.limit is not None and pool.data.size + data.add >= pool.limit
     # Metadata has no tag of its own: it crosses the same threshold and grows by a quarter.
     metadata = growth(pool.metadata, s.threshold, pool.metadata.size // 4, rate=metadata_rate,
                       reaction=reaction, extent=extent, room=room - data.add, ceiling=METADATA_MAX)
     alert = None
-    if data.short:
+    if data.short and at_limit:
+        alert = (f"data {pool.data.percent:.1f}% full (threshold {s.threshold:g}%) at its limit "
+                 f"({pool.limit} bytes): its writers get ENOSPC when it fills; raise the limit "
+                 "(`thinstack pool set VG/POOL --limit SIZE`) or free space")
+    elif data.short:
         alert = (f"data {pool.data.percent:.1f}% full (threshold {s.threshold:g}%) and the "
                  "volume group has no room to grow it: writers get ENOSPC when it fills")
     elif metadata.short:
@@ -170,8 +180,11 @@ def plan_pool(pool: PoolView, *, room: int, extent: int, data_rate: float, metad
     # Out of room, a queueing pool would hang its writers for 60 s and then fail them anyway;
     # erroring at once lets them (and the filesystems on them) see ENOSPC and stay consistent.
     # With room again, queueing is better: a write that races the next growth waits for it.
+    # A pool at its limit errors before it is full: no monitor pass stands between its filling
+    # and its writers' ENOSPC, and its neighbours' growth never waits on it.
+    errors = data.short or at_limit
     plan = PoolPlan(grow_data=data.add, grow_metadata=metadata.add, alert=alert,
-                    error_if_no_space=None if data.short == pool.error_if_no_space else data.short)
+                    error_if_no_space=None if errors == pool.error_if_no_space else errors)
     if plan.reloads:
         return plan  # each of these commands sets the low-water mark again
     armed = low_water_mark(pool.data.size // pool.chunk, s.threshold)

@@ -31,7 +31,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from thinstack import faults, growth, lvm
+from thinstack import budget, faults, growth, lvm
 from thinstack.copy import BlockDeviceSink, CopyStats, copy_extents, data_bytes
 from thinstack.dm.client import DeviceMapper
 from thinstack.dm.status import ThinStatus
@@ -142,9 +142,10 @@ def temp_ref(ref: VolumeRef) -> VolumeRef:
 
 def import_image(source: str | os.PathLike, ref: VolumeRef, *, format: str = "auto",
                  size: int | None = None, allow_dirs: tuple[Path, ...] = (), resume: bool = False,
-                 progress: bool = False) -> Summary:
-    """Import `source` into a new volume `ref` (or, with resume, finish an interrupted import
-    into it: then the size journalled by the first run applies)."""
+                 progress: bool = False, pool_name: str | None = None) -> Summary:
+    """Import `source` into a new volume `ref` in pool `pool_name` (None: the VG's only pool),
+    or, with resume, finish an interrupted import into it: then the size and pool journalled by
+    the first run apply."""
     started = time.monotonic()
     source = Path(source)
     image = open_image(source, policy(allow_dirs), format)
@@ -155,9 +156,9 @@ def import_image(source: str | os.PathLike, ref: VolumeRef, *, format: str = "au
         # A resumed import continues its old entry; a failed one is kept for --resume when the
         # volume was made and the image itself was fine.
         with operation("import", ref.vg, lambda lvs: _entry(
-                journal, ref, source, identity(source, image), wanted, resume),
+                journal, ref, source, identity(source, image), wanted, resume, pool_name),
                 on_failure=lambda e, entry: KEEP_FOR_RESUME if resumable(e, entry) else ROLL_BACK,
-                journal=journal) as op:
+                journal=journal, at=pool_name) as op:
             stats, chunk = _run(op, ref, image, extents, progress)
     finally:
         image.close()
@@ -173,7 +174,7 @@ def device_path(ref: VolumeRef) -> str:
 
 
 def _entry(journal: Journal, ref: VolumeRef, source: Path, ident: dict, size: int,
-           resume: bool) -> Entry | dict:
+           resume: bool, pool_name: str | None) -> Entry | dict:
     """The interrupted entry to continue (with resume), or the new entry's arguments."""
     # A committed entry is a finished import whose record was not yet removed: not ours.
     pending = [e for e in journal.pending(ref.vg) if e.op == "import"
@@ -191,7 +192,7 @@ def _entry(journal: Journal, ref: VolumeRef, source: Path, ident: dict, size: in
     if pending:
         raise Refused(f"an interrupted import into {ref} exists: continue it with `thinstack "
                       f"import --resume` or roll it back with `thinstack recover {ref.vg}`")
-    return dict(name=ref.name, size=size, path=str(source), source=ident)
+    return dict(name=ref.name, size=size, path=str(source), source=ident, pool=pool_name)
 
 
 def _run(op: Op, ref: VolumeRef, image: Image, extents: list[Extent],
@@ -199,7 +200,7 @@ def _run(op: Op, ref: VolumeRef, image: Image, extents: list[Extent],
     """Make, fill, rename and commit the volume, continuing from wherever an interrupted run of
     this entry stopped. Returns what the copy did and the pool's chunk size."""
     temp = temp_ref(ref)
-    pool = lvm.pool_of(ref.vg, op.lvs)
+    pool = lvm.pool_of(ref.vg, op.lvs, op.entry.args.get("pool"))
     # The volume this import made before it was interrupted, if any: NAME.importing, or NAME if
     # it was renamed already. A journalled position counts only on that volume.
     # Refused, if it must be, before anything is made.
@@ -214,6 +215,7 @@ def _run(op: Op, ref: VolumeRef, image: Image, extents: list[Extent],
     _check_space(ref.vg, pool, data_bytes(extents, size=image.virtual_size,
                                           chunk=pool.chunk_size, start=start))
     if made is None:
+        budget.refuse(pool, op.lvs, op.entry.args["size"], f"importing into {ref}")
         lvm.lvm("lvcreate", "-q", "-y", "--type", "thin", "--thinpool", pool.name,
                      "-V", f"{op.entry.args['size']}b", "-n", temp.name, "--addtag", op.entry.tag,
                      "--setactivationskip", "n", ref.vg)
@@ -253,7 +255,11 @@ def _check_space(vg: str, pool: LV, needed: int) -> None:
     # fit (the kernel status would cost three more commands). Inactive: no use reported.
     free = pool.size - math.ceil(pool.size * (pool.data_percent or 0) / 100)
     growable = needed > free and growth.settings(pool.tags).enabled
-    check_capacity(needed, free, lvm.vgs(vg)[0].free if growable else 0)
+    room = lvm.vgs(vg)[0].free if growable else 0
+    limit = budget.of(pool).limit
+    if limit is not None:  # the pool never grows past its limit
+        room = max(0, min(room, limit - pool.size))
+    check_capacity(needed, free, room)
 
 
 def _copy(op: Op, temp: VolumeRef, image: Image, extents: list[Extent], start: int,

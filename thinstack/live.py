@@ -50,7 +50,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from thinstack import extorigin, faults, tags
+from thinstack import budget, extorigin, faults, tags
 from thinstack.dm.client import DeviceMapper
 from thinstack.dm.command import RUNNER, CommandError, summary
 from thinstack.dm.status import CloneStatus
@@ -66,7 +66,7 @@ from thinstack.errors import Exists, NotFound, Refused, ThinstackError, Usage
 from thinstack.extents import Extent, Kind
 from thinstack.journal import Journal, Step, StepKind, write_atomically
 from thinstack.lock import vg_lock
-from thinstack.lvm import LV, Lvm, VolumeRef, check_name, default_lvm, pool_of
+from thinstack.lvm import LV, Lvm, VolumeRef, check_name, default_lvm, pool_of, volume_pool
 from thinstack.operation import Op, operation
 from thinstack.progress import Bar
 from thinstack.sizes import SECTOR, format_size, round_up
@@ -532,14 +532,15 @@ class Summary:
 
 def import_live(source: str, ref: VolumeRef, *, format: str = "auto",
                 allow_dirs: tuple[str, ...] = (), wait: bool = False,
-                show_progress: bool = False) -> Summary:
+                show_progress: bool = False, pool_name: str | None = None) -> Summary:
     started = time.monotonic()
     check_name(ref.name + META_SUFFIX, "volume name")
     opened = open_source(source, format, allow_dirs)
     try:
         extents = list(opened.image.extents())
         journal = Journal()
-        with operation(OP, ref.vg, lambda lvs: _args(ref, lvs, source), journal=journal) as op:
+        with operation(OP, ref.vg, lambda lvs: _args(ref, lvs, source, pool_name),
+                       journal=journal, at=pool_name) as op:
             record = _setup(op, ref, opened, extents, source, format, allow_dirs)
     finally:
         opened.close()
@@ -549,20 +550,21 @@ def import_live(source: str, ref: VolumeRef, *, format: str = "auto",
                    record.region, record.to_copy, usable, finished)
 
 
-def _args(ref: VolumeRef, lvs: list[LV], source: str) -> dict:
+def _args(ref: VolumeRef, lvs: list[LV], source: str, pool_name: str | None) -> dict:
     for name in (ref.name, ref.name + META_SUFFIX):
         if any(lv.name == name for lv in lvs):
             raise Exists(f"{ref.vg}/{name} already exists")
-    return dict(name=ref.name, path=source)
+    return dict(name=ref.name, path=source, pool=pool_name)
 
 
 def _setup(op: Op, ref: VolumeRef, opened: Opened, extents: list[Extent], source: str,
            requested: str, allow_dirs: tuple[str, ...]) -> Record:
-    pool = pool_of(ref.vg, op.lvs)
+    pool = pool_of(ref.vg, op.lvs, op.entry.args.get("pool"))
     if pool.attr[7:8] != "z":
         raise Refused(f"a live import needs a pool that zeroes new chunks; pool {pool.ref} does "
                       f"not (turn zeroing on with `lvchange -Zy {pool.ref}`)")
     size = opened.image.virtual_size
+    budget.refuse(pool, op.lvs, size, f"importing into {ref}")
     region = region_size(pool.chunk_size)
     regions = -(-size // region)
     ranges = discard_plan(extents, size, region)
@@ -624,7 +626,7 @@ def finish(ref: VolumeRef, lvm: Lvm | None = None) -> bool:
         if status is not None:
             if not status.hydrated:
                 return False
-            pool = pool_of(ref.vg, lvm.lvs(ref.vg))
+            pool = volume_pool(lv, lvm.lvs(ref.vg))
             thin = ThinTarget(_tpool(dm, pool), lv.thin_id or 0)
             dm.load(top.name, Table.of(lv.size // SECTOR, thin))
             dm.resume(top.name)  # suspends (the clone stops), swaps the table, resumes
@@ -737,7 +739,7 @@ def _restart(lv: LV, lvs: list[LV]) -> None:
         dm.load(top.name, Table(lines))
         dm.resume(top.name)
     elif top is None:
-        activate(lv, meta, pool_of(lv.vg, lvs), record, nbd, hydrate=True)
+        activate(lv, meta, volume_pool(lv, lvs), record, nbd, hydrate=True)
 
 
 def _nbd_path(devno: str | None) -> str | None:

@@ -17,6 +17,7 @@ __all__ = [
     "LVM",
     "PV",
     "VG",
+    "PoolRef",
     "CommandError",
     "Lvm",
     "VolumeRef",
@@ -28,8 +29,10 @@ __all__ = [
     "lvm",
     "lvs",
     "pool_of",
+    "pools_of",
     "pvs",
     "vgs",
+    "volume_pool",
     "volumes_of",
 ]
 
@@ -301,15 +304,61 @@ class Lvm:
             raise NotFound(f"volume group {vg} not found") from None
 
 
-def pool_of(vg: str, lvs: list[LV]) -> LV:
-    """The VG's thin pool among `lvs`: the one tagged as thinstack's, or its only one."""
+@dataclass(frozen=True)
+class PoolRef:
+    """A pool as commands name it: `VG/POOL`, or `VG` alone for a VG's only pool (name None)."""
+    vg: str
+    name: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> PoolRef:
+        vg, sep, name = text.partition("/")
+        if sep and (not name or "/" in name):
+            raise BadName(f"expected VG or VG/POOL, got {text!r}")
+        return cls(check_name(vg, "volume group name"),
+                   check_user_name(name, "pool name") if sep else None)
+
+    def __str__(self) -> str:
+        return self.vg if self.name is None else f"{self.vg}/{self.name}"
+
+
+def pools_of(lvs: list[LV]) -> list[LV]:
+    """thinstack's pools among `lvs` (one VG's): the thin pools tagged as thinstack's; in a VG
+    with none tagged, its only thin pool (a pool LVM made, adopted as it is)."""
     pools = [lv for lv in lvs if lv.is_thin_pool]
     ours = [p for p in pools if tags.POOL in p.tags]
-    if len(ours or pools) != 1:
-        raise NotFound(f"volume group {vg} has {len(pools)} thin pools; "
-                       "create one with `thinstack pool create`" if not pools else
-                       f"volume group {vg} has several thin pools and none tagged {tags.POOL}")
-    return (ours or pools)[0]
+    return ours or (pools if len(pools) == 1 else [])
+
+
+def pool_of(vg: str, lvs: list[LV], name: str | None = None) -> LV:
+    """The pool called `name` among the VG's `lvs`; with no name, the VG's only pool. A VG of
+    several pools needs the name (a usage error without it: which tenant is meant is the
+    operator's to say)."""
+    pools = pools_of(lvs)
+    if name is not None:
+        found = next((p for p in pools if p.name == name), None)
+        if found is None:
+            raise NotFound(f"{vg}/{name}: no such thin pool" + (
+                f" (the volume group has {', '.join(sorted(p.name for p in pools))})"
+                if pools else ""))
+        return found
+    if len(pools) == 1:
+        return pools[0]
+    if pools:
+        raise Usage(f"volume group {vg} has several pools "
+                      f"({', '.join(sorted(p.name for p in pools))}): name one with --pool")
+    several = sum(1 for lv in lvs if lv.is_thin_pool)
+    raise NotFound(f"volume group {vg} has no thin pool; create one with `thinstack pool create`"
+                   if not several else
+                   f"volume group {vg} has several thin pools and none tagged {tags.POOL}")
+
+
+def volume_pool(lv: LV, lvs: list[LV]) -> LV:
+    """The pool that holds thin volume `lv`'s blocks."""
+    found = next((p for p in lvs if p.is_thin_pool and p.name == lv.pool), None)
+    if found is None:
+        raise NotFound(f"{lv.ref} is in no thin pool")
+    return found
 
 
 LVM = Lvm()  # over the real runner; tests put a fake in its place

@@ -24,7 +24,7 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from thinstack import poolstatus, thinpool
+from thinstack import budget, poolstatus, thinpool
 from thinstack.dm.client import DeviceMapper
 from thinstack.dm.errors import DmError
 from thinstack.dm.status import Failed, ThinPoolStatus
@@ -157,8 +157,8 @@ class Monitor:
             usage = None
         if usage is None:  # unreadable, or another reader holds the metadata snapshot
             return last
-        found = tuple(VolumeUsage(lv.name, *usage[lv.thin_id][:2]) for lv in thins
-                      if lv.thin_id in usage)
+        found = tuple(VolumeUsage(lv.name, *usage[(pool.name, lv.thin_id or 0)][:2])
+                      for lv in thins if (pool.name, lv.thin_id or 0) in usage)
         self.usage[key] = (time.monotonic(), found)
         return found
 
@@ -181,7 +181,7 @@ class Monitor:
         st = kernel.dm.target_status(kernel.name)
         if isinstance(st, Failed):
             return Report("pool", lv.vg, lv.name, mode=poolstatus.FAIL, alert=(
-                f"the pool has failed: it needs `thinstack pool repair {lv.vg}`")), 0
+                f"the pool has failed: it needs `thinstack pool repair {lv.ref}`")), 0
         target = kernel.dm.table(kernel.name).target
         if not isinstance(st, ThinPoolStatus) or not isinstance(target, ThinPoolTarget):
             raise DmError(f"{kernel.name} is not a thin-pool device")
@@ -190,7 +190,7 @@ class Monitor:
             data=data, metadata=metadata, chunk=lv.chunk_size, mode=st.mode.value,
             error_if_no_space=st.error_if_no_space, needs_check=st.needs_check,
             low_water_mark=target.low_water_mark,
-            settings=settings(lv.tags))
+            settings=settings(lv.tags), limit=budget.of(lv).limit)
         h = self._history(lv, view.data.used, view.metadata.used)
         plan = plan_pool(view, room=room, extent=extent, data_rate=write_rate(h.data),
                          metadata_rate=write_rate(h.metadata), reaction=self.reaction)
@@ -278,6 +278,17 @@ class Monitor:
             if mode != was:
                 log(f"{'ALERT ' if mode != poolstatus.RW else ''}{ref}: mode {was} -> {mode}")
         self.modes.update(now)
+
+
+def apply(pool: LV, interval: float = 5.0) -> Report | None:
+    """One pass over one active pool, now: what `pool set` changed (its limit) takes effect
+    without waiting for the service's next pass. None: the pool is not active (the service
+    applies it once it is); a busy report: the service is on it this instant."""
+    if not pool.active:
+        return None
+    m = Monitor(interval)
+    report, _ = m._guarded(pool, "pool", m.check_pool, pool, pool.vg_extent_size, pool.vg_free)
+    return report
 
 
 def growth_lock(lv: LV) -> Path:

@@ -52,13 +52,15 @@ class Op:
 @contextmanager
 def operation(kind: str, vg: str, args: Args | None = None, *, on_failure: Policy = ROLL_BACK,
               entry: Entry | None = None, journal: Journal | None = None, new_vg: bool = False,
-              finish: bool = True, recover: bool = True) -> Iterator[Op]:
+              finish: bool = True, recover: bool = True, at: str | None = None
+              ) -> Iterator[Op]:
     """Run the body as operation `kind` of `vg`. `entry`: continue that entry under the lock
     again (a later phase of the same operation: nothing to recover, nothing to journal first).
     `new_vg`: the operation makes the VG (there are no volumes to find yet). `finish=False`: on
     success the entry stays open for a later phase (an export's copy runs without the VG lock).
     `recover=False`: leave what earlier runs left to a later command (a pool repair: undoing it
-    may need the pool it repairs)."""
+    may need the pool it repairs). `at`: the LV (a pool, or a volume in one) the operation works
+    in: only that pool must be writable (None: all of the VG's)."""
     journal = journal or Journal()
     with vg_lock(vg):
         lvs: list[LV] = []
@@ -67,7 +69,7 @@ def operation(kind: str, vg: str, args: Args | None = None, *, on_failure: Polic
                 recovery.recover_vg(vg, journal)
             else:
                 lvs = lvm.volumes_of(vg)
-                poolstatus.refuse_unless_writable(vg, lvs, kind)
+                poolstatus.refuse_unless_writable(vg, lvs, kind, at)
                 if recover and recovery.recover_vg(vg, journal, lvs=lvs):
                     lvs = lvm.volumes_of(vg)
             found = args(lvs) if callable(args) else (args or {})

@@ -2,9 +2,11 @@
 device, or in the free extents of an existing VG), rolling back a creation that did not finish,
 and growing a pool's data.
 
-A pool is the LV `pool` of its VG, tagged `ts_pool`, with its growth policy in two more tags
-(`ts_grow_threshold=PCT`, `ts_grow_step=BYTES`) that the monitor reads. A file-backed VG carries
-`ts_file=PATH`, and the file is also in backing.py's registry.
+A pool is an LV of its VG (`pool` unless named), tagged `ts_pool`, with its growth policy in two
+more tags (`ts_grow_threshold=PCT`, `ts_grow_step=BYTES`) that the monitor reads, and its quota
+and budget in two others (`ts_limit=BYTES`, `ts_overcommit=R`; budget.py). A VG may hold several
+pools, each a tenant growing from the VG's shared free extents up to its limit. A file-backed VG
+carries `ts_file=PATH`, and the file is also in backing.py's registry.
 
 Creation is journalled (each resource before it is made, its identity once it exists) and the VG
 carries the operation's tag until the commit; `rollback_plan` undoes only what is still what it
@@ -22,10 +24,11 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from thinstack import backing, faults, growth, lvm, poolstatus, provision, tags
+from thinstack import backing, budget, faults, growth, lvm, poolstatus, provision, tags
 from thinstack.attach import attach
-from thinstack.errors import Exists, NoSpace, NotFound, ThinstackError
+from thinstack.errors import Exists, NoSpace, NotFound, Refused, ThinstackError
 from thinstack.journal import Entry, Step, StepKind, last_target, parse_steps
 from thinstack.lock import vg_lock
 from thinstack.lvm import LV, Lvm, default_lvm
@@ -35,7 +38,7 @@ from thinstack.recovery import Action, Undo
 from thinstack.sizes import format_size, round_down, round_up
 
 # What the CLI calls by these names.
-__all__ = ["attach", "check", "create", "extend", "status", "thin_usage"]
+__all__ = ["attach", "check", "create", "extend", "set_pool", "status", "thin_usage"]
 
 POOL_LV = "pool"
 DEFAULT_CHUNK = 64 << 10
@@ -65,14 +68,17 @@ def metadata_size(vg_size: int, chunk: int, extent: int) -> int:
 
 
 def plan_sizes(vg_size: int, vg_free: int, extent: int, chunk: int,
-               data: int | None = None) -> Sizes:
+               data: int | None = None, limit: int | None = None) -> Sizes:
     """The pool's data and metadata sizes. Besides the metadata the VG keeps as much again for
     LVM's spare metadata LV (pmspare, used by repairs) and as much again for the metadata to
-    grow; the default data size is everything else."""
-    meta = metadata_size(vg_size, chunk, extent)
+    grow; the default data size is everything else, up to the pool's `limit`, for which alone
+    its metadata is sized then (the pool never grows past it)."""
+    meta = metadata_size(vg_size if limit is None else min(vg_size, limit), chunk, extent)
     overhead = 2 * meta  # the metadata and its spare, allocated now
     if data is None:
         data = round_down(vg_free - overhead - meta, extent)
+        if limit is not None:
+            data = min(data, round_down(limit, extent))
         if data < chunk:
             raise NoSpace(f"the volume group ({format_size(vg_free)} free) is too small for a "
                           f"thin pool with {format_size(meta)} of metadata and its spare")
@@ -90,9 +96,14 @@ def md_name(vg: str) -> str:
 
 def check_create_args(vg: str, devices: list[str], file: Path | None, raid1: bool,
                       size: int | None, chunk: int, grow_threshold: float,
-                      grow_step: int) -> None:
+                      grow_step: int, name: str = POOL_LV, limit: int | None = None,
+                      overcommit: float | None = None) -> None:
     """Every reason to refuse `pool create` that needs no look at the system."""
     lvm.check_name(vg, "volume group name")
+    lvm.check_user_name(name, "pool name")
+    check_budget(limit, overcommit)
+    if limit is not None and size is not None and file is None and size > limit:
+        raise ThinstackError(f"--size {format_size(size)} is over --limit {format_size(limit)}")
     if file is not None and devices:
         raise ThinstackError("give either devices or --file, not both")
     if file is not None:
@@ -125,9 +136,23 @@ def check_create_args(vg: str, devices: list[str], file: Path | None, raid1: boo
         raise ThinstackError("--grow-step must be positive")
 
 
-def pool_tags(grow_threshold: float, grow_step: int) -> list[str]:
+def check_budget(limit: int | None, overcommit: float | None) -> None:
+    if limit is not None and limit <= 0:
+        raise ThinstackError("--limit must be positive")
+    if overcommit is not None and not (0 < overcommit < 1e6):
+        raise ThinstackError(f"--overcommit {overcommit:g}: a positive ratio (1 promises no "
+                             "more than the limit, 2 twice that)")
+
+
+def pool_tags(grow_threshold: float, grow_step: int, limit: int | None = None,
+              overcommit: float | None = None) -> list[str]:
     return [tags.POOL, tags.kv(tags.GROW_THRESHOLD, f"{grow_threshold:g}"),
-            tags.kv(tags.GROW_STEP, grow_step)]
+            tags.kv(tags.GROW_STEP, grow_step), *budget_tags(limit, overcommit)]
+
+
+def budget_tags(limit: int | None, overcommit: float | None) -> list[str]:
+    return [*([tags.kv(tags.LIMIT, limit)] if limit is not None else []),
+            *([tags.kv(tags.OVERCOMMIT, f"{overcommit:g}")] if overcommit is not None else [])]
 
 
 @dataclass(frozen=True)
@@ -150,6 +175,7 @@ def foreign(steps: list[str], tag: str, vg: lvm.VG, lvs: Sequence[LV]) -> str | 
     after making it and then records its uuid: a VG without the tag is its own only if it was
     killed in between and the VG is still empty."""
     uuid = last_target(steps, StepKind.VG_UUID)
+    pool_name = _made_pool(steps)
     if str(Step(StepKind.VG, vg.name)) not in steps:
         return f"{vg.name} was made by someone else while the creation had not yet made it"
     if uuid is not None and vg.uuid != uuid:
@@ -157,13 +183,18 @@ def foreign(steps: list[str], tag: str, vg: lvm.VG, lvs: Sequence[LV]) -> str | 
     if tag not in vg.tags and (uuid is not None or lvs):
         return f"{vg.name} no longer carries the creation's tag {tag}"
     pool_uuid = last_target(steps, StepKind.POOL_UUID)
-    made_pool = str(Step(StepKind.POOL, f"{vg.name}/{POOL_LV}")) in steps
     others = [lv.name for lv in lvs if not (
-        made_pool and lv.name == POOL_LV and lv.is_thin_pool
+        pool_name is not None and lv.name == pool_name and lv.is_thin_pool
         and pool_uuid in (None, lv.uuid))]
     if others:
         return f"{vg.name} holds volumes the creation did not make ({', '.join(sorted(others))})"
     return None
+
+
+def _made_pool(steps: list[str]) -> str | None:
+    """The name of the pool a creation journalled making (`pool:VG/NAME`), if it got that far."""
+    made = last_target(steps, StepKind.POOL)
+    return made.partition("/")[2] if made else None
 
 
 def rollback_plan(steps: list[str], tag: str = "", vg: lvm.VG | None = None,
@@ -179,7 +210,7 @@ def rollback_plan(steps: list[str], tag: str = "", vg: lvm.VG | None = None,
         why = foreign(steps, tag, vg, lvs)
         if why:
             return Rollback([Action(Undo.DELTAG, vg.name, tag)] if tag in vg.tags else [], why)
-    pool = next((lv for lv in lvs if lv.name == POOL_LV), None)
+    pool = next((lv for lv in lvs if lv.name == _made_pool(steps)), None)
     # What each undo checks that its target still is; unknown: the target is left alone. LVM
     # selects the pool by uuid and the VG by uuid and emptiness, under its lock. A file is known
     # by its identity, not its name: in a folder others can write, the name may have been given
@@ -214,17 +245,21 @@ def creation_steps(vg: str, pvs: list[str], md_members: list[str], file: Path | 
 def create(vg: str, *, devices: Sequence[str] = (), file: Path | None = None, raid1: bool = False,
            size: int | None = None, chunk: int = DEFAULT_CHUNK,
            grow_threshold: float = growth.DEFAULT_THRESHOLD,
-           grow_step: int = DEFAULT_GROW_STEP) -> PoolStatus:
-    """A new VG on `devices` (or on a new sparse file of `size` bytes) and a thin pool in it;
-    with neither, a pool in the free extents of the existing VG `vg`. The pool's data is `size`
-    bytes on devices or in a VG, and by default most of the (free space of the) VG."""
+           grow_step: int = DEFAULT_GROW_STEP, name: str = POOL_LV, limit: int | None = None,
+           overcommit: float | None = None) -> PoolStatus:
+    """A new VG on `devices` (or on a new sparse file of `size` bytes) and a thin pool `name`
+    in it; with neither, a pool in the free extents of the existing VG `vg` (which may hold
+    other pools: tenants). The pool's data is `size` bytes on devices or in a VG, and by default
+    most of the (free space of the) VG, up to `limit`, past which it never grows."""
     devices = list(devices)
     file = Path(os.path.abspath(file)) if file is not None else None
-    check_create_args(vg, devices, file, raid1, size, chunk, grow_threshold, grow_step)
+    check_create_args(vg, devices, file, raid1, size, chunk, grow_threshold, grow_step, name,
+                      limit, overcommit)
     provision.require_thin_pool(default_lvm().runner)  # before anything is made
+    tag_list = pool_tags(grow_threshold, grow_step, limit, overcommit)
     if not devices and file is None:
-        _create_in_vg(vg, size, chunk, pool_tags(grow_threshold, grow_step))
-        return status(vg)[0]
+        _create_in_vg(vg, name, size, limit, chunk, tag_list)
+        return status(vg, name)[0]
     reuse = False
 
     def checked(lvs: list[LV]) -> dict:
@@ -232,16 +267,17 @@ def create(vg: str, *, devices: Sequence[str] = (), file: Path | None = None, ra
         if lvm.vgs(vg):
             raise Exists(f"volume group {vg} already exists")
         reuse = file is not None and backing.check_new_file(vg, file, default_lvm().runner)
-        return dict(devices=devices, file=str(file or ""), raid1=raid1, size=size, chunk=chunk)
+        return dict(devices=devices, file=str(file or ""), raid1=raid1, size=size, chunk=chunk,
+                    pool=name, limit=limit)
 
     with operation("pool-create", vg, checked, new_vg=True) as op:
-        _create(op, devices, file, raid1, size, chunk, pool_tags(grow_threshold, grow_step),
-                reuse)
-    return status(vg)[0]
+        _create(op, devices, file, raid1, size, chunk, tag_list, reuse)
+    return status(vg, name)[0]
 
 
 def _create(op: Op, devices: list[str], file: Path | None, raid1: bool, size: int | None,
             chunk: int, pool_tag_list: list[str], reuse: bool = False) -> None:
+    name, limit = op.entry.args.get("pool", POOL_LV), op.entry.args.get("limit")
     vg, entry = op.entry.vg, op.entry
     if file is not None:
         assert size is not None  # check_create_args: --file needs --size
@@ -265,47 +301,48 @@ def _create(op: Op, devices: list[str], file: Path | None, raid1: bool, size: in
     faults.point("pool-create", "after-vg")
 
     sizes = plan_sizes(info.size, info.free, info.extent_size, chunk,
-                       size if file is None else None)
-    op.step(Step(StepKind.POOL, f"{vg}/{POOL_LV}"))
-    _lvcreate_pool(vg, sizes, chunk, pool_tag_list)
-    op.step(Step(StepKind.POOL_UUID, lvm.lv(lvm.VolumeRef(vg, POOL_LV)).uuid))
+                       size if file is None else None, limit)
+    op.step(Step(StepKind.POOL, f"{vg}/{name}"))
+    _lvcreate_pool(vg, name, sizes, chunk, pool_tag_list)
+    op.step(Step(StepKind.POOL_UUID, lvm.lv(lvm.VolumeRef(vg, name)).uuid))
     faults.point("pool-create", "after-pool")
     lvm.lvm("vgchange", "-q", "--deltag", entry.tag, vg)
     op.commit()
 
 
-def _lvcreate_pool(vg: str, sizes: Sizes, chunk: int, tag_list: list[str]) -> None:
+def _lvcreate_pool(vg: str, name: str, sizes: Sizes, chunk: int, tag_list: list[str]) -> None:
     # -Zy: a chunk is zeroed when first provisioned, so a partial write never exposes what the
     # disk held before (old data of deleted volumes, or of whoever owned the disk).
     lvm.lvm("lvcreate", "-q", "-y", "--type", "thin-pool", "-L", f"{sizes.data}b",
             "--chunksize", f"{chunk}b", "--poolmetadatasize", f"{sizes.metadata}b", "-Zy",
-            *[a for t in tag_list for a in ("--addtag", t)], "-n", POOL_LV, vg)
+            *[a for t in tag_list for a in ("--addtag", t)], "-n", name, vg)
 
 
-def _create_in_vg(vg: str, size: int | None, chunk: int, pool_tag_list: list[str]) -> None:
-    """The pool in the free extents of an existing VG, which is not thinstack's: its other LVs
-    and its PVs are never touched. Until the commit the pool carries the operation's tag, so a
-    rollback (recovery's rule for tagged volumes) removes the pool and nothing else."""
+def _create_in_vg(vg: str, name: str, size: int | None, limit: int | None, chunk: int,
+                  pool_tag_list: list[str]) -> None:
+    """The pool in the free extents of an existing VG: one of LVM's that is not thinstack's
+    (its other LVs and its PVs are never touched), or thinstack's own, as one more tenant. Until
+    the commit the pool carries the operation's tag, so a rollback (recovery's rule for tagged
+    volumes) removes the pool and nothing else."""
     def checked(lvs: list[LV]) -> dict:
-        if any(lv.is_thin_pool and tags.POOL in lv.tags for lv in lvs):
-            raise Exists(f"volume group {vg} already has a thinstack pool")
-        if any(lv.name == POOL_LV for lv in lvs):
-            raise Exists(f"volume group {vg} already has a volume named {POOL_LV}")
+        if any(lv.name == name for lv in lvs):
+            raise Exists(f"volume group {vg} already has a volume named {name}")
         # Sized on what is free: the pool may only ever grow into that. NoSpace before anything
         # is journalled.
         found = lvm.vgs(vg)
         if not found:
             raise NotFound(f"volume group {vg} not found")
         info = found[0]
-        sizes = plan_sizes(info.free, info.free, info.extent_size, chunk, size)
-        return dict(existing_vg=True, data=sizes.data, metadata=sizes.metadata, chunk=chunk)
+        sizes = plan_sizes(info.free, info.free, info.extent_size, chunk, size, limit)
+        return dict(existing_vg=True, pool=name, data=sizes.data, metadata=sizes.metadata,
+                    chunk=chunk)
 
-    with operation("pool-create", vg, checked) as op:
+    with operation("pool-create", vg, checked, at=name) as op:
         sizes = Sizes(op.entry.args["data"], op.entry.args["metadata"])
-        op.step(Step(StepKind.POOL, f"{vg}/{POOL_LV}"))
-        _lvcreate_pool(vg, sizes, chunk, [*pool_tag_list, op.entry.tag])
+        op.step(Step(StepKind.POOL, f"{vg}/{name}"))
+        _lvcreate_pool(vg, name, sizes, chunk, [*pool_tag_list, op.entry.tag])
         faults.point("pool-create", "after-pool")
-        op.commit(lvm.VolumeRef(vg, POOL_LV))
+        op.commit(lvm.VolumeRef(vg, name))
 
 
 # --- rollback ----------------------------------------------------------------------------------
@@ -327,17 +364,53 @@ def rollback(entry: Entry, lvm: Lvm) -> list[Action]:
 
 # --- extend ------------------------------------------------------------------------------------
 
-def extend(vg: str, size: int) -> PoolStatus:
-    """Grow the pool's data by `size` bytes."""
+def extend(vg: str, size: int, name: str | None = None) -> PoolStatus:
+    """Grow pool `name`'s data by `size` bytes (never past its limit)."""
     if size <= 0:
         raise ThinstackError("the size to add must be positive")
     with vg_lock(vg):
         lvs = lvm.volumes_of(vg)
-        pool = lvm.pool_of(vg, lvs)
-        poolstatus.refuse_unless_writable(vg, lvs, "pool-extend")
+        pool = lvm.pool_of(vg, lvs, name)
+        poolstatus.refuse_unless_writable(vg, lvs, "pool-extend", pool.name)
+        limit = budget.of(pool).limit
+        if limit is not None and pool.size + size > limit:
+            raise NoSpace(f"{pool.ref} would grow to {format_size(pool.size + size)}, past its "
+                          f"limit {format_size(limit)}: raise it first (`thinstack pool set "
+                          f"{pool.ref} --limit SIZE`)")
         free = lvm.vgs(vg)[0].free
         if size > free:
             raise NoSpace(f"volume group {vg} has {format_size(free)} free, less than "
                           f"{format_size(size)}: add a device to it first")
         lvm.lvm("lvextend", "-q", "-L", f"+{size}b", str(pool.ref))
-    return status(vg)[0]
+    return status(vg, pool.name)[0]
+
+
+# Leave a setting as it is (`pool set` changes only what it is given); None removes it.
+KEEP = object()
+
+
+def set_pool(vg: str, name: str | None, *, limit: Any = KEEP, overcommit: Any = KEEP
+             ) -> PoolStatus:
+    """`pool set VG/POOL`: change the pool's limit and budget, in one LVM command (the tags go
+    and come together), then apply the limit at once: the pool grows toward a raised limit and
+    leaves error mode if it had room again, or turns to error mode at a lowered one; it never
+    shrinks. A budget already exceeded blocks only what would add to it."""
+    with vg_lock(vg):
+        lvs = lvm.volumes_of(vg)
+        pool = lvm.pool_of(vg, lvs, name)
+        old = budget.of(pool)
+        new_limit = old.limit if limit is KEEP else limit
+        new_overcommit = old.overcommit if overcommit is KEEP else overcommit
+        check_budget(new_limit, new_overcommit)
+        if new_limit is not None and new_limit < pool.size:
+            raise Refused(f"{pool.ref} is {format_size(pool.size)} already; a pool cannot "
+                          f"shrink, so its limit cannot be less")
+        gone = [t for t in pool.tags if t.startswith((tags.LIMIT + "=", tags.OVERCOMMIT + "="))]
+        added = budget_tags(new_limit, new_overcommit)
+        if set(gone) != set(added):
+            lvm.lvm("lvchange", "-q", *[a for t in gone for a in ("--deltag", t)],
+                    *[a for t in added for a in ("--addtag", t)], str(pool.ref))
+    from thinstack import monitor  # a pass over this pool now, not at the service's next one
+
+    monitor.apply(lvm.pool_of(vg, lvm.volumes_of(vg), pool.name))
+    return status(vg, pool.name)[0]

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from thinstack import growth, lvm, tags
+from thinstack import budget, growth, lvm, tags
 from thinstack.dm.client import DeviceMapper
 from thinstack.dm.status import Failed, ThinPoolStatus
-from thinstack.errors import NotFound, Refused, ThinstackError
+from thinstack.errors import Refused, ThinstackError
 from thinstack.lock import vg_lock
 from thinstack.lvm import LV
 from thinstack.thinpool import kernel_pool, reading_metadata
@@ -35,6 +35,10 @@ class PoolStatus:
     vg_free: int
     backing_file: str | None
     thin_count: int
+    limit: int | None  # the data never grows past this (`--limit`); None: the VG's free space
+    provisioned: int  # the sum of its volumes' sizes: what the pool has promised
+    overcommit: float | None  # the budget's ratio (`--overcommit`); None: no budget
+    budget: int | None  # the most it may promise: overcommit x limit (or x the VG's size)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -67,40 +71,47 @@ def refusal(ref: str, mode: str, kind: str) -> str | None:
     the mode and what brings the pool back."""
     if mode in (RW, INACTIVE) or kind in REPAIRS or kind in ALLOWED.get(mode, ()):
         return None
-    vg = ref.partition("/")[0]
     if mode == OUT_OF_DATA_SPACE:
-        return (f"pool {ref} is {mode}: grow it (`thinstack pool extend {vg} SIZE`) or delete "
-                "volumes first")
-    return f"pool {ref} is {mode}: repair it first (`thinstack pool repair {vg}`)"
+        return (f"pool {ref} is {mode}: grow it (`thinstack pool extend {ref} SIZE`, or raise "
+                f"its limit: `thinstack pool set {ref} --limit SIZE`) or delete volumes first")
+    return f"pool {ref} is {mode}: repair it first (`thinstack pool repair {ref}`)"
 
 
-def refuse_unless_writable(vg: str, lvs: list[LV], kind: str,
+def refuse_unless_writable(vg: str, lvs: list[LV], kind: str, at: str | None = None,
                            dm: DeviceMapper | None = None) -> None:
-    """Refused when the VG's pool (among `lvs`) is in a mode that operation `kind` may not
-    change it in; read through the kernel's status ioctl, not LVM. A VG without a pool is the
+    """Refused when a pool the operation works in is in a mode that operation `kind` may not
+    change it in; read through the kernel's status ioctl, not LVM. `at`: the LV the operation
+    works in (a pool, or a volume in one), so that a full or broken pool stops only its own
+    tenants' operations; None or unknown: every pool of the VG. A VG without a pool is the
     operation's own business."""
-    try:
-        pool = lvm.pool_of(vg, lvs)
-    except NotFound:
-        return
+    pools = lvm.pools_of(lvs)
+    named = next((lv for lv in lvs if lv.name == at), None) if at is not None else None
+    if named is not None and named.is_thin_pool:
+        pools = [named]
+    elif named is not None and named.is_thin:
+        pools = [p for p in pools if p.name == named.pool] or pools
     dm = dm or DeviceMapper(lvm.default_lvm().runner)
-    why = refusal(str(pool.ref), pool_mode(_kernel_status(pool, dm)), kind)
-    if why:
-        raise Refused(why)
+    for pool in pools:
+        why = refusal(str(pool.ref), pool_mode(_kernel_status(pool, dm)), kind)
+        if why:
+            raise Refused(why)
 
 
-def pool_lv(vg: str) -> LV:
-    """The VG's thin pool; NotFound without the VG or a pool in it."""
-    return lvm.pool_of(vg, lvm.volumes_of(vg))
+def pool_lv(vg: str, name: str | None = None) -> LV:
+    """The VG's thin pool `name` (None: its only one); NotFound without the VG or the pool."""
+    return lvm.pool_of(vg, lvm.volumes_of(vg), name)
 
 
-def status(vg: str | None = None) -> list[PoolStatus]:
-    """The pool of `vg` (tagged, or the VG's only one), or every pool thinstack made: one `lvs`
-    (its rows carry their VG's fields) and the kernel's status of each pool."""
+def status(vg: str | None = None, name: str | None = None) -> list[PoolStatus]:
+    """Pool `name` of `vg`, or every pool of `vg` (tagged, or the VG's only one), or every pool
+    thinstack made: one `lvs` (its rows carry their VG's fields) and the kernel's status of
+    each pool."""
     if vg is not None:
         lvs = lvm.volumes_of(vg)
-        pool = lvm.pool_of(vg, lvs)
-        return [pool_status(pool, lvs, _kernel_status(pool))]
+        pools = [lvm.pool_of(vg, lvs, name)] if name is not None else lvm.pools_of(lvs)
+        if not pools:
+            lvm.pool_of(vg, lvs)  # raises why there is none
+        return [pool_status(p, lvs, _kernel_status(p)) for p in pools]
     lvs = lvm.lvs()
     return [pool_status(lv, [o for o in lvs if o.vg == lv.vg], _kernel_status(lv)) for lv in lvs
             if lv.is_thin_pool and tags.POOL in lv.tags]
@@ -110,6 +121,7 @@ def pool_status(pool: LV, lvs: list[LV], kernel: ThinPoolStatus | Failed | None)
     """The status of `pool` among its VG's `lvs`, given the kernel's thin-pool status (None
     when the pool is not active)."""
     policy = growth.settings(pool.tags)
+    quota = budget.of(pool)
     used = data_pct = meta_pct = None
     when_full = pool.when_full or "queue"  # LVM's default when its profile sets nothing
     mode = pool_mode(kernel)
@@ -126,7 +138,9 @@ def pool_status(pool: LV, lvs: list[LV], kernel: ThinPoolStatus | Failed | None)
         grow_step=(policy.step or growth.default_step(pool.size)) if policy.enabled else None,
         vg_size=pool.vg_size, vg_free=pool.vg_free,
         backing_file=tags.value(pool.vg_tags, tags.BACKING_FILE),
-        thin_count=sum(1 for lv in lvs if lv.is_thin and lv.pool == pool.name))
+        thin_count=sum(1 for lv in lvs if lv.is_thin and lv.pool == pool.name),
+        limit=quota.limit, provisioned=budget.provisioned(pool, lvs),
+        overcommit=quota.overcommit, budget=budget.allowed(pool, quota))
 
 
 def _kernel_status(pool: LV, dm: DeviceMapper | None = None) -> ThinPoolStatus | Failed | None:
@@ -159,13 +173,13 @@ def known_thin_ids(pool: LV, lvs: list[LV]) -> dict[str, int]:
             if lv.is_thin and lv.pool == pool.name and lv.thin_id is not None}
 
 
-def check(vg: str, dm: DeviceMapper | None = None) -> str:
+def check(vg: str, name: str | None = None, dm: DeviceMapper | None = None) -> str:
     """thin_check the pool's metadata, and compare its thin ids with LVM's, read through a
     metadata snapshot so the live pool is never touched, under the VG lock so no operation is
     halfway: one line when clean; ThinstackError when damaged."""
     with vg_lock(vg):
         lvs = lvm.volumes_of(vg)
-        pool = lvm.pool_of(vg, lvs)
+        pool = lvm.pool_of(vg, lvs, name)
         device = kernel_pool(pool, dm)
         if device is None:
             raise Refused(f"{pool.ref} is not active: activate it (`thinstack pool attach {vg}`) "
@@ -187,26 +201,30 @@ def check(vg: str, dm: DeviceMapper | None = None) -> str:
             detail = (result.output.splitlines()[-1] if result.output
                       else "thin_check found errors")
     raise ThinstackError(f"{pool.ref}: metadata damaged ({detail}); repair it with "
-                         f"`thinstack pool repair {vg}`")
+                         f"`thinstack pool repair {pool.ref}`")
+
+
+# (pool name, thin device id) -> (mapped, exclusive, shared) bytes: thin ids are per pool.
+Usage = dict[tuple[str, int], tuple[int, int, int]]
 
 
 def thin_usage(vg: str, lvs: list[LV] | None = None, dm: DeviceMapper | None = None
-               ) -> dict[int, tuple[int, int, int]] | None:
-    """thin device id -> (mapped, exclusive, shared) bytes, from thin_ls on a metadata snapshot
-    of the pool among the VG's `lvs` (read if not given); None when the VG has no active pool,
-    or another reader holds the metadata snapshot (callers then fall back to LVM's coarser
-    percentages)."""
-    try:
-        pool = lvm.pool_of(vg, lvm.volumes_of(vg) if lvs is None else lvs)
-    except NotFound:
-        return None
-    device = kernel_pool(pool, dm)
-    if device is None:
-        return None
-    try:
-        entries = reading_metadata(pool, device.thin_ls)
-    except Refused:
-        return None
-    chunk = pool.chunk_size
-    return {e.dev_id: (e.mapped_blocks * chunk, e.exclusive_blocks * chunk,
-                       e.shared_blocks * chunk) for e in entries}
+               ) -> Usage | None:
+    """Every volume's usage, from thin_ls on a metadata snapshot of each pool among the VG's
+    `lvs` (read if not given); None when no pool could be read: none active, or another reader
+    holds the metadata snapshot (callers then fall back to LVM's coarser percentages)."""
+    usage: Usage = {}
+    read = False
+    for pool in lvm.pools_of(lvm.volumes_of(vg) if lvs is None else lvs):
+        device = kernel_pool(pool, dm)
+        if device is None:
+            continue
+        try:
+            entries = reading_metadata(pool, device.thin_ls)
+        except Refused:
+            continue
+        read = True
+        chunk = pool.chunk_size
+        usage.update({(pool.name, e.dev_id): (e.mapped_blocks * chunk, e.exclusive_blocks * chunk,
+                                              e.shared_blocks * chunk) for e in entries})
+    return usage if read else None

@@ -127,7 +127,7 @@ def reclaim(ref: VolumeRef) -> Summary:
     started = time.monotonic()
     lvs = lvm.volumes_of(ref.vg)
     lv = _find(ref, lvs)
-    pool = lvm.pool_of(ref.vg, lvs)
+    pool = lvm.volume_pool(lv, lvs)
     device = thinpool.kernel_pool(pool)
     if device is None or not extorigin.active(lv):
         raise Refused(f"{ref} is not active: activate it to reclaim it")

@@ -68,19 +68,20 @@ def problems(clean: bool, check_output: str, known: dict[str, int], found: set[i
     return poolstatus.thin_id_problems(known, found)
 
 
-def repair(vg: str) -> Repaired:
+def repair(vg: str, pool_name: str | None = None) -> Repaired:
+    """Repair pool `pool_name` of `vg` (None: its only pool)."""
     def checked(lvs: list[LV]) -> dict:
-        pool = lvm.pool_of(vg, lvs)
+        pool = lvm.pool_of(vg, lvs, pool_name)
         thins = [lv for lv in lvs if lv.is_thin and lv.pool == pool.name]
         return dict(pool=pool.name, active=sorted(lv.name for lv in thins if lv.active),
                     busy=sorted(str(lv.ref) for lv in thins if lv.open))
 
     # No recovery first: what earlier operations left may need a writable pool to be undone;
     # the next command recovers it, once the pool is repaired.
-    with operation(OP, vg, checked, recover=False) as op:
+    with operation(OP, vg, checked, recover=False, at=pool_name) as op:
         name, active = op.entry.args["pool"], op.entry.args["active"]
         ref = lvm.VolumeRef(vg, name)
-        pool = lvm.pool_of(vg, op.lvs)
+        pool = lvm.pool_of(vg, op.lvs, name)
         found = sound_thin_ids(pool)
         if found is not None and poolstatus.thin_id_problems(
                 poolstatus.known_thin_ids(pool, op.lvs), found):
@@ -100,7 +101,7 @@ def repair(vg: str) -> Repaired:
         # needs_check flag, which thin_repair copies from the old metadata.
         lvm.lvm("lvchange", "-q", "-ay", "-K", "--config", CLEAR_NEEDS_CHECK, str(ref))
         lvs = lvm.volumes_of(vg)
-        pool = lvm.pool_of(vg, lvs)
+        pool = lvm.pool_of(vg, lvs, name)
         known = poolstatus.known_thin_ids(pool, lvs)
         wrong = check(pool, known)
         if wrong is None and active:

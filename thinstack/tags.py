@@ -10,6 +10,8 @@ GROW_THRESHOLD = "ts_grow_threshold"  # =PCT on a pool or CoW volume: grow when 
 GROW_STEP = "ts_grow_step"    # =BYTES on a pool or CoW volume: how much to add each time
 BACKING_FILE = "ts_file"      # =PATH on a VG whose PV is a loop device over this file
 NO_GROW = "ts_no_grow"        # growth switched off for this pool
+LIMIT = "ts_limit"            # =BYTES on a pool: its data never grows past this (a quota)
+OVERCOMMIT = "ts_overcommit"  # =RATIO on a pool: its volumes' sizes may add up to RATIO x LIMIT
 EXT_ORIGIN = "ts_ext_origin"  # =PATH on a clone of a device outside the VG: its origin
 EXT_SIZE = "ts_ext_size"      # =BYTES: that origin's size when the clone was made
 LAST_EXPORT = "ts_last_export"  # NAME.last-export: the base of the next --incremental export

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from thinstack import extorigin, faults, lvm, tags, thinpool
+from thinstack import budget, extorigin, faults, lvm, tags, thinpool
 from thinstack.errors import Exists, NotFound, Refused
 from thinstack.journal import Step, StepKind
 from thinstack.lvm import LV, VolumeRef
@@ -55,10 +55,12 @@ def dependants(lv: LV, lvs: list[LV]) -> list[LV]:
 
 # --- operations --------------------------------------------------------------------------------
 
-def create(ref: VolumeRef, size: int) -> str:
-    with operation("create", ref.vg, dict(name=ref.name, size=size)) as op:
+def create(ref: VolumeRef, size: int, pool_name: str | None = None) -> str:
+    """A thin volume in pool `pool_name` (None: the VG's only pool)."""
+    with operation("create", ref.vg, dict(name=ref.name, size=size), at=pool_name) as op:
         _absent(ref, op.lvs)
-        pool = lvm.pool_of(ref.vg, op.lvs)
+        pool = lvm.pool_of(ref.vg, op.lvs, pool_name)
+        budget.refuse(pool, op.lvs, size, f"creating {ref}")
         lvm.lvm("lvcreate", "-q", "-y", "--type", "thin", "--thinpool", pool.name, "-V", f"{size}b",
              "-n", ref.name, "--setactivationskip", "n", ref.vg)
         faults.point("create", "after-lvcreate")
@@ -67,7 +69,8 @@ def create(ref: VolumeRef, size: int) -> str:
 
 def snapshot(origin: VolumeRef, name: str, *, readonly: bool = False) -> str:
     ref = VolumeRef(origin.vg, lvm.check_user_name(name, "snapshot name"))
-    with operation("snapshot", ref.vg, dict(name=name, origin=origin.name)) as op:
+    with operation("snapshot", ref.vg, dict(name=name, origin=origin.name),
+                   at=origin.name) as op:
         source = _get(origin, op.lvs)
         _refuse_if_hydrating(source, "snapshot")
         _absent(ref, op.lvs)
@@ -81,7 +84,11 @@ def snapshot(origin: VolumeRef, name: str, *, readonly: bool = False) -> str:
 
 
 def _thin_snapshot(op: Op, source: LV, ref: VolumeRef, readonly: bool) -> None:
-    thinpool.refuse_if_metadata_would_run_out(lvm.pool_of(ref.vg, op.lvs))
+    """A snapshot lives in its origin's pool (dm-thin shares the blocks within one pool)."""
+    pool = lvm.volume_pool(source, op.lvs)
+    if not readonly:  # a read-only snapshot promises no writes
+        budget.refuse(pool, op.lvs, source.size, f"snapshotting {source.ref}")
+    thinpool.refuse_if_metadata_would_run_out(pool)
     # LVM gives thin snapshots its activation-skip flag by default, so they would not come up
     # on activation or the next boot: -kn clears it, and the snapshot is active at once.
     lvm.lvm("lvcreate", "-q", "-y", "-s", str(source.ref), "-n", ref.name, "--setactivationskip",
@@ -89,7 +96,7 @@ def _thin_snapshot(op: Op, source: LV, ref: VolumeRef, readonly: bool) -> None:
 
 
 def gold(ref: VolumeRef) -> str:
-    with operation("gold", ref.vg, dict(name=ref.name)) as op:
+    with operation("gold", ref.vg, dict(name=ref.name), at=ref.name) as op:
         lv = _get(ref, op.lvs)
         _refuse_if_hydrating(lv, "make a gold master of")
         if not lv.is_thin:
@@ -109,21 +116,23 @@ def gold(ref: VolumeRef) -> str:
     return ref.path
 
 
-def clone(origin: VolumeRef | str, ref: VolumeRef) -> str:
-    """A writable clone at O(1) cost. A gold master in the pool gives a thin snapshot; a read-only
-    LV of the same VG outside the pool becomes the clone's external origin, and so does a block
-    device outside the VG (ORIGIN given as a /dev path; see extorigin)."""
+def clone(origin: VolumeRef | str, ref: VolumeRef, pool_name: str | None = None) -> str:
+    """A writable clone at O(1) cost. A gold master gives a thin snapshot in its own pool, or,
+    with `pool_name` another pool, a clone there with the gold master as its external origin; a
+    read-only LV of the same VG outside the pool becomes the clone's external origin, and so
+    does a block device outside the VG (ORIGIN given as a /dev path; see extorigin)."""
     if isinstance(origin, str):
-        return _clone_device(origin, ref)
+        return _clone_device(origin, ref, pool_name)
     if origin.vg != ref.vg:
         raise Refused(f"clone must be in the origin's volume group ({origin.vg}); "
                       f"give a volume of another VG as a device path (/dev/{origin})")
-    with operation("clone", ref.vg, dict(name=ref.name, origin=origin.name)) as op:
-        _clone_lv(op, _get(origin, op.lvs), ref)
+    with operation("clone", ref.vg, dict(name=ref.name, origin=origin.name),
+                   at=pool_name or origin.name) as op:
+        _clone_lv(op, _get(origin, op.lvs), ref, pool_name)
     return ref.path
 
 
-def _clone_lv(op: Op, source: LV, ref: VolumeRef) -> None:
+def _clone_lv(op: Op, source: LV, ref: VolumeRef, pool_name: str | None) -> None:
     origin = source.ref
     _absent(ref, op.lvs)
     _refuse_if_hydrating(source, "clone")
@@ -133,32 +142,36 @@ def _clone_lv(op: Op, source: LV, ref: VolumeRef) -> None:
         if tags.GOLD not in source.tags:
             raise Refused(f"{origin} is not a gold master: run `thinstack gold {origin}` "
                           "first, or take a `thinstack snapshot`")
-        _thin_snapshot(op, source, ref, readonly=False)
-        faults.point("clone", "after-snapshot")
+        if pool_name is None or pool_name == source.pool:
+            _thin_snapshot(op, source, ref, readonly=False)
+            faults.point("clone", "after-snapshot")
+        else:  # another tenant's pool: the gold master is read through, never copied
+            _external_clone(op, source, ref, pool_name)
     elif source.is_thin_pool or source.is_cow_snapshot or source.internal:
         raise Refused(f"{origin} cannot be a clone origin")
     else:
-        _external_clone(op, source, ref)
+        _external_clone(op, source, ref, pool_name)
 
 
-def _clone_device(path: str, ref: VolumeRef) -> str:
-    with operation("clone", ref.vg, dict(name=ref.name, origin=path)) as op:
+def _clone_device(path: str, ref: VolumeRef, pool_name: str | None) -> str:
+    with operation("clone", ref.vg, dict(name=ref.name, origin=path), at=pool_name) as op:
         real = os.path.realpath(path)
         same_vg = [lv for lv in _visible(op.lvs) if lv.active and real in
                    (os.path.realpath(lv.path), os.path.realpath(lv.dm_path))]
         if same_vg:  # a volume of this VG named by its path: LVM layers it itself
-            _clone_lv(op, same_vg[0], ref)
+            _clone_lv(op, same_vg[0], ref, pool_name)
         else:
-            _outside_clone(op, path, ref)
+            _outside_clone(op, path, ref, pool_name)
     return ref.path
 
 
-def _outside_clone(op: Op, path: str, ref: VolumeRef) -> None:
+def _outside_clone(op: Op, path: str, ref: VolumeRef, pool_name: str | None) -> None:
     _absent(ref, op.lvs)
     origin = extorigin.probe(path)
     extorigin.check_usable(origin)
     origin_tags = extorigin.origin_tags(origin)
-    pool = lvm.pool_of(ref.vg, op.lvs)
+    pool = lvm.pool_of(ref.vg, op.lvs, pool_name)
+    budget.refuse(pool, op.lvs, origin.size, f"cloning {path}")
     if not origin.readonly:
         op.step(Step(StepKind.DEVRO, path))
         extorigin.set_readonly(origin)
@@ -178,16 +191,17 @@ def _outside_refusal(lv: LV) -> str:
             f"clone {path} again instead")
 
 
-def _external_clone(op: Op, source: LV, ref: VolumeRef) -> None:
+def _external_clone(op: Op, source: LV, ref: VolumeRef, pool_name: str | None) -> None:
     if source.open and not source.readonly:
         raise Refused(f"{source.ref} is open read-write; an external origin must not change")
+    pool = lvm.pool_of(ref.vg, op.lvs, pool_name)
+    budget.refuse(pool, op.lvs, source.size, f"cloning {source.ref}")
     _make_readonly(op, source)
     if source.active:
         # LVM layers an external origin itself and refuses one that is already active.
         op.step(Step(StepKind.INACTIVE, source.name))
         lvm.lvm("lvchange", "-q", "-an", str(source.ref))
     faults.point("clone", "after-origin-readonly")
-    pool = lvm.pool_of(ref.vg, op.lvs)
     lvm.lvm("lvcreate", "-q", "-y", "-s", "--thinpool", pool.name, str(source.ref), "-n", ref.name,
          "--addtag", op.entry.tag, "--setactivationskip", "n")
     faults.point("clone", "after-snapshot")
@@ -214,13 +228,16 @@ def cow(origin: VolumeRef, ref: VolumeRef, store: int) -> str:
 
 
 def resize(ref: VolumeRef, size: int, *, shrink_ok: bool = False) -> str:
-    with operation("resize", ref.vg, dict(name=ref.name, size=size)) as op:
+    with operation("resize", ref.vg, dict(name=ref.name, size=size), at=ref.name) as op:
         lv = _get(ref, op.lvs)
         _refuse_if_hydrating(lv, "resize")
         if tags.GOLD in lv.tags:
             raise Refused(f"{ref} is a gold master; its clones depend on its content")
         if size != lv.size:
             _refuse_if_outside_origin(lv)
+        if size > lv.size and lv.is_thin:
+            budget.refuse(lvm.volume_pool(lv, op.lvs), op.lvs, size - lv.size,
+                          f"growing {ref}")
         if size < lv.size and not shrink_ok:
             raise Refused(f"{ref} would shrink from {lv.size} to {size} bytes, discarding its "
                           "tail: pass --yes to do that")
@@ -236,7 +253,7 @@ def resize(ref: VolumeRef, size: int, *, shrink_ok: bool = False) -> str:
                 if kept < lv.size:
                     # A discard unmaps whole chunks only: a chunk larger than the extent that
                     # straddles the new end keeps its tail, which is zeroed instead.
-                    chunk = lvm.pool_of(lv.vg, op.lvs).chunk_size
+                    chunk = lvm.volume_pool(lv, op.lvs).chunk_size
                     straddling = min(round_up(kept, chunk), lv.size) - kept
                     if straddling:
                         extorigin.discard(lv, kept, straddling, zero=True)
@@ -262,7 +279,7 @@ def _resize_outside(lv: LV, size: int) -> None:
 
 
 def delete(ref: VolumeRef) -> None:
-    with operation("delete", ref.vg, dict(name=ref.name)) as op:
+    with operation("delete", ref.vg, dict(name=ref.name), at=ref.name) as op:
         lv = _get(ref, op.lvs)
         _refuse_if_hydrating(lv, "delete (or abort it: `thinstack import --live --abort`)")
         if lv.is_thin_pool:
@@ -316,6 +333,10 @@ class VolumeInfo:
     exclusive_bytes: int | None
     shared_bytes: int | None
     thin_id: int | None
+    pool: str | None  # the pool that holds its own blocks (None: not a thin volume)
+    # Where the blocks it has not written come from: the origin's pool (a clone of a gold
+    # master of another tenant reads them there); None: no origin in a pool.
+    origin_pool: str | None
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -336,10 +357,10 @@ def _kind(lv: LV, origin: LV | None) -> str:
     return "thin" if lv.is_thin else "volume"
 
 
-def volume_infos(lvs: list[LV], usage: dict[int, tuple[int, int, int]] | None = None,
+def volume_infos(lvs: list[LV], usage: dict[tuple[str, int], tuple[int, int, int]] | None = None,
                  name: str | None = None) -> list[VolumeInfo]:
-    """The volumes among `lvs` (one VG's), or the one called `name`. usage: thin device id ->
-    (mapped, exclusive, shared) bytes, from thin_ls. Linear in the volumes: origins and
+    """The volumes among `lvs` (one VG's), or the one called `name`. usage: (pool, thin device
+    id) -> (mapped, exclusive, shared) bytes, from thin_ls. Linear in the volumes: origins and
     dependants are looked up in maps made once (a VDI pool holds thousands)."""
     visible = _visible(lvs)
     by_name = {lv.name: lv for lv in lvs}
@@ -352,8 +373,9 @@ def volume_infos(lvs: list[LV], usage: dict[int, tuple[int, int, int]] | None = 
         if (name is not None and lv.name != name) or lv.is_thin_pool:
             continue
         mapped = exclusive = shared = None
-        if usage is not None and lv.thin_id in usage:
-            mapped, exclusive, shared = usage[lv.thin_id]
+        key = (lv.pool, lv.thin_id or 0)
+        if usage is not None and lv.thin_id is not None and key in usage:
+            mapped, exclusive, shared = usage[key]
         elif lv.data_percent is not None and lv.is_thin:
             mapped = int(lv.size * lv.data_percent / 100)
         outside = extorigin.recorded(lv)
@@ -363,8 +385,13 @@ def volume_infos(lvs: list[LV], usage: dict[int, tuple[int, int, int]] | None = 
             origin=outside[0] if outside else lv.origin or None,
             readonly=lv.readonly, gold=tags.GOLD in lv.tags,
             active=extorigin.active(lv), dependants=deps.get(lv.name, []), mapped_bytes=mapped,
-            exclusive_bytes=exclusive, shared_bytes=shared, thin_id=lv.thin_id))
+            exclusive_bytes=exclusive, shared_bytes=shared, thin_id=lv.thin_id,
+            pool=lv.pool or None, origin_pool=_origin_pool(by_name.get(lv.origin))))
     return out
+
+
+def _origin_pool(origin: LV | None) -> str | None:
+    return origin.pool or None if origin is not None else None
 
 
 # The byte keys of `list --sort`, biggest first; a volume whose usage is unknown comes last.
