@@ -37,6 +37,7 @@ COMMANDS = {
     ("pool", "check"): (["pool", "check", "vg0"], "thinstack.pools.check"),
     ("pool", "extend"): (["pool", "extend", "vg0", "1G"], "thinstack.pools.extend"),
     ("pool", "repair"): (["pool", "repair", "vg0"], "thinstack.repair.repair"),
+    ("pool", "set"): (["pool", "set", "vg0/t1", "--limit", "1G"], "thinstack.pools.set_pool"),
     ("create",): (["create", "vg0/vm", "--size", "1G"], "thinstack.volumes.create"),
     ("snapshot",): (["snapshot", "vg0/vm", "snap"], "thinstack.volumes.snapshot"),
     ("gold",): (["gold", "vg0/vm"], "thinstack.volumes.gold"),

@@ -81,9 +81,9 @@ def test_a_source_is_the_same_only_if_nothing_about_it_changed():
 IDENT = {"size": 1, "mtime_ns": 2, "inode": 3, "device": 4, "format": "raw", "virtual_size": 1}
 
 
-def _entry(journal, *args, **kwargs):
+def _entry(journal, *args, resume, pool_name=None):
     """imports._entry's entry as operation() begins it: the interrupted one, or a new one."""
-    found = imports._entry(journal, *args, **kwargs)
+    found = imports._entry(journal, *args, resume, pool_name)
     return found if isinstance(found, Entry) else journal.begin("import", REF.vg, **found)
 
 
@@ -91,8 +91,19 @@ def test_a_new_import_begins_a_journal_entry(tmp_path):
     journal = Journal(tmp_path)
     e = _entry(journal, REF, Path("/img.raw"), IDENT, 4096, resume=False)
     assert (e.op, e.vg, e.args) == ("import", "vg0", {"name": "disk", "size": 4096,
-                                                      "path": "/img.raw", "source": IDENT})
+                                                      "path": "/img.raw", "source": IDENT,
+                                                      "pool": None})
     assert [p.id for p in journal.pending("vg0")] == [e.id]
+
+
+def test_the_pool_is_journalled_and_a_resume_keeps_the_first_runs(tmp_path):
+    """`--pool` goes in the entry's args: a resumed run (which may not name it) continues in
+    the pool the first run chose."""
+    journal = Journal(tmp_path)
+    first = _entry(journal, REF, Path("/img.raw"), IDENT, 4096, resume=False, pool_name="t1")
+    assert first.args["pool"] == "t1"
+    again = _entry(journal, REF, Path("/img.raw"), IDENT, 0, resume=True)
+    assert again.id == first.id and again.args["pool"] == "t1"
 
 
 def test_a_new_import_is_refused_while_an_interrupted_one_waits(tmp_path):

@@ -367,7 +367,7 @@ def test_every_mode_change_away_from_rw_is_an_alert_and_the_return_is_logged(env
     assert report.mode == "rw" and report.alert is None and "mode" not in capsys.readouterr().err
     dm.pools["vg-pool-tpool"] = (status(10, mode=PoolMode.RO), ARMED)
     [report] = m.check_all()
-    assert report.mode == "ro" and report.alert.endswith("(`thinstack pool repair vg`)")
+    assert report.mode == "ro" and report.alert.endswith("(`thinstack pool repair vg/pool`)")
     assert "ALERT vg/pool: mode rw -> ro" in capsys.readouterr().err
     dm.pools["vg-pool-tpool"] = (status(10, mode=PoolMode.RO, needs_check=True), ARMED)
     [report] = m.check_all()
@@ -398,7 +398,9 @@ def test_volume_usage_is_read_once_a_minute_and_shown_per_volume(env, mocker):
     vm = dataclasses.replace(lv("vm", "Vwi-a-tz--", segtype="thin"), pool="pool", thin_id=1)
     setup(env, [pool_lv(), vm], [vg()])
     reads = mocker.patch("thinstack.poolstatus.thin_usage",
-                         return_value={1: (8 * MiB, 6 * MiB, 2 * MiB), 9: (MiB, MiB, 0)})
+                         return_value={("pool", 1): (8 * MiB, 6 * MiB, 2 * MiB),
+                                       ("pool", 9): (MiB, MiB, 0),
+                                       ("other", 1): (MiB, MiB, 0)})  # another pool's id 1
     m = monitor.Monitor(5.0, FakeDM(**{"vg-pool-tpool": (status(10), ARMED)}))
     [report] = m.check_all()
     assert report.volumes == (monitor.VolumeUsage("vm", 8 * MiB, 6 * MiB),)

@@ -17,7 +17,9 @@ GiB = 1 << 30
 
 def lv(name: str, attr: str = "Vwi-a-tz--", *, origin: str = "", tags=(), size: int = GiB,
        pool: str = "pool") -> LV:
-    return LV(vg="vg0", name=name, uuid=name, attr=attr, size=size, segtype="thin", pool=pool,
+    # The segment type LVM reports with each attr (a thin pool's own rows are no thin volumes).
+    segtype = {"V": "thin", "t": "thin-pool", "T": "linear"}.get(attr[0], "linear")
+    return LV(vg="vg0", name=name, uuid=name, attr=attr, size=size, segtype=segtype, pool=pool,
               origin=origin, data_percent=None, metadata_percent=None, tags=frozenset(tags),
               path=f"/dev/vg0/{name}", dm_path="", thin_id=1, chunk_size=0, metadata_size=0,
               skip_activation=False, when_full="")

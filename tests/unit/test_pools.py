@@ -417,7 +417,8 @@ def test_a_failed_pool_in_an_existing_vg_removes_only_the_pool(existing):
 
 
 @pytest.mark.parametrize("lvs, free, error, message", [
-    ([lv()], 500 * MiB, Exists, "already has a thinstack pool"),
+    # A VG may hold several pools (tenants), but not two of one name.
+    ([lv()], 500 * MiB, Exists, "already has a volume named pool"),
     ([lv(tags=(), attr="-wi-a-----")], 500 * MiB, Exists, "already has a volume named pool"),
     ([], 8 * MiB, NoSpace, "8MiB free"),
     ([], None, NotFound, "volume group vg0 not found"),

@@ -128,17 +128,17 @@ def busy(runner, held="-"):
 
 def test_check_reads_a_metadata_snapshot_and_reports_damage_as_an_error(one_pool):
     dm = DeviceMapper(one_pool)
-    assert poolstatus.check("vg0", dm) == "vg0/pool: metadata clean"
+    assert poolstatus.check("vg0", dm=dm) == "vg0/pool: metadata clean"
     reads = [a for a in one_pool.argvs if a[1] in ("message", "-m", "--metadata-snap")]
     assert reads[:3] == [RESERVE, ["thin_check", "--metadata-snap", "/dev/block/254:1"], RELEASE]
     assert [reads[3], reads[4][0], reads[5]] == [RESERVE, "thin_ls", RELEASE]  # ids vs LVM's
     one_pool.fail("thin_check", "examining superblock\nbad checksum in superblock")
     with pytest.raises(ThinstackError, match="damaged .bad checksum in superblock."):
-        poolstatus.check("vg0", dm)
+        poolstatus.check("vg0", dm=dm)
     assert one_pool.argvs[-1] == RELEASE  # let go however the read ends
     one_pool.on(["dmsetup", "status"], "0 2097152 thin-pool Fail\n")
-    with pytest.raises(ThinstackError, match="kernel failed the pool.*`thinstack pool repair vg0`"):
-        poolstatus.check("vg0", dm)
+    with pytest.raises(ThinstackError, match="kernel failed the pool.*`thinstack pool repair vg0/pool`"):
+        poolstatus.check("vg0", dm=dm)
 
 
 def test_check_names_thin_ids_lvm_and_the_pool_disagree_on(one_pool):
@@ -147,31 +147,32 @@ def test_check_names_thin_ids_lvm_and_the_pool_disagree_on(one_pool):
     one_pool.on("thin_ls", "1 10 4 6\n7 6 0 6\n")
     with pytest.raises(ThinstackError, match=r"^vg0/pool: metadata clean, but LVM and the pool "
                        r"disagree: it lost volumes, .*: b; it holds thin ids no volume has: 7$"):
-        poolstatus.check("vg0", DeviceMapper(one_pool))
+        poolstatus.check("vg0", dm=DeviceMapper(one_pool))
 
 
 def test_check_of_a_pool_the_kernel_no_longer_trusts_asks_for_repair(one_pool):
     one_pool.on(["dmsetup", "status"], status_line().replace(" rw ", " ro ").replace(
         " - 1024", " needs_check 1024"))
     with pytest.raises(ThinstackError, match=r"^vg0/pool: metadata damaged \(the kernel has the "
-                       r"pool needs_check\); repair it with `thinstack pool repair vg0`$"):
-        poolstatus.check("vg0", DeviceMapper(one_pool))
+                       r"pool needs_check\); repair it with `thinstack pool repair vg0/pool`$"):
+        poolstatus.check("vg0", dm=DeviceMapper(one_pool))
     assert RESERVE not in one_pool.argvs  # a read-only pool takes no messages
 
 
 def test_check_of_an_inactive_or_busy_pool_is_refused(one_pool):
     busy(one_pool)
     with pytest.raises(Refused, match="another reader"):
-        poolstatus.check("vg0", DeviceMapper(one_pool))
+        poolstatus.check("vg0", dm=DeviceMapper(one_pool))
     inactive(one_pool)
     with pytest.raises(Refused, match="not active"):
-        poolstatus.check("vg0", DeviceMapper(one_pool))
+        poolstatus.check("vg0", dm=DeviceMapper(one_pool))
 
 
 def test_thin_usage_in_bytes_or_none(one_pool):
     dm = DeviceMapper(one_pool)
-    assert poolstatus.thin_usage("vg0", dm=dm) == {1: (10 * CHUNK, 4 * CHUNK, 6 * CHUNK),
-                                                   2: (6 * CHUNK, 0, 6 * CHUNK)}
+    # Keyed by pool and thin id: thin ids are per pool, and a VG may hold several.
+    assert poolstatus.thin_usage("vg0", dm=dm) == {("pool", 1): (10 * CHUNK, 4 * CHUNK, 6 * CHUNK),
+                                                   ("pool", 2): (6 * CHUNK, 0, 6 * CHUNK)}
     assert poolstatus.thin_usage("vg0", [lv("a", attr="Vwi-a-tz--", tags=())], dm) is None
     assert poolstatus.thin_usage("other", dm=dm) is None
     busy(one_pool)
@@ -186,7 +187,7 @@ def test_usage_falls_back_when_someone_holds_the_metadata_snapshot(one_pool):
     busy(one_pool, held="52")
     assert poolstatus.thin_usage("vg0", dm=DeviceMapper(one_pool)) is None
     with pytest.raises(Refused, match="vg0/pool: .*another reader"):
-        poolstatus.check("vg0", DeviceMapper(one_pool))
+        poolstatus.check("vg0", dm=DeviceMapper(one_pool))
     assert RELEASE not in one_pool.argvs  # not ours to let go
 
 
@@ -239,8 +240,8 @@ def test_what_may_change_a_pool_in_each_mode(mode, kind, allowed):
     assert (why is None) == allowed
     if why:
         assert why.startswith(f"pool vg0/pool is {mode}: ") and "\n" not in why
-        fix = "thinstack pool extend vg0" if mode == "out_of_data_space" else \
-            "thinstack pool repair vg0"
+        fix = "thinstack pool extend vg0/pool" if mode == "out_of_data_space" else \
+            "thinstack pool repair vg0/pool"
         assert fix in why
 
 
@@ -256,7 +257,7 @@ def test_every_operation_refuses_a_pool_not_writable_before_recovery_or_journal(
     monkeypatch.setattr("thinstack.lvm.LVM", fake)
     recover = mocker.spy(recovery, "recover_vg")
     one_pool.on(["dmsetup", "status"], status_line().replace(" rw ", " ro "))
-    with pytest.raises(Refused, match=r"^pool vg0/pool is ro: .*`thinstack pool repair vg0`"):
+    with pytest.raises(Refused, match=r"^pool vg0/pool is ro: .*`thinstack pool repair vg0/pool`"):
         volumes.create(VolumeRef("vg0", "new"), 1 << 30)
     one_pool.on(["dmsetup", "status"], status_line().replace(" - 1024", " needs_check 1024"))
     with pytest.raises(Refused, match="is needs_check"):

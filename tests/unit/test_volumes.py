@@ -65,7 +65,7 @@ def test_list_sorts_by_name_or_biggest_first_with_unknown_usage_last():
         return volumes.VolumeInfo(
             vg="vg", name=name, size=size, path="", dm_path="", kind="thin", origin=None,
             readonly=False, gold=False, active=True, dependants=[], mapped_bytes=exclusive,
-            exclusive_bytes=exclusive, shared_bytes=0, thin_id=1)
+            exclusive_bytes=exclusive, shared_bytes=0, thin_id=1, pool="pool", origin_pool=None)
 
     infos = [info("b", 3, None), info("a", 1, 5), info("c", 2, 0)]
     names = {key: [i.name for i in volumes.sort_infos(infos, key)]
