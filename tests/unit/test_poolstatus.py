@@ -137,7 +137,8 @@ def test_check_reads_a_metadata_snapshot_and_reports_damage_as_an_error(one_pool
         poolstatus.check("vg0", dm=dm)
     assert one_pool.argvs[-1] == RELEASE  # let go however the read ends
     one_pool.on(["dmsetup", "status"], "0 2097152 thin-pool Fail\n")
-    with pytest.raises(ThinstackError, match="kernel failed the pool.*`thinstack pool repair vg0/pool`"):
+    with pytest.raises(ThinstackError,
+                       match="kernel failed the pool.*`thinstack pool repair vg0/pool`"):
         poolstatus.check("vg0", dm=dm)
 
 
