@@ -58,6 +58,10 @@ class FakeDM:
 
     def __init__(self, **pools):
         self.pools = pools  # name -> (status, low_water_mark)
+        self.reloads = []  # (name, table, noflush) of each table reload, in order
+
+    def reload(self, name, table, noflush=False):
+        self.reloads.append((name, table, noflush))
 
     def exists(self, name):
         return name in self.pools

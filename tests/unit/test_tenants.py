@@ -9,16 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.fakes import FakeRunner
+from tests.fakes import FakeLvm, FakeRunner
 from tests.unit.test_growth import plan
 from tests.unit.test_growth import pool as view
 from tests.unit.test_pools import CHUNK, EXTENT, TAG, GiB, MiB, TiB, args, kernel, lv, ours, vg
 from tests.unit.test_poolstatus import in_vg, status_line
-from thinstack import cli, lvm, pools, poolstatus
+from thinstack import cli, lvm, pools, poolstatus, volumes
 from thinstack.dm.client import DeviceMapper
-from thinstack.errors import NotFound, Refused, ThinstackError, Usage
+from thinstack.errors import NoSpace, NotFound, Refused, ThinstackError, Usage
 from thinstack.growth import PoolPlan, Settings
-from thinstack.lvm import BadName, PoolRef
+from thinstack.journal import Journal
+from thinstack.lvm import BadName, PoolRef, VolumeRef
 from thinstack.recovery import Action, Undo
 
 A, B = lv("a"), lv("b")
@@ -325,3 +326,91 @@ def test_pool_set_bad_values_are_usage_errors(argv, capsys):
         cli.main(["pool", "set", "vg0/t1", *argv])
     err = capsys.readouterr().err
     assert exited.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
+
+
+# --- the volume operations: their pool, its budget (over a FakeLvm) ----------------------------
+
+def row(x, free=4 * GiB):
+    """An LV as `lvs` reports it: its VG's fields on its row."""
+    return dataclasses.replace(x, vg_size=10 * GiB, vg_free=free, vg_extent_size=EXTENT)
+
+
+def sized(x, size, **changes):
+    return dataclasses.replace(x, size=size, **changes)
+
+
+@pytest.fixture
+def tenants(tmp_path, monkeypatch):
+    """vg0 with pool a (limit 1 GiB, overcommit 1: it may promise 1 GiB, 512 MiB of which its
+    volume va has) and pool b (no budget), a volume in each."""
+    monkeypatch.setenv("THINSTACK_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("THINSTACK_RUN_DIR", str(tmp_path / "run"))
+    a = lv("a", tags=("ts_pool", "ts_limit=1073741824", "ts_overcommit=1"))
+    fake = FakeLvm(vgs=[vg(size=10 * GiB, free=4 * GiB)],
+                   lvs=[row(x) for x in (a, B, sized(thin("va"), 512 * MiB), thin("vb", "b"))])
+    monkeypatch.setattr("thinstack.lvm.LVM", fake)
+    # The pools' kernel devices are not up (a snapshot's metadata check reads them when they are).
+    monkeypatch.setattr("thinstack.thinpool.kernel_pool", lambda pool, dm=None: None)
+    return fake
+
+
+def lvcreates(fake):
+    return [c for c in fake.commands if c[0] == "lvcreate"]
+
+
+def test_create_over_the_pools_budget_is_refused_and_runs_nothing(tenants):
+    with pytest.raises(NoSpace, match=r"^creating vg0/new would promise 1.004GiB in pool vg0/a"):
+        volumes.create(VolumeRef("vg0", "new"), 512 * MiB + 1, "a")
+    assert tenants.commands == [] and Journal().pending() == []
+    volumes.create(VolumeRef("vg0", "new"), 512 * MiB, "a")  # the budget exactly
+    (cmd,) = lvcreates(tenants)
+    assert cmd[cmd.index("--thinpool") + 1] == "a"
+
+
+def test_a_new_volume_goes_in_the_pool_named_which_a_vg_of_several_needs(tenants):
+    volumes.create(VolumeRef("vg0", "nb"), 5 * GiB, "b")  # b has no budget
+    (cmd,) = lvcreates(tenants)
+    assert cmd[cmd.index("--thinpool") + 1] == "b"
+    with pytest.raises(Usage, match=r"several pools \(a, b\)"):
+        volumes.create(VolumeRef("vg0", "x"), GiB)
+    with pytest.raises(NotFound, match="^vg0/c: no such thin pool"):
+        volumes.create(VolumeRef("vg0", "x"), GiB, "c")
+    assert len(lvcreates(tenants)) == 1 and Journal().pending() == []
+
+
+def test_growing_a_volume_or_a_writable_snapshot_counts_against_its_pools_budget(tenants):
+    va = VolumeRef("vg0", "va")
+    with pytest.raises(NoSpace, match="^growing vg0/va would promise 1.004GiB in pool vg0/a"):
+        volumes.resize(va, GiB + EXTENT)
+    assert tenants.commands == []
+    volumes.snapshot(va, "s")  # 512 MiB more: the budget exactly
+    tenants.lv_list.append(row(sized(thin("s"), 512 * MiB, origin="va")))
+    with pytest.raises(NoSpace, match="^snapshotting vg0/va would promise 1.5GiB in pool vg0/a"):
+        volumes.snapshot(va, "s2")
+    volumes.snapshot(VolumeRef("vg0", "vb"), "s3")  # pool b has no budget
+    assert [c[c.index("-n") + 1] for c in lvcreates(tenants)] == ["s", "s3"]
+
+
+def test_a_clone_of_a_gold_master_in_another_pool_is_budgeted_there(tenants):
+    gold = row(sized(thin("gold", "b"), GiB, attr="Vri-a-tz--", tags=frozenset({"ts_gold"})))
+    tenants.lv_list.append(gold)
+    with pytest.raises(NoSpace, match="^cloning vg0/gold would promise 1.5GiB in pool vg0/a"):
+        volumes.clone(VolumeRef("vg0", "gold"), VolumeRef("vg0", "c"), "a")
+    assert tenants.commands == []
+    tenants.lv_list[-1] = sized(gold, 512 * MiB)
+    volumes.clone(VolumeRef("vg0", "gold"), VolumeRef("vg0", "c"), "a")
+    (cmd,) = lvcreates(tenants)  # gold's blocks read through from b, the clone's own in a
+    assert cmd[cmd.index("--thinpool") + 1] == "a" and "vg0/gold" in cmd
+
+
+def test_each_volume_gets_its_own_pools_usage_and_says_where_its_blocks_live():
+    """Thin ids are per pool: a and b both have a volume 1."""
+    gold = sized(thin("gold", "b"), GiB, attr="Vri-a-tz--", tags=frozenset({"ts_gold"}))
+    clone = sized(thin("c"), GiB, origin="gold", thin_id=2)
+    lvs = [A, B, thin("va"), gold, clone]
+    usage = {("a", 1): (1, 1, 0), ("b", 1): (2, 2, 0), ("a", 2): (3, 3, 0)}
+    infos = {i.name: i for i in volumes.volume_infos(lvs, usage)}
+    assert [infos[n].mapped_bytes for n in ("va", "gold", "c")] == [1, 2, 3]
+    assert [(infos[n].pool, infos[n].origin_pool) for n in ("va", "gold", "c")] == \
+        [("a", None), ("b", None), ("a", "b")]
+    assert infos["gold"].dependants == ["c"]
