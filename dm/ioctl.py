@@ -48,6 +48,7 @@ class Cmd(IntEnum):
     LIST_DEVICES = 2
     DEV_SUSPEND = 6
     DEV_STATUS = 7
+    TABLE_LOAD = 9
     TABLE_STATUS = 12
     LIST_VERSIONS = 13
     TARGET_MSG = 14
@@ -126,7 +127,7 @@ class Listed:
 
 
 def pack(*, name: str = "", dev: int = 0, flags: int = 0, payload: bytes = b"",
-         size: int = INITIAL_BUFFER) -> bytearray:
+         size: int = INITIAL_BUFFER, target_count: int = 0) -> bytearray:
     """A request buffer of `size` bytes: the header, the payload at data_start, zeros after."""
     start = HEADER.size  # 312: already 8-byte aligned, as the payload's u64 wants
     raw = name.encode()
@@ -134,7 +135,8 @@ def pack(*, name: str = "", dev: int = 0, flags: int = 0, payload: bytes = b"",
         raise DmError(f"{name!r} is not a device-mapper name (at most {NAME_LEN - 1} bytes)")
     size = max(size, start + len(payload))
     buffer = bytearray(size)
-    HEADER.pack_into(buffer, 0, *VERSION, size, start, 0, 0, flags, 0, 0, dev, raw, b"", b"")
+    HEADER.pack_into(buffer, 0, *VERSION, size, start, target_count, 0, flags, 0, 0, dev, raw,
+                     b"", b"")
     buffer[start:start + len(payload)] = payload
     return buffer
 
@@ -154,6 +156,22 @@ def unpack(buffer: bytes | bytearray) -> Reply:
 
 def message_payload(sector: int, text: str) -> bytes:
     return MESSAGE.pack(sector) + text.encode() + b"\0"
+
+
+def specs_payload(specs: list[Spec]) -> bytes:
+    """DM_TABLE_LOAD's data: each spec with its NUL-ended parameters, padded to 8 bytes, its
+    `next` the distance to the following one (as dm-ioctl's populate_table walks them)."""
+    out = bytearray()
+    for spec in specs:
+        params = spec.params.encode() + b"\0"
+        size = SPEC.size + len(params)
+        size += -size % 8
+        type_name = spec.type_name.encode()
+        if len(type_name) >= 16:
+            raise DmError(f"{spec.type_name!r} is not a target type name")
+        out += SPEC.pack(spec.start, spec.length, 0, size, type_name)
+        out += params.ljust(size - SPEC.size, b"\0")
+    return bytes(out)
 
 
 def parse_specs(data: bytes, count: int) -> list[Spec]:
@@ -224,14 +242,15 @@ class Control:
             return self._fd
 
     def call(self, cmd: Cmd, device: str = "", *, flags: int = 0, payload: bytes = b"",
-             what: str = "") -> Reply:
+             what: str = "", target_count: int = 0) -> Reply:
         """Issue `cmd` for `device` (a dm name, or a path to its node), growing the buffer
         until the reply fits. `what`: the request as an error names it."""
         name, dev = _target(device)
         size = INITIAL_BUFFER
         started = time.monotonic()
         while True:
-            buffer = pack(name=name, dev=dev, flags=flags, payload=payload, size=size)
+            buffer = pack(name=name, dev=dev, flags=flags, payload=payload, size=size,
+                          target_count=target_count)
             try:
                 fcntl.ioctl(self.fd(), request_code(cmd), buffer, True)
             except OSError as e:
@@ -260,6 +279,17 @@ class Control:
         reply = self.call(Cmd.TARGET_MSG, device, payload=message_payload(sector, text),
                           what=f"message {device} {sector} {text}")
         return _cstr(reply.data) if reply.has(Flag.DATA_OUT) else ""
+
+    def load(self, device: str, specs: list[Spec]) -> None:
+        """Load `specs` as the device's inactive table."""
+        self.call(Cmd.TABLE_LOAD, device, payload=specs_payload(specs),
+                  target_count=len(specs), what=f"load {device}")
+
+    def resume(self, device: str, *, noflush: bool = False) -> None:
+        """Resume the device, making a loaded inactive table live (the kernel suspends it
+        first; with noflush, I/O a target queued stays queued across the swap)."""
+        self.call(Cmd.DEV_SUSPEND, device, flags=Flag.NOFLUSH if noflush else 0,
+                  what=f"resume {device}")
 
     def list(self) -> list[Listed]:
         return parse_name_list(self.call(Cmd.LIST_DEVICES).data)

@@ -5,6 +5,7 @@ operations that add provisioned size ask `refusal` first."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from thinstack import tags
@@ -31,7 +32,7 @@ def _positive(text: str | None, kind):
         value = kind(text) if text is not None else None
     except ValueError:
         return None
-    return value if value is not None and value > 0 else None
+    return value if value is not None and 0 < value < math.inf else None
 
 
 def provisioned(pool: LV, lvs: list[LV]) -> int:

@@ -154,7 +154,7 @@ def plan_pool(pool: PoolView, *, room: int, extent: int, data_rate: float, metad
     if pool.mode == "ro" or pool.needs_check:
         return PoolPlan(alert="the pool is read-only (metadata full or damaged): it needs "
                               "`thinstack pool check`")
-    at_limit = pool.limit is not None and pool.data.size >= pool.limit
+    at_limit = reached(pool.data.size, pool.limit, extent)
     if not s.enabled:
         # No growth, but a quota all the same: at its limit the pool errors when full.
         return PoolPlan(error_if_no_space=True if at_limit and not pool.error_if_no_space
@@ -162,7 +162,7 @@ def plan_pool(pool: PoolView, *, room: int, extent: int, data_rate: float, metad
     data = growth(pool.data, s.threshold, s.step or default_step(pool.data.size),
                   rate=data_rate, reaction=reaction, extent=extent, room=room,
                   ceiling=pool.limit)
-    at_limit = pool.limit is not None and pool.data.size + data.add >= pool.limit
+    at_limit = reached(pool.data.size + data.add, pool.limit, extent)
     # Metadata has no tag of its own: it crosses the same threshold and grows by a quarter.
     metadata = growth(pool.metadata, s.threshold, pool.metadata.size // 4, rate=metadata_rate,
                       reaction=reaction, extent=extent, room=room - data.add, ceiling=METADATA_MAX)
@@ -189,6 +189,12 @@ def plan_pool(pool: PoolView, *, room: int, extent: int, data_rate: float, metad
         return plan  # each of these commands sets the low-water mark again
     armed = low_water_mark(pool.data.size // pool.chunk, s.threshold)
     return replace(plan, rearm=pool.low_water_mark != armed)
+
+
+def reached(size: int, limit: int | None, extent: int) -> bool:
+    """Whether a pool of `size` is at its `limit`: LVM grows it in whole extents, so a limit
+    that is not a multiple of them is reached an extent short of it."""
+    return limit is not None and size + extent > limit
 
 
 def lvm_threshold(threshold: float) -> int:

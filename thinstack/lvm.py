@@ -146,7 +146,8 @@ class LV:
 
     @property
     def is_thin(self) -> bool:
-        return self.attr[0] == "V"
+        # "o": a thin volume that is the external origin of clones in another pool.
+        return self.attr[0] == "V" or self.segtype == "thin"
 
     @property
     def is_cow_snapshot(self) -> bool:
@@ -346,7 +347,8 @@ def pool_of(vg: str, lvs: list[LV], name: str | None = None) -> LV:
         return pools[0]
     if pools:
         raise Usage(f"volume group {vg} has several pools "
-                      f"({', '.join(sorted(p.name for p in pools))}): name one with --pool")
+                      f"({', '.join(sorted(p.name for p in pools))}): name one (VG/POOL, or "
+                      "--pool POOL for a new volume)")
     several = sum(1 for lv in lvs if lv.is_thin_pool)
     raise NotFound(f"volume group {vg} has no thin pool; create one with `thinstack pool create`"
                    if not several else

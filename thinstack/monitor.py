@@ -28,7 +28,7 @@ from thinstack import budget, poolstatus, thinpool
 from thinstack.dm.client import DeviceMapper
 from thinstack.dm.errors import DmError
 from thinstack.dm.status import Failed, ThinPoolStatus
-from thinstack.dm.targets import ThinPoolTarget
+from thinstack.dm.targets import Table, ThinPoolTarget
 from thinstack.errors import Alert, ThinstackError
 from thinstack.growth import (
     CowView,
@@ -207,6 +207,14 @@ class Monitor:
         ref = str(lv.ref)
         if plan.grow_data:
             self._grow(h, ref, view.data.size, plan.grow_data, "data", "-L", *config)
+        if plan.error_if_no_space:
+            # Its writers get ENOSPC from now on, not once LVM's reload below has landed (a
+            # second and more, in which a writer that fills a pool at its limit would wait):
+            # the kernel's table first, LVM's record after.
+            table = kernel.dm.table(kernel.name)
+            if isinstance(table.target, ThinPoolTarget):
+                kernel.dm.reload(kernel.name, Table.of(table.size, replace(
+                    table.target, error_if_no_space=True)), noflush=True)
         if plan.grow_metadata:
             self._grow(h, ref, view.metadata.size, plan.grow_metadata, "metadata",
                        "--poolmetadatasize", *config)

@@ -86,8 +86,9 @@ def snapshot(origin: VolumeRef, name: str, *, readonly: bool = False) -> str:
 def _thin_snapshot(op: Op, source: LV, ref: VolumeRef, readonly: bool) -> None:
     """A snapshot lives in its origin's pool (dm-thin shares the blocks within one pool)."""
     pool = lvm.volume_pool(source, op.lvs)
-    if not readonly:  # a read-only snapshot promises no writes
-        budget.refuse(pool, op.lvs, source.size, f"snapshotting {source.ref}")
+    # Read-only or not, a snapshot's size is the pool's to count: its origin's writes can come
+    # to make every one of its blocks its own.
+    budget.refuse(pool, op.lvs, source.size, f"snapshotting {source.ref}")
     thinpool.refuse_if_metadata_would_run_out(pool)
     # LVM gives thin snapshots its activation-skip flag by default, so they would not come up
     # on activation or the next boot: -kn clears it, and the snapshot is active at once.

@@ -4,23 +4,16 @@ volume group without room turns into ENOSPC and an alert instead of a hang."""
 from __future__ import annotations
 
 import errno
-import mmap
-import os
 import re
-import signal
 import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 
 from tests import patterns
+from tests.labtools import BLOCK, MONITOR, Daemon, Writer, metrics, pattern, sample, wait_for
 from tests.patterns import read_direct
 
 MiB, GiB = 1 << 20, 1 << 30
-BLOCK = 4 * MiB
-MONITOR = [sys.executable, "-m", "thinstack.cli", "monitor"]
 
 
 @pytest.fixture(autouse=True)
@@ -54,82 +47,6 @@ def vg_free() -> int:
 
 def pool_status() -> str:
     return sh("dmsetup", "status", "vg-pool-tpool")
-
-
-def metrics(state: Path) -> str:
-    path = state / "run" / "monitor.prom"
-    return path.read_text() if path.exists() else ""
-
-
-def sample(text: str, name: str, labels: str) -> float | None:
-    m = re.search(rf"^{name}{{{re.escape(labels)}[^}}]*}} (\S+)$", text, re.MULTILINE)
-    return float(m.group(1)) if m else None
-
-
-def wait_for(what, timeout: float = 60, step: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = what()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(step)
-
-
-class Daemon:
-    """`thinstack monitor` as systemd runs it, stopped with SIGTERM."""
-
-    def __init__(self, state: Path, interval: float):
-        self.log = state / "monitor.log"
-        self.proc = subprocess.Popen([*MONITOR, "--interval", str(interval)],
-                                     stderr=open(self.log, "w"), stdout=subprocess.DEVNULL)
-        wait_for(lambda: metrics(state) or self.proc.poll() is not None, timeout=60)
-        assert self.proc.poll() is None, self.output()
-
-    def stop(self) -> str:
-        self.proc.send_signal(signal.SIGTERM)
-        assert self.proc.wait(timeout=60) == 0, self.output()
-        return self.output()
-
-    def output(self) -> str:
-        return self.log.read_text()
-
-
-def pattern(offset: int, length: int) -> bytes:
-    """Each 16 bytes name the 64 KiB they belong to: a misplaced or stale block shows. Cheaper
-    than tests.patterns' hashes, which cannot keep up with these writers in the lab."""
-    unit = 64 << 10
-    return b"".join((o.to_bytes(8, "little") + b"thinstck") * (unit // 16)
-                    for o in range(offset, offset + length, unit))
-
-
-class Writer:
-    """O_DIRECT writes of `block` bytes from an aligned buffer, from `start` on, paced to `rate`
-    bytes/s."""
-
-    def __init__(self, path: str, rate: float | None, start: int = 0, block: int = BLOCK):
-        self.path, self.rate, self.start = path, rate, start
-        self.buf = mmap.mmap(-1, block)
-        self.written = start  # the offset up to which every write landed
-        self.slowest = 0.0  # the longest single write: a queued (full) pool shows here
-        self.elapsed = 0.0
-
-    def write_until(self, end: int) -> None:
-        fd = os.open(self.path, os.O_WRONLY | os.O_DIRECT)
-        began = time.monotonic()
-        try:
-            while self.written < end:
-                self.buf[:] = pattern(self.written, len(self.buf))
-                t = time.monotonic()
-                os.pwrite(fd, self.buf, self.written)
-                self.slowest = max(self.slowest, time.monotonic() - t)
-                self.written += len(self.buf)
-                if self.rate:
-                    time.sleep(max(0.0, began + (self.written - self.start) / self.rate
-                                   - time.monotonic()))
-        finally:
-            self.elapsed = time.monotonic() - began
-            os.close(fd)
 
 
 def dmesg() -> str:
