@@ -152,13 +152,15 @@ def test_a_raised_limit_brings_the_pool_back_to_queue_and_growing():
         PoolPlan(error_if_no_space=False)
 
 
-@pytest.mark.xfail(strict=True, reason="growth.py plan_pool: at_limit is data.size + add >= "
-                   "limit, but growth() stops at whole extents, so with a limit that is not whole "
-                   "extents (pool set --limit 1023M, 4 MiB extents) the pool never counts as at "
-                   "its limit: no error mode below the threshold, and the 'no room' alert")
 def test_a_limit_less_than_an_extent_away_is_reached():
-    p = plan(limited(10 * MiB, limit=256 * MiB + MiB))
-    assert p.error_if_no_space is True
+    """LVM grows a pool in whole extents: a limit that is not (pool set --limit 1023M, 4 MiB
+    extents) is as reached as it will ever be an extent short of it."""
+    assert plan(limited(10 * MiB, limit=256 * MiB + MiB)) == PoolPlan(error_if_no_space=True)
+    p = plan(limited(250 * MiB, limit=256 * MiB + EXTENT - 1, error_if_no_space=True), room=GiB)
+    assert p.grow_data == 0 and "at its limit" in p.alert
+    # A whole extent short of the limit, the pool can still grow by it.
+    p = plan(limited(250 * MiB, limit=256 * MiB + EXTENT), room=GiB)
+    assert p.grow_data == EXTENT and p.error_if_no_space is True
 
 
 # --- a full pool stops only its own tenants ----------------------------------------------------
@@ -414,3 +416,48 @@ def test_each_volume_gets_its_own_pools_usage_and_says_where_its_blocks_live():
     assert [(infos[n].pool, infos[n].origin_pool) for n in ("va", "gold", "c")] == \
         [("a", None), ("b", None), ("a", "b")]
     assert infos["gold"].dependants == ["c"]
+
+
+# --- pool set: the tags it changes ------------------------------------------------------------
+
+@pytest.fixture
+def setting(tenants, monkeypatch):
+    """pool set over the tenants' FakeLvm; its monitor pass and the status it shows after are
+    not what these tests look at."""
+    monkeypatch.setattr("thinstack.monitor.apply", lambda pool: None)
+    monkeypatch.setattr("thinstack.pools.status", lambda vg_name, name: ["status"])
+    return tenants
+
+
+def tag_changes(fake):
+    (cmd,) = [c for c in fake.commands if c[0] == "lvchange"]
+    assert cmd[-1] == "vg0/a"
+    return ({cmd[i + 1] for i, a in enumerate(cmd) if a == "--deltag"},
+            {cmd[i + 1] for i, a in enumerate(cmd) if a == "--addtag"})
+
+
+def test_pool_set_changes_the_tags_in_one_command_and_refuses_a_limit_under_the_size(setting):
+    assert pools.set_pool("vg0", "a", limit=2 * GiB, overcommit=2.5) == "status"
+    deleted, added = tag_changes(setting)
+    assert "ts_limit=1073741824" in deleted and "ts_overcommit=1" in deleted
+    assert {"ts_limit=2147483648", "ts_overcommit=2.5"} <= added
+    setting.runner.calls.clear()
+    pools.set_pool("vg0", "a", limit=GiB, overcommit=1.0)  # as it is: no command
+    assert setting.commands == []
+    with pytest.raises(Refused, match=r"^vg0/a is 1008MiB already; a pool cannot shrink"):
+        pools.set_pool("vg0", "a", limit=512 * MiB)
+    with pytest.raises(ThinstackError, match="a positive ratio"):
+        pools.set_pool("vg0", "a", overcommit=0.0)
+    assert setting.commands == []
+
+
+@pytest.mark.xfail(strict=True, reason="pools.py set_pool: --deltag of every ts_limit/"
+                   "ts_overcommit tag and --addtag of the new ones in one lvchange; LVM applies "
+                   "all --addtag before all --deltag, so a tag kept as it was is deleted (lab, "
+                   "LVM 2.03.16: tags ts_limit=1,ts_overcommit=1.5, then `--deltag ts_limit=1 "
+                   "--deltag ts_overcommit=1.5 --addtag ts_limit=2 --addtag ts_overcommit=1.5` "
+                   "leaves ts_limit=2 alone): `pool set --limit` drops the overcommit")
+def test_pool_set_never_deletes_a_tag_it_keeps(setting):
+    pools.set_pool("vg0", "a", limit=2 * GiB)
+    deleted, added = tag_changes(setting)
+    assert not deleted & added
