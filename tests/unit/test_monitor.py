@@ -144,14 +144,36 @@ def test_threshold_below_lvms_minimum_is_given_as_50(env, mocker):
 
 def test_no_room_switches_to_error_mode_and_once_exits_7(env, mocker, tmp_path, capsys):
     setup(env, [pool_lv()], [vg(free=0)])
+    dm = FakeDM(**{"vg-pool-tpool": (status(3000), ARMED)})
     with pytest.raises(Alert) as raised:
-        monitor.run(once=True, interval=5, dm=FakeDM(**{"vg-pool-tpool": (status(3000), ARMED)}))
+        monitor.run(once=True, interval=5, dm=dm)
     assert raised.value.exit_status == 7
+    # The kernel's table first (its writers get ENOSPC at once), without flushing queued I/O;
+    # LVM's record after.
+    [(name, table, noflush)] = dm.reloads
+    assert (name, table.target.error_if_no_space, noflush) == ("vg-pool-tpool", True, True)
+    assert table.target.low_water_mark == ARMED  # the rest of the table as it was
     assert commands(env) == [["lvchange", "-q", "--errorwhenfull", "y", "vg/pool", *CONFIG]]
     assert "ALERT vg/pool" in capsys.readouterr().err
     text = (tmp_path / "run" / "monitor.prom").read_text()
     assert 'thinstack_alert{vg="vg",pool="pool"} 1' in text
     assert 'thinstack_pool_error_if_no_space{vg="vg",pool="pool"} 1' in text
+
+
+def test_a_pool_at_its_limit_errors_while_its_neighbour_grows(env):
+    """Two tenants of one VG, both over their threshold: the one at its limit (ts_limit, as
+    `pool set` tags it) gets no extent of the VG's room and errors; the other grows."""
+    limited = pool_lv(POOL_TAGS | {f"ts_limit={256 * MiB}"})
+    other = dataclasses.replace(pool_lv(), name="t2", uuid="t2", dm_path="/dev/mapper/vg-t2")
+    setup(env, [limited, other], [vg()])
+    dm = FakeDM(**{"vg-pool-tpool": (status(3000), ARMED), "vg-t2-tpool": (status(3000), ARMED)})
+    reports = {r.name: r for r in one_pass(dm)}
+    assert commands(env) == [["lvchange", "-q", "--errorwhenfull", "y", "vg/pool", *CONFIG],
+                             ["lvextend", "-q", "-L", f"+{64 * MiB}b", "vg/t2", *CONFIG]]
+    assert [name for name, _, _ in dm.reloads] == ["vg-pool-tpool"]
+    assert "at its limit (256MiB)" in reports["pool"].alert
+    assert "`thinstack pool set vg/pool --limit SIZE`" in reports["pool"].alert
+    assert reports["t2"].alert is None and reports["t2"].growths == 1
 
 
 def test_room_back_grows_then_queues_again(env, mocker, tmp_path):

@@ -119,8 +119,8 @@ def test_a_pool_grows_up_to_its_limit_and_no_further():
 def test_at_its_limit_a_full_pool_says_so_and_names_the_limit():
     p = plan(limited(250 * MiB, limit=256 * MiB, error_if_no_space=True), room=GiB)
     assert p.grow_data == 0 and p.error_if_no_space is None  # in error mode already
-    assert p.alert.startswith("data 97.7% full (threshold 70%) at its limit (268435456 bytes)")
-    assert "`thinstack pool set VG/POOL --limit SIZE`" in p.alert
+    assert p.alert.startswith("data 97.7% full (threshold 70%) at its limit (256MiB)")
+    assert "pool set VG/POOL --limit SIZE" in p.alert  # the monitor puts the pool's name in
     # Short of room in the VG, not of its limit: the other alert.
     p = plan(limited(250 * MiB, limit=GiB), room=0)
     assert "the volume group has no room" in p.alert and "limit" not in p.alert
