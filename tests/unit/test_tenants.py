@@ -483,3 +483,19 @@ def test_pool_extend_counts_the_extent_lvm_rounds_up_to(setting):
         setting.lv_list[0], tags=frozenset({"ts_pool", f"ts_limit={1022 * MiB}"}))
     with pytest.raises(NoSpace):
         pools.extend("vg0", 14 * MiB, "a")  # LVM adds 16 MiB: 1024 MiB, over 1022
+
+
+@pytest.mark.xfail(strict=True, reason="pools.py _create_in_vg: operation(..., at=name) names a "
+                   "pool that does not exist yet, so refuse_unless_writable checks every pool of "
+                   "the VG: a full tenant stops the creation of a new one")
+def test_a_full_tenant_does_not_stop_a_new_pool_beside_it(tenants, monkeypatch, mocker):
+    mocker.patch("thinstack.provision.require_thin_pool")  # the host may have no dm-thin
+    monkeypatch.setattr("thinstack.pools.status", lambda vg_name, name: ["status"])
+    runner = tenants.runner  # the pools' devices, as the kernel shows them: a is full
+    runner.on(["dmsetup", "info"], lambda call: f"{call.argv[-1]}/254/3/1/0/L--w/LVM-x\n")
+    runner.on(["dmsetup", "status", "vg0-a-tpool"],
+              status_line().replace(" rw ", " out_of_data_space "))
+    runner.on(["dmsetup", "status", "vg0-b-tpool"], status_line())
+    pools.create("vg0", name="t3", size=64 * MiB)
+    (cmd,) = lvcreates(tenants)
+    assert cmd[cmd.index("-n") + 1] == "t3"
