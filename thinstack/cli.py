@@ -382,9 +382,10 @@ def cmd_list(args) -> int:
         _print_json([i.to_json() for i in infos])
         return 0
     _table([[f"{i.vg}/{i.name}", _bytes(i.size), i.kind, "ro" if i.readonly else "rw",
-             i.origin or "-", _bytes(i.mapped_bytes), _bytes(i.exclusive_bytes),
+             i.pool or "-", i.origin or "-", _bytes(i.mapped_bytes), _bytes(i.exclusive_bytes),
              ",".join(i.dependants) or "-"] for i in infos],
-           ["VOLUME", "SIZE", "KIND", "MODE", "ORIGIN", "MAPPED", "EXCLUSIVE", "DEPENDANTS"])
+           ["VOLUME", "SIZE", "KIND", "MODE", "POOL", "ORIGIN", "MAPPED", "EXCLUSIVE",
+            "DEPENDANTS"])
     return 0
 
 

@@ -336,7 +336,7 @@ def _start(ref: VolumeRef, dest: Path, format: str, incremental: bool, since: st
         active = extorigin.active(source)
         if not (incremental or source.readonly or active):
             raise Refused(f"{ref} is not active: activate it to export it")
-        pool = next((lv for lv in lvs if lv.name == source.pool), None)
+        pool = lvm.holding_pool(source, lvs)
         found.update(source=source, kind=kind, active=active, pool=pool, base=base,
                      reason=reason, last=last, record=record)
         return dict(name=ref.name, dest=str(dest), partial=str(_partial(dest)))

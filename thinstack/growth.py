@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 from thinstack import tags
 from thinstack.dm.status import ThinPoolStatus
-from thinstack.sizes import round_down, round_up
+from thinstack.sizes import format_size, round_down, round_up
 
 MiB = 1 << 20
 
@@ -148,8 +148,9 @@ class PoolPlan:
 
 
 def plan_pool(pool: PoolView, *, room: int, extent: int, data_rate: float, metadata_rate: float,
-              reaction: float) -> PoolPlan:
-    """What to do for one pool, given `room` free bytes in its VG."""
+              reaction: float, name: str = "VG/POOL") -> PoolPlan:
+    """What to do for one pool (`name`, as alerts call it), given `room` free bytes in its
+    VG."""
     s = pool.settings
     if pool.mode == "ro" or pool.needs_check:
         return PoolPlan(alert="the pool is read-only (metadata full or damaged): it needs "
@@ -169,8 +170,8 @@ def plan_pool(pool: PoolView, *, room: int, extent: int, data_rate: float, metad
     alert = None
     if data.short and at_limit:
         alert = (f"data {pool.data.percent:.1f}% full (threshold {s.threshold:g}%) at its limit "
-                 f"({pool.limit} bytes): its writers get ENOSPC when it fills; raise the limit "
-                 "(`thinstack pool set VG/POOL --limit SIZE`) or free space")
+                 f"({format_size(pool.limit or 0)}): its writers get ENOSPC when it fills; raise "
+                 f"the limit (`thinstack pool set {name} --limit SIZE`) or free space")
     elif data.short:
         alert = (f"data {pool.data.percent:.1f}% full (threshold {s.threshold:g}%) and the "
                  "volume group has no room to grow it: writers get ENOSPC when it fills")

@@ -25,6 +25,7 @@ __all__ = [
     "check_user_name",
     "classify",
     "find_lv",
+    "holding_pool",
     "lv",
     "lvm",
     "lvs",
@@ -355,9 +356,15 @@ def pool_of(vg: str, lvs: list[LV], name: str | None = None) -> LV:
                    f"volume group {vg} has several thin pools and none tagged {tags.POOL}")
 
 
+def holding_pool(lv: LV, lvs: list[LV]) -> LV | None:
+    """The pool among `lvs` that holds `lv`'s blocks; None for a volume in no pool."""
+    return next((p for p in lvs if p.is_thin_pool and p.name == lv.pool), None) \
+        if lv.pool else None
+
+
 def volume_pool(lv: LV, lvs: list[LV]) -> LV:
     """The pool that holds thin volume `lv`'s blocks."""
-    found = next((p for p in lvs if p.is_thin_pool and p.name == lv.pool), None)
+    found = holding_pool(lv, lvs)
     if found is None:
         raise NotFound(f"{lv.ref} is in no thin pool")
     return found

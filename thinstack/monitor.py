@@ -73,6 +73,13 @@ class Report:
     alert: str | None = None
     busy: bool = False  # another monitor was looking after it: nothing read or done this pass
     volumes: tuple[VolumeUsage, ...] = ()  # a pool's thin volumes, as last read
+    # A pool's space, in bytes: its data size and use, its limit (None: none) and what its
+    # volumes promise (as last read with them), and its budget's ratio (None: none).
+    data_size: int | None = None
+    data_used: int | None = None
+    limit: int | None = None
+    provisioned: int | None = None
+    overcommit: float | None = None
 
 
 @dataclass(frozen=True)
@@ -99,8 +106,8 @@ class Monitor:
         self.modes: dict[str, str] = {}  # each pool's mode when last read
         self.command_times = deque([FIRST_COMMAND_SECONDS], maxlen=TIMED_COMMANDS)
         self.pool_devices: set[str] = set()  # device-mapper names of the pools seen last pass
-        # pool VG/NAME -> when its volumes' usage was read, and what it was
-        self.usage: dict[str, tuple[float, tuple[VolumeUsage, ...]]] = {}
+        # pool VG/NAME -> when its volumes' usage was read, what it was, and their sizes' sum
+        self.usage: dict[str, tuple[float, tuple[VolumeUsage, ...], int | None]] = {}
 
     @property
     def reaction(self) -> float:
@@ -126,7 +133,8 @@ class Monitor:
                 if lv.is_thin_pool and TAG_POOL in lv.tags and lv.active:
                     report, used = self._guarded(lv, "pool", self.check_pool, lv,
                                                  lv.vg_extent_size, room)
-                    report = replace(report, volumes=self._volume_usage(lv))
+                    volumes, provisioned = self._volume_usage(lv)
+                    report = replace(report, volumes=volumes, provisioned=provisioned)
                 elif lv.is_cow_snapshot and (lv.active or invalid(lv)):
                     report, used = self._guarded(lv, "cow", self.check_cow, lv,
                                                  in_vg[lv.origin], lv.vg_extent_size, room)
@@ -142,13 +150,14 @@ class Monitor:
         self._log_modes(reports)
         return reports
 
-    def _volume_usage(self, pool: LV) -> tuple[VolumeUsage, ...]:
-        """The pool's volumes' usage: read anew every VOLUME_USAGE_EVERY seconds (one thin_ls),
-        else as last read. A failed read keeps the last figures: they are a view, no alert."""
+    def _volume_usage(self, pool: LV) -> tuple[tuple[VolumeUsage, ...], int | None]:
+        """The pool's volumes' usage and what they promise (budget.provisioned): read anew
+        every VOLUME_USAGE_EVERY seconds (one lvs, one thin_ls), else as last read. A failed
+        read keeps the last figures: they are a view, no alert."""
         key = str(pool.ref)
-        when, last = self.usage.get(key, (None, ()))
+        when, last, promised = self.usage.get(key, (None, (), None))
         if when is not None and time.monotonic() - when < VOLUME_USAGE_EVERY:
-            return last
+            return last, promised
         try:
             thins = [lv for lv in self.lvm.lvs(pool.vg, select="segtype=thin")
                      if lv.is_thin and lv.pool == pool.name]
@@ -156,11 +165,12 @@ class Monitor:
         except (CommandError, DmError, ThinstackError):
             usage = None
         if usage is None:  # unreadable, or another reader holds the metadata snapshot
-            return last
+            return last, promised
         found = tuple(VolumeUsage(lv.name, *usage[(pool.name, lv.thin_id or 0)][:2])
                       for lv in thins if (pool.name, lv.thin_id or 0) in usage)
-        self.usage[key] = (time.monotonic(), found)
-        return found
+        promised = budget.provisioned(pool, thins)
+        self.usage[key] = (time.monotonic(), found, promised)
+        return found, promised
 
     def _guarded(self, lv: LV, kind: str, check, *args) -> tuple[Report, int]:
         """A failure on one device is that device's alert; the others are still looked after.
@@ -193,7 +203,8 @@ class Monitor:
             settings=settings(lv.tags), limit=budget.of(lv).limit)
         h = self._history(lv, view.data.used, view.metadata.used)
         plan = plan_pool(view, room=room, extent=extent, data_rate=write_rate(h.data),
-                         metadata_rate=write_rate(h.metadata), reaction=self.reaction)
+                         metadata_rate=write_rate(h.metadata), reaction=self.reaction,
+                         name=str(lv.ref))
         # LVM writes the low-water mark into every pool table it loads, from
         # activation/thin_pool_autoextend_threshold: 0 (no event at all) at its default of 100.
         # So each lvm command here that reloads the pool carries our threshold, and the kernel
@@ -231,9 +242,12 @@ class Monitor:
         shown = poolstatus.pool_mode(st)
         full = shown == poolstatus.OUT_OF_DATA_SPACE
         why = None if full and plan.grow_data else poolstatus.refusal(ref, shown, "monitor")
+        quota = budget.of(lv)
         return Report("pool", lv.vg, lv.name, data_percent=view.data.percent,
                       metadata_percent=view.metadata.percent, mode=shown,
                       error_if_no_space=mode, growths=h.growths,
+                      data_size=view.data.size + plan.grow_data, data_used=view.data.used,
+                      limit=quota.limit, overcommit=quota.overcommit,
                       alert=(plan.alert or why) if full else (why or plan.alert)
                       ), plan.grow_data + plan.grow_metadata
 
@@ -322,6 +336,13 @@ _METRICS = (
                                      "needs_check, fail)."),
     ("thinstack_pool_error_if_no_space", "gauge", "1 if the pool fails writes when full, 0 if it "
                                                   "queues them."),
+    ("thinstack_pool_data_bytes", "gauge", "Pool data size, bytes."),
+    ("thinstack_pool_used_bytes", "gauge", "Pool data in use, bytes."),
+    ("thinstack_pool_limit_bytes", "gauge", "The size past which the pool never grows (its "
+                                            "--limit), bytes; absent: none."),
+    ("thinstack_pool_provisioned_bytes", "gauge", "The sum of the pool's volume sizes, bytes."),
+    ("thinstack_pool_overcommit_ratio", "gauge", "The pool's budget (--overcommit): its volume "
+                                                 "sizes may add up to this times its limit."),
     ("thinstack_cow_percent", "gauge", "CoW store in use, percent."),
     ("thinstack_growths_total", "counter", "Growths by this monitor process."),
     ("thinstack_alert", "gauge", "1 if the pool or CoW volume needs the operator."),
@@ -344,6 +365,13 @@ def metrics_text(reports: list[Report]) -> str:
                 f"{{{labels}}} {r.metadata_percent:.2f}")
             samples["thinstack_pool_error_if_no_space"].append(
                 f"{{{labels}}} {int(bool(r.error_if_no_space))}")
+            for name, value in (("data_bytes", r.data_size), ("used_bytes", r.data_used),
+                                ("limit_bytes", r.limit), ("provisioned_bytes", r.provisioned),
+                                ("overcommit_ratio", r.overcommit)):
+                if value is not None:
+                    samples[f"thinstack_pool_{name}"].append(f"{{{labels}}} {value:g}"
+                                                             if isinstance(value, float)
+                                                             else f"{{{labels}}} {value}")
         elif r.kind == "cow" and r.data_percent is not None:
             samples["thinstack_cow_percent"].append(f"{{{labels}}} {r.data_percent:.2f}")
         samples["thinstack_growths_total"].append(f"{{{labels}}} {r.growths}")

@@ -170,7 +170,7 @@ class MountFS(mfusepy.Operations):
             lvs = self._lvs(vg)
             lv = mount_instants.shown(lvs)[name]
             kind = exports.source_kind(lv, lvs)
-            return mount_instants.content(lv, kind, mount_instants.pool_of(lv, lvs))
+            return mount_instants.content(lv, kind, lvm.holding_pool(lv, lvs))
         content = self.cache.get(("content", vg, name), make)
         return self.cache.get(("layout", vg, name, format), lambda: content.layout(format))
 

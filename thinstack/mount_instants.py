@@ -86,10 +86,6 @@ def content(lv: LV, kind: SourceKind, pool: LV | None, kernel: Pool | None = Non
                    mapping.block_size(ranges))
 
 
-def pool_of(lv: LV, lvs: list[LV]) -> LV | None:
-    return next((o for o in lvs if o.name == lv.pool), None)
-
-
 # --- the instants ------------------------------------------------------------------------------
 
 @dataclass
@@ -165,7 +161,7 @@ class Instants:
         if source is None:
             raise NotFound(f"{ref}: no such volume")
         kind = exports.source_kind(source, lvs)
-        pool = pool_of(source, lvs)
+        pool = lvm.holding_pool(source, lvs)
         if source.readonly:  # cannot change while it is read
             return self._open_instant(ref, source, None, kind, pool, None)
         assert pool is not None  # source_kind: a writable volume is a thin one

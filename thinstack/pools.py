@@ -84,6 +84,8 @@ def plan_sizes(vg_size: int, vg_free: int, extent: int, chunk: int,
                           f"thin pool with {format_size(meta)} of metadata and its spare")
         return Sizes(data, meta)
     data = round_up(data, extent)
+    if limit is not None and data > limit:  # a --size within an extent of the --limit
+        data = round_down(limit, extent)
     if data + overhead > vg_free:
         raise NoSpace(f"a pool of {format_size(data)} needs {format_size(data + overhead)} with "
                       f"its metadata and spare; the volume group has {format_size(vg_free)} free")
@@ -373,8 +375,9 @@ def extend(vg: str, size: int, name: str | None = None) -> PoolStatus:
         pool = lvm.pool_of(vg, lvs, name)
         poolstatus.refuse_unless_writable(vg, lvs, "pool-extend", pool.name)
         limit = budget.of(pool).limit
-        if limit is not None and pool.size + size > limit:
-            raise NoSpace(f"{pool.ref} would grow to {format_size(pool.size + size)}, past its "
+        grown = round_up(pool.size + size, pool.vg_extent_size or 1)  # LVM's whole extents
+        if limit is not None and grown > limit:
+            raise NoSpace(f"{pool.ref} would grow to {format_size(grown)}, past its "
                           f"limit {format_size(limit)}: raise it first (`thinstack pool set "
                           f"{pool.ref} --limit SIZE`)")
         free = lvm.vgs(vg)[0].free
@@ -405,11 +408,16 @@ def set_pool(vg: str, name: str | None, *, limit: Any = KEEP, overcommit: Any = 
         if new_limit is not None and new_limit < pool.size:
             raise Refused(f"{pool.ref} is {format_size(pool.size)} already; a pool cannot "
                           f"shrink, so its limit cannot be less")
-        gone = [t for t in pool.tags if t.startswith((tags.LIMIT + "=", tags.OVERCOMMIT + "="))]
-        added = budget_tags(new_limit, new_overcommit)
-        if set(gone) != set(added):
-            lvm.lvm("lvchange", "-q", *[a for t in gone for a in ("--deltag", t)],
-                    *[a for t in added for a in ("--addtag", t)], str(pool.ref))
+        old_tags = {t for t in pool.tags if t.startswith((tags.LIMIT + "=",
+                                                            tags.OVERCOMMIT + "="))}
+        new_tags = set(budget_tags(new_limit, new_overcommit))
+        # Only what changes: LVM adds before it deletes, so a tag both deleted and added in
+        # one command would be lost.
+        if old_tags != new_tags:
+            lvm.lvm("lvchange", "-q", *[a for t in sorted(old_tags - new_tags)
+                                        for a in ("--deltag", t)],
+                    *[a for t in sorted(new_tags - old_tags) for a in ("--addtag", t)],
+                    str(pool.ref))
     from thinstack import monitor  # a pass over this pool now, not at the service's next one
 
     monitor.apply(lvm.pool_of(vg, lvm.volumes_of(vg), pool.name))

@@ -53,6 +53,9 @@ RW, OUT_OF_DATA_SPACE, NEEDS_CHECK, FAIL, INACTIVE = (
 # extend`, which is no operation of a VG's volumes). Every mode is `pool repair`'s to mend.
 ALLOWED = {OUT_OF_DATA_SPACE: frozenset({"delete", "reclaim", "pool-extend"})}
 REPAIRS = frozenset({"pool-repair"})
+# Operations that make a new pool beside the VG's others and touch none of them: a full or
+# broken tenant does not stop a new one.
+BESIDE = frozenset({"pool-create"})
 
 
 def pool_mode(kernel: ThinPoolStatus | Failed | None) -> str:
@@ -69,7 +72,7 @@ def pool_mode(kernel: ThinPoolStatus | Failed | None) -> str:
 def refusal(ref: str, mode: str, kind: str) -> str | None:
     """Why operation `kind` may not change pool `ref` in `mode` (None: it may): one line naming
     the mode and what brings the pool back."""
-    if mode in (RW, INACTIVE) or kind in REPAIRS or kind in ALLOWED.get(mode, ()):
+    if mode in (RW, INACTIVE) or kind in REPAIRS | BESIDE or kind in ALLOWED.get(mode, ()):
         return None
     if mode == OUT_OF_DATA_SPACE:
         return (f"pool {ref} is {mode}: grow it (`thinstack pool extend {ref} SIZE`, or raise "
@@ -82,8 +85,8 @@ def refuse_unless_writable(vg: str, lvs: list[LV], kind: str, at: str | None = N
     """Refused when a pool the operation works in is in a mode that operation `kind` may not
     change it in; read through the kernel's status ioctl, not LVM. `at`: the LV the operation
     works in (a pool, or a volume in one), so that a full or broken pool stops only its own
-    tenants' operations; None or unknown: every pool of the VG. A VG without a pool is the
-    operation's own business."""
+    tenants' operations; None, or a name no LV has: every pool of the VG. A VG without a pool
+    is the operation's own business."""
     pools = lvm.pools_of(lvs)
     named = next((lv for lv in lvs if lv.name == at), None) if at is not None else None
     if named is not None and named.is_thin_pool:

@@ -62,7 +62,7 @@ def edges(name: str) -> dict[str, list[int]]:
     lvs_ = lvm.volumes_of("vg0")
     lv = mount_instants.shown(lvs_)[name]
     content = mount_instants.content(lv, exports.source_kind(lv, lvs_),
-                                     mount_instants.pool_of(lv, lvs_))
+                                     lvm.holding_pool(lv, lvs_))
     return {f: sorted({x for p in content.layout(f).pieces for x in (p.offset, p.end)})
             for f in QEMU}
 

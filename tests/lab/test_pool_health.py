@@ -111,9 +111,9 @@ def test_pool_in_an_existing_vg_fails_is_refused_alerted_and_repaired(lab_disks)
         refused = ts(*argv, check=False)
         assert refused.returncode == 5, (argv, refused.stderr)
         assert refused.stderr == ("thinstack: pool vgx/pool is needs_check: repair it first "
-                                  "(`thinstack pool repair vgx`)\n"), refused.stderr
+                                  "(`thinstack pool repair vgx/pool`)\n"), refused.stderr
     check = ts("pool", "check", "vgx", check=False)
-    assert check.returncode == 1 and "`thinstack pool repair vgx`" in check.stderr
+    assert check.returncode == 1 and "`thinstack pool repair vgx/pool`" in check.stderr
     monitor = ts("monitor", "--once", check=False)
     assert monitor.returncode == 7 and "ALERT vgx/pool: mode rw -> needs_check" in monitor.stderr
     prom = (Path(os.environ["THINSTACK_RUN_DIR"]) / "monitor.prom").read_text()
@@ -188,8 +188,9 @@ def test_damaged_metadata_is_repaired_through_kills_with_the_old_kept(lab_disks)
     assert mode("vg0") == "out_of_data_space"
     refused = ts("snapshot", "vg0/vm", "s2", check=False)
     assert refused.returncode == 5 and refused.stderr == (
-        "thinstack: pool vg0/pool is out_of_data_space: grow it (`thinstack pool extend vg0 "
-        "SIZE`) or delete volumes first\n")
+        "thinstack: pool vg0/pool is out_of_data_space: grow it (`thinstack pool extend "
+        "vg0/pool SIZE`, or raise its limit: `thinstack pool set vg0/pool --limit SIZE`) or "
+        "delete volumes first\n")
     ts("delete", "vg0/after")
     ts("pool", "extend", "vg0", "64M")
     assert mode("vg0") == "rw"

@@ -42,7 +42,7 @@ def test_pool_on_a_disk_reports_usage_checks_clean_and_extends(lab_disks):
     assert json.loads(ts("pool", "list", "--json").stdout) == [pool]
 
     (v1,) = [lv for lv in lvm.lvs("vg0") if lv.name == "v1"]
-    assert pools.thin_usage("vg0") == {v1.thin_id: (32 * MiB, 32 * MiB, 0)}
+    assert pools.thin_usage("vg0") == {("pool", v1.thin_id): (32 * MiB, 32 * MiB, 0)}
 
     assert ts("pool", "check", "vg0").stdout.strip() == "vg0/pool: metadata clean"
     ts("pool", "extend", "vg0", "128M")

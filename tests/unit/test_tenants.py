@@ -451,12 +451,6 @@ def test_pool_set_changes_the_tags_in_one_command_and_refuses_a_limit_under_the_
     assert setting.commands == []
 
 
-@pytest.mark.xfail(strict=True, reason="pools.py set_pool: --deltag of every ts_limit/"
-                   "ts_overcommit tag and --addtag of the new ones in one lvchange; LVM applies "
-                   "all --addtag before all --deltag, so a tag kept as it was is deleted (lab, "
-                   "LVM 2.03.16: tags ts_limit=1,ts_overcommit=1.5, then `--deltag ts_limit=1 "
-                   "--deltag ts_overcommit=1.5 --addtag ts_limit=2 --addtag ts_overcommit=1.5` "
-                   "leaves ts_limit=2 alone): `pool set --limit` drops the overcommit")
 def test_pool_set_never_deletes_a_tag_it_keeps(setting):
     pools.set_pool("vg0", "a", limit=2 * GiB)
     deleted, added = tag_changes(setting)
@@ -475,9 +469,6 @@ def test_pool_extend_past_the_limit_is_no_space_and_runs_nothing(setting):
     assert setting.commands == [("lvextend", "-q", "-L", f"+{16 * MiB}b", str(a))]
 
 
-@pytest.mark.xfail(strict=True, reason="pools.py extend compares pool.size + size with the "
-                   "limit, but lvextend rounds size up to whole extents: with a limit not in "
-                   "whole extents the pool grows past it")
 def test_pool_extend_counts_the_extent_lvm_rounds_up_to(setting):
     setting.lv_list[0] = dataclasses.replace(
         setting.lv_list[0], tags=frozenset({"ts_pool", f"ts_limit={1022 * MiB}"}))
@@ -485,9 +476,6 @@ def test_pool_extend_counts_the_extent_lvm_rounds_up_to(setting):
         pools.extend("vg0", 14 * MiB, "a")  # LVM adds 16 MiB: 1024 MiB, over 1022
 
 
-@pytest.mark.xfail(strict=True, reason="pools.py _create_in_vg: operation(..., at=name) names a "
-                   "pool that does not exist yet, so refuse_unless_writable checks every pool of "
-                   "the VG: a full tenant stops the creation of a new one")
 def test_a_full_tenant_does_not_stop_a_new_pool_beside_it(tenants, monkeypatch, mocker):
     mocker.patch("thinstack.provision.require_thin_pool")  # the host may have no dm-thin
     monkeypatch.setattr("thinstack.pools.status", lambda vg_name, name: ["status"])
