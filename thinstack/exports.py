@@ -197,11 +197,11 @@ class SourceKind(StrEnum):
 def source_kind(source: LV, lvs: list[LV]) -> SourceKind:
     """How `source`'s content is found. A writable volume outside the pool cannot be exported:
     no thin snapshot would keep it from changing while it is read."""
-    origin = next((lv for lv in lvs if lv.name == source.origin), None)
     if source.is_thin and extorigin.is_outside_clone(source):
         return SourceKind.EXTERNAL
     if source.is_thin:
-        return SourceKind.THIN if origin is None or origin.is_thin else SourceKind.EXTERNAL
+        return SourceKind.THIN if lvm.external_origin(source, lvs) is None \
+            else SourceKind.EXTERNAL
     if source.readonly:
         return SourceKind.PLAIN
     raise Refused(f"{source.ref} is neither a thin volume (which a thin snapshot freezes for the "

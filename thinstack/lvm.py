@@ -24,6 +24,7 @@ __all__ = [
     "check_name",
     "check_user_name",
     "classify",
+    "external_origin",
     "find_lv",
     "holding_pool",
     "lv",
@@ -360,6 +361,16 @@ def holding_pool(lv: LV, lvs: list[LV]) -> LV | None:
     """The pool among `lvs` that holds `lv`'s blocks; None for a volume in no pool."""
     return next((p for p in lvs if p.is_thin_pool and p.name == lv.pool), None) \
         if lv.pool else None
+
+
+def external_origin(lv: LV, lvs: list[LV]) -> LV | None:
+    """The LV whose blocks thin volume `lv` reads wherever it maps none, when they are not in
+    its own pool: a read-only LV outside any pool, or a gold master of another pool (a clone
+    across tenants). None: what it does not map reads zeros or its pool's shared blocks."""
+    origin = next((o for o in lvs if o.name == lv.origin), None) if lv.origin else None
+    if origin is None or (origin.is_thin and origin.pool == lv.pool):
+        return None
+    return origin
 
 
 def volume_pool(lv: LV, lvs: list[LV]) -> LV:

@@ -66,8 +66,7 @@ def refusal(lv: LV, lvs: list[LV]) -> str | None:
         return f"{lv.ref} is not a thin volume: only a pool's volumes map chunks"
     if lv.readonly:
         return f"{lv.ref} is read-only"
-    origin = next((o for o in lvs if o.name == lv.origin), None)
-    if extorigin.is_outside_clone(lv) or (origin is not None and not origin.is_thin):
+    if extorigin.is_outside_clone(lv) or lvm.external_origin(lv, lvs) is not None:
         return (f"{lv.ref} reads an external origin wherever it maps nothing: a discarded chunk "
                 "would read the origin's bytes, not zeros")
     if tags.LIVE in lv.tags:

@@ -48,9 +48,17 @@ def _absent(ref: VolumeRef, lvs: list[LV]) -> None:
 
 
 def dependants(lv: LV, lvs: list[LV]) -> list[LV]:
-    """Volumes that read through this one: thin snapshots, external-origin clones, CoW volumes.
-    (An export base snapshot is no dependant: it goes with its volume.)"""
-    return [o for o in _visible(lvs) if o.origin == lv.name and o is not lv]
+    """Volumes that read through this one: thin snapshots, external-origin clones (in any
+    pool), CoW volumes. (An export base snapshot is no dependant: it goes with its volume.)"""
+    by_name = {o.name: o for o in lvs}
+    return [o for o in _visible(lvs) if origin_name(o, by_name) == lv.name and o is not lv]
+
+
+def origin_name(lv: LV, by_name: dict[str, LV]) -> str:
+    """The VG's LV that `lv` reads through: LVM's origin, or the gold master of another pool
+    that a clone across pools reads as a device ('' for none)."""
+    found = _in_vg(extorigin.recorded(lv), lv.vg, by_name)
+    return lv.origin or (found.name if found is not None else "")
 
 
 # --- operations --------------------------------------------------------------------------------
@@ -119,9 +127,11 @@ def gold(ref: VolumeRef) -> str:
 
 def clone(origin: VolumeRef | str, ref: VolumeRef, pool_name: str | None = None) -> str:
     """A writable clone at O(1) cost. A gold master gives a thin snapshot in its own pool, or,
-    with `pool_name` another pool, a clone there with the gold master as its external origin; a
-    read-only LV of the same VG outside the pool becomes the clone's external origin, and so
-    does a block device outside the VG (ORIGIN given as a /dev path; see extorigin)."""
+    with `pool_name` another pool, a clone there that reads the gold master's device wherever
+    it maps nothing (as a clone of a device outside the VG: LVM's own layering of a thin
+    external origin cannot snapshot the clone, so no export could freeze it); a read-only LV of
+    the same VG outside the pool becomes the clone's external origin, and so does a block device
+    outside the VG (ORIGIN given as a /dev path; see extorigin)."""
     if isinstance(origin, str):
         return _clone_device(origin, ref, pool_name)
     if origin.vg != ref.vg:
@@ -147,7 +157,7 @@ def _clone_lv(op: Op, source: LV, ref: VolumeRef, pool_name: str | None) -> None
             _thin_snapshot(op, source, ref, readonly=False)
             faults.point("clone", "after-snapshot")
         else:  # another tenant's pool: the gold master is read through, never copied
-            _external_clone(op, source, ref, pool_name)
+            _outside_clone(op, source.ref.path, ref, pool_name, shown=str(source.ref))
     elif source.is_thin_pool or source.is_cow_snapshot or source.internal:
         raise Refused(f"{origin} cannot be a clone origin")
     else:
@@ -166,13 +176,14 @@ def _clone_device(path: str, ref: VolumeRef, pool_name: str | None) -> str:
     return ref.path
 
 
-def _outside_clone(op: Op, path: str, ref: VolumeRef, pool_name: str | None) -> None:
+def _outside_clone(op: Op, path: str, ref: VolumeRef, pool_name: str | None,
+                   shown: str | None = None) -> None:
     _absent(ref, op.lvs)
     origin = extorigin.probe(path)
     extorigin.check_usable(origin)
     origin_tags = extorigin.origin_tags(origin)
     pool = lvm.pool_of(ref.vg, op.lvs, pool_name)
-    budget.refuse(pool, op.lvs, origin.size, f"cloning {path}")
+    budget.refuse(pool, op.lvs, origin.size, f"cloning {shown or path}")
     if not origin.readonly:
         op.step(Step(StepKind.DEVRO, path))
         extorigin.set_readonly(origin)
@@ -367,8 +378,8 @@ def volume_infos(lvs: list[LV], usage: dict[tuple[str, int], tuple[int, int, int
     by_name = {lv.name: lv for lv in lvs}
     deps: dict[str, list[str]] = {}
     for o in visible:  # as dependants() has them
-        if o.origin:
-            deps.setdefault(o.origin, []).append(o.name)
+        if read := origin_name(o, by_name):
+            deps.setdefault(read, []).append(o.name)
     out = []
     for lv in visible:
         if (name is not None and lv.name != name) or lv.is_thin_pool:
@@ -380,19 +391,25 @@ def volume_infos(lvs: list[LV], usage: dict[tuple[str, int], tuple[int, int, int
         elif lv.data_percent is not None and lv.is_thin:
             mapped = int(lv.size * lv.data_percent / 100)
         outside = extorigin.recorded(lv)
+        origin = by_name.get(lv.origin) or _in_vg(outside, lv.vg, by_name)
         out.append(VolumeInfo(
             vg=lv.vg, name=lv.name, size=lv.size, path=lv.path, dm_path=lv.dm_path,
             kind=_kind(lv, by_name.get(lv.origin)),
-            origin=outside[0] if outside else lv.origin or None,
+            origin=origin.name if origin is not None else outside[0] if outside else None,
             readonly=lv.readonly, gold=tags.GOLD in lv.tags,
             active=extorigin.active(lv), dependants=deps.get(lv.name, []), mapped_bytes=mapped,
             exclusive_bytes=exclusive, shared_bytes=shared, thin_id=lv.thin_id,
-            pool=lv.pool or None, origin_pool=_origin_pool(by_name.get(lv.origin))))
+            pool=lv.pool or None, origin_pool=origin.pool or None if origin else None))
     return out
 
 
-def _origin_pool(origin: LV | None) -> str | None:
-    return origin.pool or None if origin is not None else None
+def _in_vg(outside: tuple[str, int] | None, vg: str, by_name: dict[str, LV]) -> LV | None:
+    """The LV of this VG that a clone of a device reads (a gold master of another pool), by
+    its recorded path; None for a device outside the VG."""
+    if outside is None:
+        return None
+    folder, _, name = outside[0].rpartition("/")
+    return by_name.get(name) if folder == f"/dev/{vg}" else None
 
 
 # The byte keys of `list --sort`, biggest first; a volume whose usage is unknown comes last.

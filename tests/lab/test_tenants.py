@@ -6,6 +6,7 @@ stays as it was and protected; a kill at each fault point of the new paths is re
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import mmap
 import os
@@ -188,6 +189,13 @@ def test_budgets_refuse_at_the_boundary_and_clones_span_pools(lab_disks, tmp_pat
     assert digest("/dev/vg0/gold", 16 * MiB) == before
     # c2's write landed in t2, its own pool, not in the gold master's.
     assert json.loads(ts("info", "vg0/c2", "--json").stdout)["mapped_bytes"] >= BLOCK
+    # What c2 does not map is the gold master's, not zeros: an export holds it, and reclaim
+    # (which would turn a zero chunk into the gold master's bytes) refuses.
+    ts("export", "vg0/c2", str(tmp_path / "c2.raw"), "--format", "raw")
+    assert hashlib.sha256((tmp_path / "c2.raw").read_bytes()).hexdigest() == \
+        digest("/dev/vg0/c2", 16 * MiB)
+    done = ts("reclaim", "vg0/c2", check=False)
+    assert done.returncode == 5 and "external origin" in done.stderr, done.stderr
     # The gold master is protected while clones in any pool depend on it.
     for clone in ("c1", "c2"):
         done = ts("delete", "vg0/gold", check=False)

@@ -393,16 +393,30 @@ def test_growing_a_volume_or_a_writable_snapshot_counts_against_its_pools_budget
     assert [c[c.index("-n") + 1] for c in lvcreates(tenants)] == ["s", "s3"]
 
 
-def test_a_clone_of_a_gold_master_in_another_pool_is_budgeted_there(tenants):
+def test_a_clone_of_a_gold_master_in_another_pool_is_budgeted_there(tenants, monkeypatch):
+    from thinstack import extorigin
+
     gold = row(sized(thin("gold", "b"), GiB, attr="Vri-a-tz--", tags=frozenset({"ts_gold"})))
     tenants.lv_list.append(gold)
+    # The gold master's device, as the kernel shows it: read-only, nothing stacked on it.
+    size = {"now": GiB}
+    monkeypatch.setattr(extorigin, "probe", lambda path: extorigin.Origin(
+        path, "254:9", size["now"], True, True, (), False))
+    activated = []
+    monkeypatch.setattr(extorigin, "activate", lambda lv, pool: activated.append(pool.name))
+    monkeypatch.setattr("thinstack.lvm.lv", lambda ref: thin(ref.name, "a"))  # as LVM made it
     with pytest.raises(NoSpace, match="^cloning vg0/gold would promise 1.5GiB in pool vg0/a"):
         volumes.clone(VolumeRef("vg0", "gold"), VolumeRef("vg0", "c"), "a")
     assert tenants.commands == []
     tenants.lv_list[-1] = sized(gold, 512 * MiB)
+    size["now"] = 512 * MiB
     volumes.clone(VolumeRef("vg0", "gold"), VolumeRef("vg0", "c"), "a")
-    (cmd,) = lvcreates(tenants)  # gold's blocks read through from b, the clone's own in a
-    assert cmd[cmd.index("--thinpool") + 1] == "a" and "vg0/gold" in cmd
+    # A thin volume of a, reading the gold master's device (in b) wherever it maps nothing,
+    # brought up by thinstack (LVM cannot snapshot its own layering of a thin external origin,
+    # so exports could not freeze it).
+    (cmd,) = lvcreates(tenants)
+    assert cmd[cmd.index("--thinpool") + 1] == "a" and "ts_ext_origin=/dev/vg0/gold" in cmd
+    assert activated == ["a"]
 
 
 def test_each_volume_gets_its_own_pools_usage_and_says_where_its_blocks_live():
@@ -487,3 +501,23 @@ def test_a_full_tenant_does_not_stop_a_new_pool_beside_it(tenants, monkeypatch, 
     pools.create("vg0", name="t3", size=64 * MiB)
     (cmd,) = lvcreates(tenants)
     assert cmd[cmd.index("-n") + 1] == "t3"
+
+
+# --- clones across pools read their gold master's blocks ------------------------------------
+
+def test_a_clone_in_another_pool_reads_an_external_origin_a_snapshot_in_its_own_does_not():
+    from thinstack import exports, reclaim
+
+    gold = dataclasses.replace(thin("gold", "a"), attr="ori-a-tz--", tags=frozenset({"ts_gold"}))
+    here = dataclasses.replace(thin("here", "a"), origin="gold")
+    there = dataclasses.replace(thin("there", "b"), origin="gold")
+    plain = dataclasses.replace(thin("plain", "b"), origin="")
+    lvs = [A, B, gold, here, there, plain]
+    assert gold.is_thin  # LVM shows an external origin 'o'; it is still a thin volume
+    assert lvm.external_origin(here, lvs) is None and lvm.external_origin(plain, lvs) is None
+    assert lvm.external_origin(there, lvs) == gold
+    # What `there` does not map is the gold master's: exported whole, never reclaimed.
+    assert exports.source_kind(here, lvs) is exports.SourceKind.THIN
+    assert exports.source_kind(there, lvs) is exports.SourceKind.EXTERNAL
+    assert reclaim.refusal(here, lvs) is None
+    assert "external origin" in (reclaim.refusal(there, lvs) or "")
