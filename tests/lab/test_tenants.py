@@ -162,7 +162,13 @@ def test_budgets_refuse_at_the_boundary_and_clones_span_pools(lab_disks, tmp_pat
     refused_at(["import", str(image), "vg0/im", "--pool", "t2", "--size", "72M"], "import")
     ts("import", str(image), "vg0/im", "--pool", "t2", "--size", "68M")  # 128
     assert status("t2")["provisioned"] == status("t2")["budget"] == 128 * MiB
+    live = ["import", "--live", "--wait", "--format", "raw", str(image), "vg0/li", "--pool", "t2"]
+    refused_at(live, "live import")
     ts("delete", "vg0/im")
+    ts(*live, timeout=600)  # 68 of 128, and copied in by the kernel inside t2
+    assert json.loads(ts("info", "vg0/li", "--json").stdout)["pool"] == "t2"
+    assert digest("/dev/vg0/li", 8 * MiB) == hashlib.sha256(image.read_bytes()).hexdigest()
+    ts("delete", "vg0/li")
     names = set(sh("lvs", "--noheadings", "-o", "lv_name", "vg0").split())
     assert not {"s2", "im", "im.importing"} & names, names
 
