@@ -374,14 +374,17 @@ def cmd_list(args) -> int:
     # One `lvs` for every VG asked for; one thin_ls per pool for the usage columns.
     lvs = lvm.volumes_of(args.vg) if args.vg else lvm.lvs()
     infos = []
+    hydrations = _hydrations(lvs)
     for vg in [args.vg] if args.vg else sorted({lv.vg for lv in lvs}):
         in_vg = [lv for lv in lvs if lv.vg == vg]
-        infos += volumes.volume_infos(in_vg, poolstatus.thin_usage(vg, in_vg))
+        infos += volumes.volume_infos(in_vg, poolstatus.thin_usage(vg, in_vg),
+                                      hydrations=hydrations)
     infos = volumes.sort_infos(infos, args.sort)
     if args.json:
         _print_json([i.to_json() for i in infos])
         return 0
-    _table([[f"{i.vg}/{i.name}", _bytes(i.size), i.kind, "ro" if i.readonly else "rw",
+    _table([[f"{i.vg}/{i.name}", _bytes(i.size), i.kind + _copying(i.hydration),
+             "ro" if i.readonly else "rw",
              i.pool or "-", i.origin or "-", _bytes(i.mapped_bytes), _bytes(i.exclusive_bytes),
              ",".join(i.dependants) or "-"] for i in infos],
            ["VOLUME", "SIZE", "KIND", "MODE", "POOL", "ORIGIN", "MAPPED", "EXCLUSIVE",
@@ -389,12 +392,34 @@ def cmd_list(args) -> int:
     return 0
 
 
+def _hydrations(lvs) -> dict[str, dict]:
+    """VG/NAME -> the progress of each live import among `lvs` (live.py, which loads every image
+    reader, only when there is one)."""
+    from thinstack import tags
+
+    if not any(tags.LIVE in lv.tags for lv in lvs):
+        return {}
+    from thinstack import live
+
+    return {p.volume: p.to_json() for p in live.status()}
+
+
+def _copying(hydration: dict | None) -> str:
+    """`list`'s note on a live import still copying in: how far, and how long to go."""
+    if hydration is None:
+        return ""
+    done = 100 * hydration["copied"] // max(hydration["total"], 1)
+    eta = f", ETA {hydration['eta']:.0f}s" if hydration["eta"] is not None else ""
+    return f" (copying in {done}%{eta})"
+
+
 def cmd_info(args) -> int:
     from thinstack import lvm, poolstatus, volumes
     from thinstack.errors import NotFound
 
     lvs = lvm.volumes_of(args.ref.vg)
-    match = volumes.volume_infos(lvs, poolstatus.thin_usage(args.ref.vg, lvs), args.ref.name)
+    match = volumes.volume_infos(lvs, poolstatus.thin_usage(args.ref.vg, lvs), args.ref.name,
+                                 _hydrations([lv for lv in lvs if lv.name == args.ref.name]))
     if not match:
         raise NotFound(f"{args.ref}: no such volume")
     info = match[0]
@@ -402,6 +427,8 @@ def cmd_info(args) -> int:
         _print_json(info.to_json())
     else:
         for key, value in info.to_json().items():
+            if key == "hydration" and value is not None:
+                value = _copying(value).strip(" ()")
             print(f"{key:16} {value if value is not None else '-'}")
     return 0
 

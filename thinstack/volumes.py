@@ -349,6 +349,7 @@ class VolumeInfo:
     # Where the blocks it has not written come from: the origin's pool (a clone of a gold
     # master of another tenant reads them there); None: no origin in a pool.
     origin_pool: str | None
+    hydration: dict | None = None  # a live import still copying in: its progress
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -370,9 +371,11 @@ def _kind(lv: LV, origin: LV | None) -> str:
 
 
 def volume_infos(lvs: list[LV], usage: dict[tuple[str, int], tuple[int, int, int]] | None = None,
-                 name: str | None = None) -> list[VolumeInfo]:
+                 name: str | None = None, hydrations: dict[str, dict] | None = None
+                 ) -> list[VolumeInfo]:
     """The volumes among `lvs` (one VG's), or the one called `name`. usage: (pool, thin device
-    id) -> (mapped, exclusive, shared) bytes, from thin_ls. Linear in the volumes: origins and
+    id) -> (mapped, exclusive, shared) bytes, from thin_ls; hydrations: VG/NAME -> the progress
+    of a live import. Linear in the volumes: origins and
     dependants are looked up in maps made once (a VDI pool holds thousands)."""
     visible = _visible(lvs)
     by_name = {lv.name: lv for lv in lvs}
@@ -392,14 +395,19 @@ def volume_infos(lvs: list[LV], usage: dict[tuple[str, int], tuple[int, int, int
             mapped = int(lv.size * lv.data_percent / 100)
         outside = extorigin.recorded(lv)
         origin = by_name.get(lv.origin) or _in_vg(outside, lv.vg, by_name)
+        hydration = (hydrations or {}).get(str(lv.ref))
+        # A live import's device is thinstack's, not LVM's: up while it copies in.
+        up = extorigin.active(lv) or (hydration is not None
+                                      and hydration["state"] in ("hydrating", "hydrated"))
         out.append(VolumeInfo(
             vg=lv.vg, name=lv.name, size=lv.size, path=lv.path, dm_path=lv.dm_path,
             kind=_kind(lv, by_name.get(lv.origin)),
             origin=origin.name if origin is not None else outside[0] if outside else None,
             readonly=lv.readonly, gold=tags.GOLD in lv.tags,
-            active=extorigin.active(lv), dependants=deps.get(lv.name, []), mapped_bytes=mapped,
+            active=up, dependants=deps.get(lv.name, []), mapped_bytes=mapped,
             exclusive_bytes=exclusive, shared_bytes=shared, thin_id=lv.thin_id,
-            pool=lv.pool or None, origin_pool=origin.pool or None if origin else None))
+            pool=lv.pool or None, origin_pool=origin.pool or None if origin else None,
+            hydration=hydration))
     return out
 
 

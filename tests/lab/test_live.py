@@ -156,6 +156,15 @@ def test_live_import_oracle(lab_disks, tmp_path):
         assert r.returncode == 5 and "still being imported live" in r.stderr \
             and "--wait" in r.stderr, (argv, r.stderr)
     assert "v.clonemeta" not in ts("list", "vg0").stdout
+    # list and info show how far the copy is, as --status does.
+    (shown,) = [i for i in json.loads(ts("list", "vg0", "--json").stdout) if i["name"] == "v"]
+    copying = shown["hydration"]
+    assert shown["active"] and copying["state"] == "hydrating", shown
+    assert (copying["total"], copying["source_up"]) == (st["total"], True), shown
+    assert st["copied"] <= copying["copied"] < copying["total"], shown  # (copies in flight end)
+    assert json.loads(ts("info", "vg0/v", "--json").stdout)["hydration"]["total"] == st["total"]
+    assert "(copying in " in ts("list", "vg0").stdout
+    assert json.loads(ts("info", "vg0/a", "--json").stdout)["hydration"] is None
 
     # Reads during the copy equal the source. Writes: half a region inside a data region not
     # yet copied, then into that region again (copied now), half a region inside a discarded
