@@ -133,7 +133,7 @@ def write_cuts(cuts: list[dict], n: int) -> None:
     done = [c for c in cuts if "failed" not in c and "workload failed" not in c]
     lost = sum(len(c["lost"]) for c in done)
     ids = [c for c in done if "thin ids differed" in c
-           or c["consistency"].startswith("pool has thin ids")]
+           or " has thin ids " in f" {c['consistency']}"]
     reconciled = [c for c in ids if c["consistency"] == "clean"]
     unclean = [c for c in done if c["consistency"] != "clean" and c not in ids]
     left = [c["seed"] for c in done if any(c["leftovers"].values())]

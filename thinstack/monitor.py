@@ -21,12 +21,14 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from thinstack import budget, poolstatus, thinpool
 from thinstack.dm.client import DeviceMapper
 from thinstack.dm.errors import DmError
+from thinstack.dm.pool import Pool
 from thinstack.dm.status import Failed, ThinPoolStatus
 from thinstack.dm.targets import Table, ThinPoolTarget
 from thinstack.errors import Alert, ThinstackError
@@ -57,6 +59,7 @@ RATE_WINDOW = 10.0  # seconds of readings the write rate is measured over (at le
 # Per-volume usage (metrics) is read this often, not every pass: thin_ls walks every mapping of
 # the pool and the names come from an lvs of every thin volume, both growing with the volumes.
 VOLUME_USAGE_EVERY = 60.0
+GROWN_POLL = 0.01  # seconds between looks at a pool's size while it grows to its limit
 
 
 @dataclass(frozen=True)
@@ -216,16 +219,15 @@ class Monitor:
         config = ["--config", f"activation{{thin_pool_autoextend_threshold="
                               f"{lvm_threshold(view.settings.threshold)}}}"]
         ref = str(lv.ref)
-        if plan.grow_data:
+        def grow_data() -> None:
             self._grow(h, ref, view.data.size, plan.grow_data, "data", "-L", *config)
-        if plan.error_if_no_space:
-            # Its writers get ENOSPC from now on, not once LVM's reload below has landed (a
-            # second and more, in which a writer that fills a pool at its limit would wait):
-            # the kernel's table first, LVM's record after.
-            table = kernel.dm.table(kernel.name)
-            if isinstance(table.target, ThinPoolTarget):
-                kernel.dm.reload(kernel.name, Table.of(table.size, replace(
-                    table.target, error_if_no_space=True)), noflush=True)
+
+        if plan.grow_data and plan.error_if_no_space:  # to its limit
+            _then_erroring(kernel, grow_data, st.total_data_blocks)
+        elif plan.grow_data:
+            grow_data()
+        elif plan.error_if_no_space:
+            _erroring(kernel)
         if plan.grow_metadata:
             self._grow(h, ref, view.metadata.size, plan.grow_metadata, "metadata",
                        "--poolmetadatasize", *config)
@@ -300,6 +302,47 @@ class Monitor:
             if mode != was:
                 log(f"{'ALERT ' if mode != poolstatus.RW else ''}{ref}: mode {was} -> {mode}")
         self.modes.update(now)
+
+
+def _erroring(kernel: Pool) -> None:
+    """The pool errors writes when full, from now on: its kernel table first (one reload
+    through the dm ioctl, noflush so queued writes fail rather than hold the suspend), LVM's
+    record after (`lvchange --errorwhenfull y`, which reloads it again, a second and more
+    later)."""
+    table = kernel.dm.table(kernel.name)
+    if isinstance(table.target, ThinPoolTarget):
+        kernel.dm.reload(kernel.name, Table.of(table.size, replace(
+            table.target, error_if_no_space=True)), noflush=True)
+
+
+def _then_erroring(kernel: Pool, grow: Callable[[], None], blocks_before: int) -> None:
+    """Grow a pool to its limit and make it error when full the moment its larger table is
+    live: lvextend goes on for about as long again after it resumed the pool (udev, LVM's
+    metadata), and a writer that fills the pool in that time would wait in its queue."""
+    done = threading.Event()
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            grow()
+        except BaseException as e:  # raised again below, in the pass
+            failed.append(e)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="grow to limit", daemon=True).start()
+    erroring = False
+    while not done.wait(GROWN_POLL):
+        st = kernel.dm.target_status(kernel.name)
+        if isinstance(st, ThinPoolStatus) and st.total_data_blocks > blocks_before:
+            _erroring(kernel)
+            erroring = True
+            break
+    done.wait()
+    if failed:
+        raise failed[0]
+    if not erroring:
+        _erroring(kernel)
 
 
 def apply(pool: LV, interval: float = 5.0) -> Report | None:

@@ -94,7 +94,7 @@ def test_pool_in_an_existing_vg_fails_is_refused_alerted_and_repaired(lab_disks)
         assert names("vgx") == {"theirs"} and state_left() == []
     ts("pool", "create", "vgx", "--size", "300M")
     again = ts("pool", "create", "vgx", check=False)
-    assert again.returncode == 4 and "already has a thinstack pool" in again.stderr
+    assert again.returncode == 4 and "already has a volume named pool" in again.stderr
     assert mode("vgx") == "rw"
     ts("create", "vgx/vm", "--size", "64M")
     write_blocks("/dev/vgx/vm", "vm", [0, 300 * BLOCK])  # O_DIRECT, then flushed
