@@ -342,7 +342,8 @@ def _start(ref: VolumeRef, dest: Path, format: str, incremental: bool, since: st
         return dict(name=ref.name, dest=str(dest), partial=str(_partial(dest)))
 
     # Open on success: the copy runs without the VG lock, and _finish closes the entry.
-    with operation("export", ref.vg, checked, journal=journal, finish=False) as op:
+    with operation("export", ref.vg, checked, journal=journal, finish=False,
+                   at=ref.name) as op:
         source, pool, kernel = found["source"], found["pool"], None
         read_from = source
         # A read-only volume cannot change under the copy; --incremental keeps a snapshot

@@ -166,7 +166,7 @@ class Instants:
             return self._open_instant(ref, source, None, kind, pool, None)
         assert pool is not None  # source_kind: a writable volume is a thin one
         args = dict(name=ref.name, mountpoint=str(self.mountpoint), lock=str(self.lock))
-        with operation("mount", ref.vg, args, finish=False) as op:
+        with operation("mount", ref.vg, args, finish=False, at=ref.name) as op:
             kernel = thinpool.kernel_pool(pool)
             thinpool.refuse_if_metadata_would_run_out(pool, kernel)
             snapshot = exports._snapshot(op, source, active=extorigin.active(source), pool=pool)

@@ -85,14 +85,16 @@ def refuse_unless_writable(vg: str, lvs: list[LV], kind: str, at: str | None = N
     """Refused when a pool the operation works in is in a mode that operation `kind` may not
     change it in; read through the kernel's status ioctl, not LVM. `at`: the LV the operation
     works in (a pool, or a volume in one), so that a full or broken pool stops only its own
-    tenants' operations; None, or a name no LV has: every pool of the VG. A VG without a pool
-    is the operation's own business."""
+    tenants' operations; an LV in no pool: none; None, or a name no LV has: every pool of the
+    VG. A VG without a pool is the operation's own business."""
     pools = lvm.pools_of(lvs)
     named = next((lv for lv in lvs if lv.name == at), None) if at is not None else None
     if named is not None and named.is_thin_pool:
         pools = [named]
     elif named is not None and named.is_thin:
         pools = [p for p in pools if p.name == named.pool] or pools
+    elif named is not None:  # an LV in no pool (a CoW volume, a plain LV): no pool's mode counts
+        pools = []
     dm = dm or DeviceMapper(lvm.default_lvm().runner)
     for pool in pools:
         why = refusal(str(pool.ref), pool_mode(_kernel_status(pool, dm)), kind)

@@ -214,7 +214,7 @@ def _discard(source: LV, candidates: Sequence[int], chunk: int) -> tuple[int, in
                           "reclaim again")
         return dict(name=source.name, private_device=private, private_uuid=uuid)
 
-    with operation(OP, source.vg, checked) as op:
+    with operation(OP, source.vg, checked, at=source.name) as op:
         info = dm.info(name)
         table = dm.table(name)
         if info is None or not isinstance(table.target, ThinTarget) or table.target.origin:

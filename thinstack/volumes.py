@@ -227,7 +227,8 @@ def cow(origin: VolumeRef, ref: VolumeRef, store: int) -> str:
     monitor as it fills."""
     if origin.vg != ref.vg:
         raise Refused(f"a CoW volume must be in its origin's volume group ({origin.vg})")
-    with operation("cow", ref.vg, dict(name=ref.name, origin=origin.name)) as op:
+    with operation("cow", ref.vg, dict(name=ref.name, origin=origin.name),
+                   at=origin.name) as op:
         source = _get(origin, op.lvs)
         _absent(ref, op.lvs)
         if not source.readonly:

@@ -521,3 +521,11 @@ def test_a_clone_in_another_pool_reads_an_external_origin_a_snapshot_in_its_own_
     assert exports.source_kind(there, lvs) is exports.SourceKind.EXTERNAL
     assert reclaim.refusal(here, lvs) is None
     assert "external origin" in (reclaim.refusal(there, lvs) or "")
+
+
+def test_an_operation_on_an_lv_in_no_pool_minds_no_pools_mode(two_pools):
+    two_pools.on(["dmsetup", "status", "vg0-b-tpool"], status_line().replace(" rw ", " ro "))
+    dm = DeviceMapper(two_pools)
+    poolstatus.refuse_unless_writable("vg0", [*LVS, linear("data")], "cow", "data", dm)
+    with pytest.raises(Refused):
+        poolstatus.refuse_unless_writable("vg0", [*LVS, linear("data")], "cow", None, dm)
