@@ -111,6 +111,7 @@ def test_a_tenant_at_its_limit_gets_enospc_at_once_and_its_neighbour_writes_on(l
         again.run()
         assert again.error is not None and again.error.errno == errno.ENOSPC
         ts("create", "vg0/b2", "--size", "64M", "--pool", "t2")
+        ts("export", "vg0/b2", str(tmp_path / "b2.raw"), "--format", "raw")
         refused = ts("create", "vg0/a2", "--size", "64M", "--pool", "t1", check=False)
         assert refused.returncode == 5 and "out_of_data_space" in refused.stderr, refused.stderr
 
