@@ -50,7 +50,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from thinstack import budget, extorigin, faults, tags
+from thinstack import budget, extorigin, faults, poolstatus, tags
 from thinstack.dm.client import DeviceMapper
 from thinstack.dm.command import RUNNER, CommandError, summary
 from thinstack.dm.status import CloneStatus
@@ -66,7 +66,16 @@ from thinstack.errors import Exists, NotFound, Refused, ThinstackError, Usage
 from thinstack.extents import Extent, Kind
 from thinstack.journal import Journal, Step, StepKind, write_atomically
 from thinstack.lock import vg_lock
-from thinstack.lvm import LV, Lvm, VolumeRef, check_name, default_lvm, pool_of, volume_pool
+from thinstack.lvm import (
+    LV,
+    Lvm,
+    VolumeRef,
+    check_name,
+    default_lvm,
+    holding_pool,
+    pool_of,
+    volume_pool,
+)
 from thinstack.operation import Op, operation
 from thinstack.progress import Bar
 from thinstack.sizes import SECTOR, format_size, round_up
@@ -158,13 +167,14 @@ class Progress:
     rate: float  # bytes/s since hydration began
     eta: float | None  # seconds
     source_up: bool
+    waiting: str | None = None  # why the copy cannot go on (its pool is full, or broken)
 
     def to_json(self) -> dict:
         return asdict(self)
 
 
 def progress(record: Record, status: CloneStatus | None, source_up: bool, now: float,
-             failed: bool = False) -> Progress:
+             failed: bool = False, waiting: str | None = None) -> Progress:
     ref = f"{record.vg}/{record.name}"
     if status is None:
         return Progress(ref, "failed" if failed else "inactive", 0, record.to_copy, 0.0, None,
@@ -177,7 +187,25 @@ def progress(record: Record, status: CloneStatus | None, source_up: bool, now: f
     rate = copied / elapsed
     eta = (record.to_copy - copied) / rate if rate > 0 else None
     return Progress(ref, "hydrated" if status.hydrated else "hydrating", copied, record.to_copy,
-                    round(rate), None if eta is None else round(eta, 1), source_up)
+                    round(rate), None if eta is None else round(eta, 1), source_up,
+                    None if status.hydrated else waiting)
+
+
+def waiting_for(lv: LV | None, lvs: list[LV], dm: DeviceMapper) -> str | None:
+    """Why a live import's copy cannot go on, if its pool can take no more: the kernel's
+    hydration writes fail (the pool errors when full) or wait (it queues), and it goes on by
+    itself, nothing copied lost, once the pool has room again."""
+    pool = holding_pool(lv, lvs) if lv is not None else None
+    if pool is None:
+        return None
+    mode = poolstatus.mode_of(pool, dm)
+    if mode in (poolstatus.RW, poolstatus.INACTIVE):
+        return None
+    if mode == poolstatus.OUT_OF_DATA_SPACE:
+        return (f"its pool {pool.ref} is full: the copy waits (nothing copied is lost) until it "
+                f"has room: `thinstack pool set {pool.ref} --limit SIZE`, `pool extend`, or "
+                "delete volumes")
+    return f"its pool {pool.ref} is {mode}: `thinstack pool repair {pool.ref}`"
 
 
 def nbd_spec(url: str) -> dict:
@@ -673,8 +701,15 @@ def status(ref: VolumeRef | None = None) -> list[Progress]:
     if ref is not None and not found:
         raise NotFound(f"{ref}: no live import")
     now = time.time()
+    lvm = default_lvm()
+    in_vg = {vg: lvm.lvs(vg) for vg in {r.vg for r in found}}
     return [progress(r, clone_status(dm, r.vg, r.name), server_pid(r.vg, r.name) is not None,
-                     now) for r in found]
+                     now, waiting=waiting_for(_lv_of(r, in_vg[r.vg]), in_vg[r.vg], dm))
+            for r in found]
+
+
+def _lv_of(record: Record, lvs: list[LV]) -> LV | None:
+    return next((lv for lv in lvs if lv.name == record.name), None)
 
 
 def abort(ref: VolumeRef, *, force: bool = False) -> None:
@@ -788,6 +823,9 @@ def check_all(lvm: Lvm) -> list[Check]:
         if status is None:
             alert = f"not active: `thinstack pool attach {record.vg}`"
         done = progress(record, status, alert is None, time.time())
+        if alert is None:
+            lvs = lvm.lvs(record.vg)
+            alert = waiting_for(_lv_of(record, lvs), lvs, dm)
         reports.append(Check(record.vg, record.name,
                              100 * done.copied / done.total if done.total else 100.0, alert))
     return reports
@@ -799,8 +837,9 @@ def progress_lines(found: list[Progress]) -> str:
         eta = "-" if p.eta is None else f"{p.eta:.0f}s"
         source = "" if p.source_up or p.state == "hydrated" else "  SOURCE DOWN (unhydrated " \
             "reads fail with EIO)"
+        waiting = f"  WAITING: {p.waiting}" if p.waiting else ""
         rows.append(f"{p.volume}  {p.state}  {format_size(p.copied)}/{format_size(p.total)}  "
-                    f"{format_size(int(p.rate))}/s  ETA {eta}{source}")
+                    f"{format_size(int(p.rate))}/s  ETA {eta}{source}{waiting}")
     return "\n".join(rows) or "no live imports"
 
 

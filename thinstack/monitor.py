@@ -304,15 +304,25 @@ class Monitor:
         self.modes.update(now)
 
 
-def _erroring(kernel: Pool) -> None:
+def _erroring(kernel: Pool, tries: int = 40) -> None:
     """The pool errors writes when full, from now on: its kernel table first (one reload
     through the dm ioctl, noflush so queued writes fail rather than hold the suspend), LVM's
     record after (`lvchange --errorwhenfull y`, which reloads it again, a second and more
-    later)."""
-    table = kernel.dm.table(kernel.name)
-    if isinstance(table.target, ThinPoolTarget):
-        kernel.dm.reload(kernel.name, Table.of(table.size, replace(
-            table.target, error_if_no_space=True)), noflush=True)
+    later). A pool LVM still holds suspended (its lvextend finishing) is waited for; should the
+    kernel refuse the reload all the same, LVM's record sets the mode a moment later."""
+    for _ in range(tries):
+        info = kernel.dm.info(kernel.name)
+        if info is not None and not info.suspended:
+            table = kernel.dm.table(kernel.name)
+            if not isinstance(table.target, ThinPoolTarget):
+                return
+            try:
+                kernel.dm.reload(kernel.name, Table.of(table.size, replace(
+                    table.target, error_if_no_space=True)), noflush=True)
+                return
+            except DmError as e:
+                log(f"{kernel.name}: error mode not set in the kernel yet ({e}); retrying")
+        time.sleep(GROWN_POLL * 5)
 
 
 def _then_erroring(kernel: Pool, grow: Callable[[], None], blocks_before: int) -> None:

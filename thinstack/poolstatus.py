@@ -102,6 +102,11 @@ def refuse_unless_writable(vg: str, lvs: list[LV], kind: str, at: str | None = N
             raise Refused(why)
 
 
+def mode_of(pool: LV, dm: DeviceMapper | None = None) -> str:
+    """The pool's one mode, read through the kernel's status ioctl."""
+    return pool_mode(_kernel_status(pool, dm))
+
+
 def pool_lv(vg: str, name: str | None = None) -> LV:
     """The VG's thin pool `name` (None: its only one); NotFound without the VG or the pool."""
     return lvm.pool_of(vg, lvm.volumes_of(vg), name)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.labtools import assert_pool_consistent, lvs, sh, ts
+from tests.labtools import assert_pool_consistent, lvs, sh, ts, wait_for
 from thinstack import faults
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -204,6 +204,36 @@ def test_live_import_oracle(lab_disks, tmp_path):
     nothing_left("w")
     os.kill(server, signal.SIGTERM)
     assert_pool_consistent("vg0")
+
+
+@pytest.mark.lab(disks=1, disk_size="1G", timeout=900)
+def test_live_import_waits_for_a_full_pool_and_goes_on(lab_disks, tmp_path):
+    """A pool at its limit fills mid-copy: the kernel's copy writes fail, the copy says it
+    waits for its pool (status, list, an alert), reads still equal the image, and once the
+    limit is raised the copy finishes by itself, nothing copied lost."""
+    image = tmp_path / "big.raw"
+    image.write_bytes(os.urandom(96 * MiB))
+    ts("pool", "create", "vg0", lab_disks[0], "--name", "t1", "--size", "48M", "--limit", "48M")
+    ts("monitor", "--once")  # at its limit: it errors when full
+    ts("import", "--live", "--format", "raw", str(image), "vg0/v", "--pool", "t1")
+
+    def waiting():
+        (st,) = json.loads(ts("import", "--status", "--json", "vg0/v").stdout)
+        return st if st["waiting"] else None
+
+    st = wait_for(waiting, timeout=120, step=1)
+    assert st["state"] == "hydrating" and st["copied"] < st["total"], st
+    assert "its pool vg0/t1 is full" in st["waiting"], st
+    assert "WAITING: its pool vg0/t1 is full" in ts("import", "--status", "vg0/v").stdout
+    alert = ts("monitor", "--once", check=False)
+    assert alert.returncode == 7 and "ALERT vg0/v: its pool vg0/t1 is full" in alert.stderr, \
+        alert.stderr
+    assert read("/dev/vg0/v", 96 * MiB) == image.read_bytes()  # uncopied regions: the image
+    ts("pool", "set", "vg0/t1", "--limit", "256M")
+    ts("import", "--live", "--wait", "vg0/v", timeout=600)
+    ordinary("v")
+    assert read("/dev/vg0/v", 96 * MiB) == image.read_bytes()
+    assert_pool_consistent("vg0", ("t1",))
 
 
 @pytest.mark.lab(disks=1, disk_size="1G", timeout=900)

@@ -66,6 +66,10 @@ class FakeDM:
     def exists(self, name):
         return name in self.pools
 
+    def info(self, name):  # live, and not suspended
+        return DeviceInfo(name, 254, 2, 1, 0, True, False, False, False, None) \
+            if name in self.pools else None
+
     def target_status(self, name):
         return self.pools[name][0]
 
