@@ -244,6 +244,8 @@ def _import_parser(sub) -> None:
                     help="a folder parent/backing images may also come from")
     im.add_argument("--resume", action="store_true", help="continue an interrupted import")
     _pool_option(im)
+    im.add_argument("--rate", type=_size, metavar="SIZE", help="with --live: read the image at "
+                    "most SIZE bytes/s (e.g. 50M), so the guest's own I/O comes first")
     im.add_argument("--live", action="store_true", help="the volume at once; the kernel copies "
                     "the image underneath (also nbd:// and nbd+unix:// sources)")
     im.add_argument("--wait", action="store_true", help="with --live: block until the copy has "
@@ -521,6 +523,8 @@ def cmd_import(args) -> int:
 
     if args.live or args.status or args.abort:
         return _live_import(args)
+    if args.rate is not None:
+        raise _usage("--rate bounds a live import's copy: give it with --live")
     if args.source is None or args.ref is None:
         raise _usage("import needs SOURCE and VG/NAME")
     summary = imports.import_image(args.source, args.ref, format=args.format, size=args.size,
@@ -555,7 +559,8 @@ def _live_import(args) -> int:
         raise _usage("import --live needs SOURCE and VG/NAME")
     summary = live.import_live(args.source, args.ref, format=args.format,
                                allow_dirs=tuple(map(str, args.allow_dir)), wait=args.wait,
-                               show_progress=_progress(args), pool_name=args.pool)
+                               show_progress=_progress(args), pool_name=args.pool,
+                               rate=args.rate)
     print(json.dumps(summary.to_json(), sort_keys=True) if args.json else summary.path)
     return 0
 

@@ -154,6 +154,7 @@ class Record:
     discarded: int  # regions marked hydrated by discards before the copy began
     to_copy: int  # bytes the kernel copies
     started: float  # wall clock, when hydration was enabled
+    rate: int | None = None  # `--rate`: bytes/s read from the source at most; None: unbounded
 
 
 @dataclass(frozen=True)
@@ -352,21 +353,37 @@ def _direct_io(fds: tuple[int, ...]) -> bool:
     return True
 
 
-def serve(vg: str, name: str, opened: Opened, prefer: str | None = None) -> str:
-    """Start qemu-nbd on a free nbd device (`prefer` first: the one a clone already reads);
-    its path once the kernel has connected it."""
+def throttled(spec: str, rate: int | None) -> tuple[list[str], str]:
+    """qemu-nbd's extra arguments and the source's `json:` name, read at no more than `rate`
+    bytes/s (`--rate`): a throttle node over the whole chain, so the copy and the guest's reads
+    of regions not yet copied share the bound, and what the guest reads of copied regions and
+    every write it makes (the thin volume's) are never slowed."""
+    if rate is None:
+        return [], spec
+    node = {"driver": "throttle", "throttle-group": "ts-rate",
+            "file": json.loads(spec.removeprefix("json:"))}
+    return (["--object", f"throttle-group,id=ts-rate,x-bps-read={rate}"],
+            "json:" + json.dumps(node, separators=(",", ":")))
+
+
+def serve(vg: str, name: str, opened: Opened, prefer: str | None = None,
+          rate: int | None = None) -> str:
+    """Start qemu-nbd on a free nbd device (`prefer` first: the one a clone already reads),
+    reading the source at `rate` bytes/s at most; its path once the kernel has connected
+    it."""
     path = pid_file(vg, name)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.unlink(missing_ok=True)
     fds = opened.image.fds
     cache = "none" if opened.format != "nbd" and _direct_io(fds) else "writeback"
+    bound, spec = throttled(opened.image.spec, rate)
     devices = sorted(Path("/sys/block").glob("nbd*"), key=lambda d: int(d.name[3:]))
     for dev in sorted(devices, key=lambda d: f"/dev/{d.name}" != prefer):
         if (dev / "pid").exists() or int((dev / "size").read_text()) != 0:
             continue
         try:
             RUNNER.run(["qemu-nbd", "--fork", "--read-only", "--persistent", f"--cache={cache}",
-                        "--pid-file", str(path), "-c", f"/dev/{dev.name}", opened.image.spec],
+                        *bound, "--pid-file", str(path), "-c", f"/dev/{dev.name}", spec],
                        pass_fds=fds, timeout=SERVER_START_SECONDS)
         except CommandError as e:
             if "busy" in e.stderr.lower():
@@ -560,14 +577,15 @@ class Summary:
 
 def import_live(source: str, ref: VolumeRef, *, format: str = "auto",
                 allow_dirs: tuple[str, ...] = (), wait: bool = False,
-                show_progress: bool = False, pool_name: str | None = None) -> Summary:
+                show_progress: bool = False, pool_name: str | None = None,
+                rate: int | None = None) -> Summary:
     started = time.monotonic()
     check_name(ref.name + META_SUFFIX, "volume name")
     opened = open_source(source, format, allow_dirs)
     try:
         extents = list(opened.image.extents())
         journal = Journal()
-        with operation(OP, ref.vg, lambda lvs: _args(ref, lvs, source, pool_name),
+        with operation(OP, ref.vg, lambda lvs: _args(ref, lvs, source, pool_name, rate),
                        journal=journal, at=pool_name) as op:
             record = _setup(op, ref, opened, extents, source, format, allow_dirs)
     finally:
@@ -578,11 +596,12 @@ def import_live(source: str, ref: VolumeRef, *, format: str = "auto",
                    record.region, record.to_copy, usable, finished)
 
 
-def _args(ref: VolumeRef, lvs: list[LV], source: str, pool_name: str | None) -> dict:
+def _args(ref: VolumeRef, lvs: list[LV], source: str, pool_name: str | None,
+          rate: int | None = None) -> dict:
     for name in (ref.name, ref.name + META_SUFFIX):
         if any(lv.name == name for lv in lvs):
             raise Exists(f"{ref.vg}/{name} already exists")
-    return dict(name=ref.name, path=source, pool=pool_name)
+    return dict(name=ref.name, path=source, pool=pool_name, rate=rate)
 
 
 def _setup(op: Op, ref: VolumeRef, opened: Opened, extents: list[Extent], source: str,
@@ -612,10 +631,12 @@ def _setup(op: Op, ref: VolumeRef, opened: Opened, extents: list[Extent], source
             op.entry.tag, "--addtag", tags.LIVE_META, "--setactivationskip", "n", ref.vg)
     faults.point(OP, "after-lvcreate")
     lv, meta = lvm.lv(ref), lvm.lv(VolumeRef(ref.vg, meta_name))
-    nbd = serve(ref.vg, ref.name, opened)
+    rate = op.entry.args.get("rate")
+    nbd = serve(ref.vg, ref.name, opened, rate=rate)
     faults.point(OP, "after-nbd")
     record = Record(ref.vg, ref.name, source, opened.format, requested, tuple(allow_dirs),
-                    size, region, discarded, size - sum(length for _, length in ranges), 0.0)
+                    size, region, discarded, size - sum(length for _, length in ranges), 0.0,
+                    rate)
     path = activate(lv, meta, pool, record, nbd, hydrate=False)
     faults.point(OP, "after-clone")
     discard(path, ranges)
@@ -762,7 +783,7 @@ def _restart(lv: LV, lvs: list[LV]) -> None:
         opened = open_source(record.source, record.requested, record.allow_dirs)
         try:
             source = clone.source if isinstance(clone, CloneTarget) else None
-            nbd = serve(lv.vg, lv.name, opened, prefer=_nbd_path(source))
+            nbd = serve(lv.vg, lv.name, opened, prefer=_nbd_path(source), rate=record.rate)
         finally:
             opened.close()
     if isinstance(clone, CloneTarget) and top is not None and table is not None \

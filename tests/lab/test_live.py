@@ -210,7 +210,8 @@ def test_live_import_oracle(lab_disks, tmp_path):
 def test_live_import_waits_for_a_full_pool_and_goes_on(lab_disks, tmp_path):
     """A pool at its limit fills mid-copy: the kernel's copy writes fail, the copy says it
     waits for its pool (status, list, an alert), reads still equal the image, and once the
-    limit is raised the copy finishes by itself, nothing copied lost."""
+    limit is raised the copy finishes by itself, nothing copied lost. And --rate bounds a
+    copy."""
     image = tmp_path / "big.raw"
     image.write_bytes(os.urandom(96 * MiB))
     ts("pool", "create", "vg0", lab_disks[0], "--name", "t1", "--size", "48M", "--limit", "48M")
@@ -233,6 +234,19 @@ def test_live_import_waits_for_a_full_pool_and_goes_on(lab_disks, tmp_path):
     ts("import", "--live", "--wait", "vg0/v", timeout=600)
     ordinary("v")
     assert read("/dev/vg0/v", 96 * MiB) == image.read_bytes()
+
+    # --rate bounds what is read from the image: its server reads through a throttle, and
+    # 32 MiB at 2 MiB/s take about 16 s to copy (about 1 s unbounded here); same bytes.
+    small = tmp_path / "small.raw"
+    small.write_bytes(os.urandom(32 * MiB))
+    ts("import", "--live", "--rate", "2M", "--format", "raw", str(small), "vg0/r", "--pool", "t1")
+    (server,) = [p for p in live_servers() if b"x-bps-read=2097152" in
+                 Path(f"/proc/{p}/cmdline").read_bytes()]
+    started = time.monotonic()
+    ts("import", "--live", "--wait", "vg0/r", timeout=600)
+    assert time.monotonic() - started > 0.5 * 32 / 2
+    assert read("/dev/vg0/r", 32 * MiB) == small.read_bytes()
+    ordinary("r")
     assert_pool_consistent("vg0", ("t1",))
 
 

@@ -3,6 +3,8 @@ sources, refusals (no kernel needed)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from thinstack import live, tags
@@ -102,3 +104,21 @@ def test_refusal_while_hydrating_says_to_wait():
         live.refuse_if_hydrating(_lv(frozenset({tags.LIVE})), "snapshot")
     live.refuse_if_hydrating(_lv(frozenset()), "snapshot")
 
+
+
+def test_a_rate_wraps_the_whole_source_in_one_throttle_node():
+    spec = 'json:{"driver":"qcow2","file":{"driver":"file","filename":"/proc/self/fd/5"}}'
+    assert live.throttled(spec, None) == ([], spec)
+    args, wrapped = live.throttled(spec, 50 << 20)
+    assert args == ["--object", "throttle-group,id=ts-rate,x-bps-read=52428800"]
+    node = json.loads(wrapped.removeprefix("json:"))
+    assert node == {"driver": "throttle", "throttle-group": "ts-rate",
+                    "file": json.loads(spec.removeprefix("json:"))}
+
+
+def test_rate_without_live_is_a_usage_error(capsys):
+    from thinstack import cli
+
+    assert cli.main(["import", "--rate", "10M", "disk.vhd", "vg0/vm"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--rate" in err and "--live" in err
