@@ -295,6 +295,27 @@ def test_metrics_in_prometheus_text_format():
     assert all(f"# TYPE {name} " in text and f"# HELP {name} " in text for name in names)
 
 
+def test_each_pool_reports_its_space_limit_and_budget():
+    text = monitor.metrics_text([
+        monitor.Report("pool", "vg", "t1", data_percent=50.0, metadata_percent=1.0, mode="rw",
+                       data_size=64 << 20, data_used=32 << 20, limit=128 << 20,
+                       provisioned=200 << 20, overcommit=1.5),
+        monitor.Report("pool", "vg", "t2", data_percent=10.0, metadata_percent=1.0, mode="rw",
+                       data_size=32 << 20, data_used=3 << 20)])
+    lines = text.splitlines()
+    for line in ('thinstack_pool_data_bytes{vg="vg",pool="t1"} 67108864',
+                 'thinstack_pool_used_bytes{vg="vg",pool="t1"} 33554432',
+                 'thinstack_pool_limit_bytes{vg="vg",pool="t1"} 134217728',
+                 'thinstack_pool_provisioned_bytes{vg="vg",pool="t1"} 209715200',
+                 'thinstack_pool_overcommit_ratio{vg="vg",pool="t1"} 1.5',
+                 'thinstack_pool_data_bytes{vg="vg",pool="t2"} 33554432'):
+        assert line in lines, line
+    # No limit, budget or (not yet read) provisioned size: no sample, rather than a made-up one.
+    assert not [line for line in lines if 'pool="t2"' in line and
+                line.startswith(("thinstack_pool_limit", "thinstack_pool_overcommit",
+                                 "thinstack_pool_provisioned"))]
+
+
 # --- the loop ----------------------------------------------------------------------------------
 
 def test_watcher_waits_from_each_new_event_and_ends_with_its_device():
