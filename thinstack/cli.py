@@ -173,7 +173,8 @@ def _volume_parsers(sub) -> None:
 def _list_parsers(sub) -> None:
     lst = sub.add_parser("list", help="volumes with size, kind, usage and dependants")
     lst.set_defaults(run=cmd_list)
-    lst.add_argument("vg", nargs="?")
+    lst.add_argument("where", nargs="?", type=_pool_ref, metavar="VG[/POOL]",
+                     help="one VG's volumes, or one pool's")
     lst.add_argument("--json", action="store_true")
     lst.add_argument("--sort", choices=["name", "size", "mapped", "exclusive"], default="name",
                      help="order (the byte keys biggest first)")
@@ -374,13 +375,18 @@ def cmd_list(args) -> int:
     from thinstack import lvm, poolstatus, volumes
 
     # One `lvs` for every VG asked for; one thin_ls per pool for the usage columns.
-    lvs = lvm.volumes_of(args.vg) if args.vg else lvm.lvs()
+    where = args.where
+    lvs = lvm.volumes_of(where.vg) if where else lvm.lvs()
+    if where and where.name:  # a tenant's volumes: NotFound for no such pool
+        lvm.pool_of(where.vg, lvs, where.name)
     infos = []
     hydrations = _hydrations(lvs)
-    for vg in [args.vg] if args.vg else sorted({lv.vg for lv in lvs}):
+    for vg in [where.vg] if where else sorted({lv.vg for lv in lvs}):
         in_vg = [lv for lv in lvs if lv.vg == vg]
         infos += volumes.volume_infos(in_vg, poolstatus.thin_usage(vg, in_vg),
                                       hydrations=hydrations)
+    if where and where.name:
+        infos = [i for i in infos if i.pool == where.name]
     infos = volumes.sort_infos(infos, args.sort)
     if args.json:
         _print_json([i.to_json() for i in infos])

@@ -529,3 +529,16 @@ def test_an_operation_on_an_lv_in_no_pool_minds_no_pools_mode(two_pools):
     poolstatus.refuse_unless_writable("vg0", [*LVS, linear("data")], "cow", "data", dm)
     with pytest.raises(Refused):
         poolstatus.refuse_unless_writable("vg0", [*LVS, linear("data")], "cow", None, dm)
+
+
+def test_list_shows_one_pools_volumes_when_named(tenants, capsys, monkeypatch):
+    import json as json_
+
+    monkeypatch.setattr(poolstatus, "thin_usage", lambda vg, lvs: None)  # no kernel here
+
+    assert cli.main(["list", "vg0/a", "--json"]) == 0
+    assert [i["name"] for i in json_.loads(capsys.readouterr().out)] == ["va"]
+    assert cli.main(["list", "vg0", "--json"]) == 0
+    assert sorted(i["name"] for i in json_.loads(capsys.readouterr().out)) == ["va", "vb"]
+    assert cli.main(["list", "vg0/nope"]) == 3
+    assert capsys.readouterr().err.startswith("thinstack: vg0/nope: no such thin pool")
