@@ -79,7 +79,7 @@ def no_snapshots_left() -> None:
     assert_pool_consistent("vg0")
 
 
-@pytest.mark.lab(disks=1, disk_size="1G", timeout=900)
+@pytest.mark.lab(disks=1, disk_size="1G", timeout=1200)
 def test_mounted_files_are_the_exports_of_their_instant(vg, tmp_path):
     sizes = volumes(tmp_path)
     mnt = tmp_path / "mnt"

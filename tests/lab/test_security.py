@@ -51,7 +51,7 @@ def _problems(name: str, case: hostile.Case, exit_status, stderr: str) -> list[s
     return [f"{name} ({case.description}): {', '.join(problems)}: {last}"]
 
 
-@pytest.mark.lab(disks=1, disk_size="1G", timeout=420)
+@pytest.mark.lab(disks=1, disk_size="1G", timeout=1200)
 def test_hostile_images_are_refused_by_import(vg, tmp_path):
     started = time.monotonic()
     names = list(hostile.KINDS)
