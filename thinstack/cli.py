@@ -409,7 +409,7 @@ def _hydrations(lvs) -> dict[str, dict]:
         return {}
     from thinstack import live
 
-    return {p.volume: p.to_json() for p in live.status()}
+    return {p.volume: p.to_json() for p in live.status(lvs=lvs)}
 
 
 def _copying(hydration: dict | None) -> str:
@@ -427,7 +427,7 @@ def cmd_info(args) -> int:
 
     lvs = lvm.volumes_of(args.ref.vg)
     match = volumes.volume_infos(lvs, poolstatus.thin_usage(args.ref.vg, lvs), args.ref.name,
-                                 _hydrations([lv for lv in lvs if lv.name == args.ref.name]))
+                                 _hydrations(lvs))
     if not match:
         raise NotFound(f"{args.ref}: no such volume")
     info = match[0]

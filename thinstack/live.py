@@ -715,15 +715,17 @@ def wait_and_finish(ref: VolumeRef, show_progress: bool, poll: float = 0.5) -> b
         time.sleep(poll)
 
 
-def status(ref: VolumeRef | None = None) -> list[Progress]:
-    """Every live import (of `ref`, if given), as `import --status` shows it."""
+def status(ref: VolumeRef | None = None, lvs: list[LV] | None = None) -> list[Progress]:
+    """Every live import (of `ref`, if given), as `import --status` shows it. `lvs`: the
+    volumes as the caller already read them (every VG of a live import among them)."""
     dm = DeviceMapper()
     found = [r for r in records() if ref is None or (r.vg, r.name) == (ref.vg, ref.name)]
     if ref is not None and not found:
         raise NotFound(f"{ref}: no live import")
     now = time.time()
     lvm = default_lvm()
-    in_vg = {vg: lvm.lvs(vg) for vg in {r.vg for r in found}}
+    in_vg = {vg: [lv for lv in lvs if lv.vg == vg] if lvs is not None else lvm.lvs(vg)
+             for vg in {r.vg for r in found}}
     return [progress(r, clone_status(dm, r.vg, r.name), server_pid(r.vg, r.name) is not None,
                      now, waiting=waiting_for(_lv_of(r, in_vg[r.vg]), in_vg[r.vg], dm))
             for r in found]
