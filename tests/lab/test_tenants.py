@@ -10,6 +10,7 @@ import hashlib
 import json
 import mmap
 import os
+import re
 import threading
 import time
 
@@ -127,7 +128,9 @@ def test_a_tenant_at_its_limit_gets_enospc_at_once_and_its_neighbour_writes_on(l
         log = monitor.stop()
     # (t2 may show a moment out of data space of its own, when its writer outruns a growth:
     # queued, never failed, as the writer's record says.)
-    assert "ALERT vg0/t1: data 100.0% full (threshold 70%) at its limit" in log, log
+    # The alert comes from the first poll past the threshold at the limit: how full the pool was
+    # then depends on where the writer was, not on thinstack.
+    assert re.search(r"ALERT vg0/t1: data [\d.]+% full \(threshold 70%\) at its limit", log), log
     assert "ALERT vg0/t2: data" not in log, log
     # No acknowledged write was lost in either pool.
     assert intact("/dev/vg0/a", noisy.acked + resumed.acked) == []
