@@ -268,10 +268,11 @@ class Control:
     def status(self, device: str) -> Reply:
         return self.call(Cmd.DEV_STATUS, device)
 
-    def table_status(self, device: str, *, table: bool = False, inactive: bool = False
-                     ) -> list[Spec]:
+    def table_status(self, device: str, *, table: bool = False, inactive: bool = False,
+                     noflush: bool = False) -> list[Spec]:
+        """noflush: the target does not commit its metadata first (a status otherwise does)."""
         flags = (Flag.STATUS_TABLE if table else 0) | \
-            (Flag.QUERY_INACTIVE_TABLE if inactive else 0)
+            (Flag.QUERY_INACTIVE_TABLE if inactive else 0) | (Flag.NOFLUSH if noflush else 0)
         reply = self.call(Cmd.TABLE_STATUS, device, flags=flags)
         return parse_specs(reply.data, reply.target_count)
 

@@ -245,8 +245,8 @@ def _import_parser(sub) -> None:
                     help="a folder parent/backing images may also come from")
     im.add_argument("--resume", action="store_true", help="continue an interrupted import")
     _pool_option(im)
-    im.add_argument("--rate", type=_size, metavar="SIZE", help="with --live: read the image at "
-                    "most SIZE bytes/s (e.g. 50M), so the guest's own I/O comes first")
+    im.add_argument("--rate", type=_size, metavar="SIZE", help="with --live: the background copy "
+                    "reads at most SIZE bytes/s (e.g. 50M); the guest's own I/O is not bounded")
     im.add_argument("--live", action="store_true", help="the volume at once; the kernel copies "
                     "the image underneath (also nbd:// and nbd+unix:// sources)")
     im.add_argument("--wait", action="store_true", help="with --live: block until the copy has "

@@ -21,7 +21,7 @@ POINTS: dict[str, tuple[str, ...]] = {
     # after-suspend: only an export of a clone of a device outside the VG suspends it.
     "export": ("after-intent", "after-suspend", "after-snapshot", "mid-copy", "after-write"),
     "live-import": ("after-intent", "after-lvcreate", "after-nbd", "after-clone",
-                    "after-discard"),
+                    "after-discard", "after-hydration"),
     "live-finish": ("after-reload",),
     "mount": ("after-intent", "after-snapshot"),  # a mounted file's first open
     # mid-batch: the volume suspended, its private twin up, the batch's discards done.

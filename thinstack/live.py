@@ -12,6 +12,8 @@ While it hydrates, the stack under /dev/VG/NAME is:
   VG/NAME.clonemeta  dm-clone's metadata: a small thin LV, LVM's own
   /dev/nbdN          qemu-nbd serving the image read-only (--read-only --persistent, direct
                      I/O where the file system allows it), pid file under the run folder
+  (--rate)           pacer.py's process, which turns the kernel's background copy on and off
+                     to hold it to the rate; pid file beside qemu-nbd's
 
 Every format qemu-nbd serves is given to it as importers/qemu.py gives images to qemu-img: each
 file of the chain opened once and checked by us, qemu's view of each node checked, qemu reaching
@@ -169,6 +171,7 @@ class Progress:
     eta: float | None  # seconds
     source_up: bool
     waiting: str | None = None  # why the copy cannot go on (its pool is full, or broken)
+    limit: int | None = None  # `--rate`: bytes/s the background copy reads at most
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -179,7 +182,7 @@ def progress(record: Record, status: CloneStatus | None, source_up: bool, now: f
     ref = f"{record.vg}/{record.name}"
     if status is None:
         return Progress(ref, "failed" if failed else "inactive", 0, record.to_copy, 0.0, None,
-                        source_up)
+                        source_up, limit=record.rate)
     copied = min(record.to_copy, max(0, status.hydrated_regions - record.discarded)
                  * status.region_size * SECTOR)
     if status.hydrated:
@@ -189,7 +192,7 @@ def progress(record: Record, status: CloneStatus | None, source_up: bool, now: f
     eta = (record.to_copy - copied) / rate if rate > 0 else None
     return Progress(ref, "hydrated" if status.hydrated else "hydrating", copied, record.to_copy,
                     round(rate), None if eta is None else round(eta, 1), source_up,
-                    None if status.hydrated else waiting)
+                    None if status.hydrated else waiting, record.rate)
 
 
 def waiting_for(lv: LV | None, lvs: list[LV], dm: DeviceMapper) -> str | None:
@@ -353,37 +356,22 @@ def _direct_io(fds: tuple[int, ...]) -> bool:
     return True
 
 
-def throttled(spec: str, rate: int | None) -> tuple[list[str], str]:
-    """qemu-nbd's extra arguments and the source's `json:` name, read at no more than `rate`
-    bytes/s (`--rate`): a throttle node over the whole chain, so the copy and the guest's reads
-    of regions not yet copied share the bound, and what the guest reads of copied regions and
-    every write it makes (the thin volume's) are never slowed."""
-    if rate is None:
-        return [], spec
-    node = {"driver": "throttle", "throttle-group": "ts-rate",
-            "file": json.loads(spec.removeprefix("json:"))}
-    return (["--object", f"throttle-group,id=ts-rate,x-bps-read={rate}"],
-            "json:" + json.dumps(node, separators=(",", ":")))
-
-
-def serve(vg: str, name: str, opened: Opened, prefer: str | None = None,
-          rate: int | None = None) -> str:
-    """Start qemu-nbd on a free nbd device (`prefer` first: the one a clone already reads),
-    reading the source at `rate` bytes/s at most; its path once the kernel has connected
-    it."""
+def serve(vg: str, name: str, opened: Opened, prefer: str | None = None) -> str:
+    """Start qemu-nbd on a free nbd device (`prefer` first: the one a clone already reads); its
+    path once the kernel has connected it."""
     path = pid_file(vg, name)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.unlink(missing_ok=True)
     fds = opened.image.fds
     cache = "none" if opened.format != "nbd" and _direct_io(fds) else "writeback"
-    bound, spec = throttled(opened.image.spec, rate)
     devices = sorted(Path("/sys/block").glob("nbd*"), key=lambda d: int(d.name[3:]))
     for dev in sorted(devices, key=lambda d: f"/dev/{d.name}" != prefer):
         if (dev / "pid").exists() or int((dev / "size").read_text()) != 0:
             continue
         try:
             RUNNER.run(["qemu-nbd", "--fork", "--read-only", "--persistent", f"--cache={cache}",
-                        *bound, "--pid-file", str(path), "-c", f"/dev/{dev.name}", spec],
+                        "--pid-file", str(path), "-c", f"/dev/{dev.name}",
+                        opened.image.spec],
                        pass_fds=fds, timeout=SERVER_START_SECONDS)
         except CommandError as e:
             if "busy" in e.stderr.lower():
@@ -408,14 +396,48 @@ def stop_server(vg: str, name: str) -> None:
         dev = nbd_of(pid)
         if dev is not None:
             RUNNER.run(["qemu-nbd", "-d", dev])
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        deadline = time.monotonic() + 10
-        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _terminate(pid)
     pid_file(vg, name).unlink(missing_ok=True)
+
+
+def _terminate(pid: int) -> None:
+    """SIGTERM, and wait (10 s at most) until it is gone."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def pacer_pid_file(vg: str, name: str) -> Path:
+    return run_dir() / "live" / f"{dm_name(vg, name)}.pacer.pid"
+
+
+def pacer_pid(vg: str, name: str) -> int | None:
+    """The running pacer of this live import (`--rate`: pacer.py), checked against the process."""
+    try:
+        pid = int(pacer_pid_file(vg, name).read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return None
+    ours = [b"thinstack.pacer", os.fsencode(vg), os.fsencode(name), b""]
+    return pid if cmdline[-4:] == ours else None
+
+
+def start_pacer(vg: str, name: str) -> None:
+    """Start the pacer that holds the copy to the record's rate (it turns hydration on)."""
+    if pacer_pid(vg, name) is None:
+        RUNNER.run([sys.executable, "-m", "thinstack.pacer", vg, name],
+                   timeout=SERVER_START_SECONDS)
+
+
+def stop_pacer(vg: str, name: str) -> None:
+    pid = pacer_pid(vg, name)
+    if pid is not None:
+        _terminate(pid)
+    pacer_pid_file(vg, name).unlink(missing_ok=True)
 
 
 # --- the devices -------------------------------------------------------------------------------
@@ -435,8 +457,10 @@ def top_table(lv: LV, record: Record, meta: str, dest: str, nbd: str,
               hydrate: bool) -> Table:
     sectors = record.virtual_size // SECTOR
     batch = batch_regions(record.region)
+    # Bounded by --rate, one batch at a time: what lands after the pacer turns the copy off.
+    in_flight = BATCHES_IN_FLIGHT * batch if record.rate is None else batch
     clone = CloneTarget(meta, dest, nbd, record.region // SECTOR, no_hydration=not hydrate,
-                        hydration_threshold=BATCHES_IN_FLIGHT * batch, hydration_batch_size=batch)
+                        hydration_threshold=in_flight, hydration_batch_size=batch)
     lines = [TableLine(0, sectors, clone)]
     if lv.size > record.virtual_size:  # LVM rounded the volume up: its tail is plain thin
         lines.append(TableLine(sectors, lv.size // SECTOR - sectors, LinearTarget(dest, sectors)))
@@ -483,9 +507,10 @@ def discard(path: str, ranges: list[tuple[int, int]]) -> None:
 
 
 def clone_status(dm: DeviceMapper, vg: str, name: str) -> CloneStatus | None:
-    """The clone's status, or None when VG-NAME is not (or no longer) a clone device."""
+    """The clone's status, or None when VG-NAME is not (or no longer) a clone device. Its
+    counts are the kernel's in-core ones: no metadata commit (and flush) for each look."""
     try:
-        lines = dm.status(dm_name(vg, name))
+        lines = dm.status(dm_name(vg, name), noflush=True)
     except CommandError:
         return None
     except Exception as e:  # the ioctl layer's "no such device"
@@ -523,6 +548,7 @@ def teardown(vg: str, name: str, *, force: bool = False) -> None:
         if link.is_symlink():
             link.unlink()
     _remove_device(dm, dm_name(vg, name) + DEST_SUFFIX)
+    stop_pacer(vg, name)
     stop_server(vg, name)
 
 
@@ -632,7 +658,7 @@ def _setup(op: Op, ref: VolumeRef, opened: Opened, extents: list[Extent], source
     faults.point(OP, "after-lvcreate")
     lv, meta = lvm.lv(ref), lvm.lv(VolumeRef(ref.vg, meta_name))
     rate = op.entry.args.get("rate")
-    nbd = serve(ref.vg, ref.name, opened, rate=rate)
+    nbd = serve(ref.vg, ref.name, opened)
     faults.point(OP, "after-nbd")
     record = Record(ref.vg, ref.name, source, opened.format, requested, tuple(allow_dirs),
                     size, region, discarded, size - sum(length for _, length in ranges), 0.0,
@@ -643,7 +669,11 @@ def _setup(op: Op, ref: VolumeRef, opened: Opened, extents: list[Extent], source
     faults.point(OP, "after-discard")
     record = dataclasses.replace(record, started=time.time())
     write_record(record)
-    dm.message(dm_name(ref.vg, ref.name), 0, "enable_hydration")
+    if rate is None:
+        dm.message(dm_name(ref.vg, ref.name), 0, "enable_hydration")
+    else:
+        start_pacer(ref.vg, ref.name)  # it turns the copy on, and off while it is ahead of rate
+    faults.point(OP, "after-hydration")
     op.commit(ref, VolumeRef(ref.vg, meta_name))
     return record
 
@@ -684,6 +714,7 @@ def finish(ref: VolumeRef, lvm: Lvm | None = None) -> bool:
         RUNNER.run(["dmsetup", "rename", top.name, "--setuuid",
                     "LVM-" + vg.uuid.replace("-", "") + lv.uuid.replace("-", "")])
     _remove_device(dm, dm_name(ref.vg, ref.name) + DEST_SUFFIX)
+    stop_pacer(ref.vg, ref.name)
     stop_server(ref.vg, ref.name)
     meta = lvm.find_lv(VolumeRef(ref.vg, ref.name + META_SUFFIX))
     if meta is not None:
@@ -785,7 +816,7 @@ def _restart(lv: LV, lvs: list[LV]) -> None:
         opened = open_source(record.source, record.requested, record.allow_dirs)
         try:
             source = clone.source if isinstance(clone, CloneTarget) else None
-            nbd = serve(lv.vg, lv.name, opened, prefer=_nbd_path(source), rate=record.rate)
+            nbd = serve(lv.vg, lv.name, opened, prefer=_nbd_path(source))
         finally:
             opened.close()
     if isinstance(clone, CloneTarget) and top is not None and table is not None \
@@ -793,11 +824,13 @@ def _restart(lv: LV, lvs: list[LV]) -> None:
         # The server came back on another nbd device: the clone reads from that one now (its
         # metadata says what is hydrated already, so nothing is copied twice).
         lines = (dataclasses.replace(table.lines[0], target=dataclasses.replace(
-            clone, source=_devno(nbd), no_hydration=False)), *table.lines[1:])
+            clone, source=_devno(nbd), no_hydration=record.rate is not None)), *table.lines[1:])
         dm.load(top.name, Table(lines))
         dm.resume(top.name)
     elif top is None:
-        activate(lv, meta, volume_pool(lv, lvs), record, nbd, hydrate=True)
+        activate(lv, meta, volume_pool(lv, lvs), record, nbd, hydrate=record.rate is None)
+    if record.rate is not None:
+        start_pacer(lv.vg, lv.name)
 
 
 def _nbd_path(devno: str | None) -> str | None:
@@ -838,6 +871,10 @@ def check_all(lvm: Lvm) -> list[Check]:
                 if status is not None and server_pid(record.vg, record.name) is None:
                     _restart(lvm.lv(ref), lvm.lvs(record.vg))
                     log(f"{ref}: its source is served again; the copy continues")
+                elif status is not None and record.rate is not None \
+                        and pacer_pid(record.vg, record.name) is None:
+                    start_pacer(record.vg, record.name)
+                    log(f"{ref}: its pacer is started again; the copy continues")
         except LockTimeout:
             pass  # an operation holds the VG: next pass
         except (ThinstackError, CommandError) as e:
@@ -861,8 +898,9 @@ def progress_lines(found: list[Progress]) -> str:
         source = "" if p.source_up or p.state == "hydrated" else "  SOURCE DOWN (unhydrated " \
             "reads fail with EIO)"
         waiting = f"  WAITING: {p.waiting}" if p.waiting else ""
+        limit = f" (at most {format_size(p.limit)}/s)" if p.limit else ""
         rows.append(f"{p.volume}  {p.state}  {format_size(p.copied)}/{format_size(p.total)}  "
-                    f"{format_size(int(p.rate))}/s  ETA {eta}{source}{waiting}")
+                    f"{format_size(int(p.rate))}/s{limit}  ETA {eta}{source}{waiting}")
     return "\n".join(rows) or "no live imports"
 
 

@@ -7,6 +7,7 @@ again by the monitor and the copy completes."""
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import signal
 import subprocess
@@ -90,16 +91,26 @@ def nothing_left(name: str) -> None:
 
 
 def live_servers() -> list[int]:
-    """The qemu-nbd processes thinstack started (their pid file is under its run folder)."""
+    """The processes a live import runs: the qemu-nbd processes thinstack started (their pid
+    file is under its run folder) and the pacers of `--rate`."""
     run = os.environ["THINSTACK_RUN_DIR"].encode()
+    return [pid for pid, argv in processes()
+            if argv[0].endswith(b"qemu-nbd") and any(a.startswith(run) for a in argv)] + pacers()
+
+
+def pacers() -> list[int]:
+    return [pid for pid, argv in processes() if b"thinstack.pacer" in argv]
+
+
+def processes() -> list[tuple[int, list[bytes]]]:
     found = []
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             argv = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if argv[0].endswith(b"qemu-nbd") and any(a.startswith(run) for a in argv):
-            found.append(int(proc.name))
+        if argv[0]:  # (not a kernel thread, nor a zombie)
+            found.append((int(proc.name), argv))
     return found
 
 
@@ -235,18 +246,36 @@ def test_live_import_waits_for_a_full_pool_and_goes_on(lab_disks, tmp_path):
     ordinary("v")
     assert read("/dev/vg0/v", 96 * MiB) == image.read_bytes()
 
-    # --rate bounds what is read from the image: its server reads through a throttle, and
-    # 32 MiB at 2 MiB/s take about 16 s to copy (about 1 s unbounded here); same bytes.
+    # --rate bounds the background copy, not the guest: the pacer turns the kernel's copy on
+    # and off, so 32 MiB at 2 MiB/s take about 16 s to copy (about 1 s unbounded here), while
+    # the guest reads what is not copied yet at the source's own speed.
     small = tmp_path / "small.raw"
     small.write_bytes(os.urandom(32 * MiB))
     ts("import", "--live", "--rate", "2M", "--format", "raw", str(small), "vg0/r", "--pool", "t1")
-    (server,) = [p for p in live_servers() if b"x-bps-read=2097152" in
-                 Path(f"/proc/{p}/cmdline").read_bytes()]
     started = time.monotonic()
+    (pacer,) = wait_for(pacers, timeout=30)
+    fd = os.open("/dev/vg0/r", os.O_RDONLY | os.O_DIRECT)
+    try:
+        buffer = mmap.mmap(-1, MiB)  # (O_DIRECT wants an aligned buffer)
+        second_half = b""
+        for offset in range(16 * MiB, 32 * MiB, MiB):
+            os.preadv(fd, [buffer], offset)
+            second_half += buffer[:]
+    finally:
+        os.close(fd)
+    read_in = time.monotonic() - started
+    assert second_half == small.read_bytes()[16 * MiB:]
+    assert read_in < 8, read_in  # 16 MiB: faster than the copy's 2 MiB/s would allow
+    (st,) = json.loads(ts("import", "--status", "--json", "vg0/r").stdout)
+    assert st["copied"] <= 2 * MiB * (time.monotonic() - started + 1) + 8 * MiB, st
+    # Killed, the pacer is started again by the monitor's pass (the copy waits meanwhile).
+    os.kill(pacer, signal.SIGKILL)
+    r = ts("monitor", "--once", check=False)
+    assert "vg0/r: its pacer is started again" in r.stderr, r.stderr
     ts("import", "--live", "--wait", "vg0/r", timeout=600)
     assert time.monotonic() - started > 0.5 * 32 / 2
     assert read("/dev/vg0/r", 32 * MiB) == small.read_bytes()
-    ordinary("r")
+    ordinary("r")  # (and no pacer left)
     assert_pool_consistent("vg0", ("t1",))
 
 
@@ -257,7 +286,7 @@ def test_live_import_faults_and_source_failure(lab_disks, tmp_path):
 
     # Killed at every fault point: `recover` removes everything.
     for point in faults.POINTS["live-import"]:
-        r = ts("import", "--live", str(image), "vg0/v", check=False,
+        r = ts("import", "--live", "--rate", "64M", str(image), "vg0/v", check=False,
                env={"THINSTACK_FAULT": f"live-import:{point}"})
         assert r.returncode == -signal.SIGKILL, (point, r.returncode, r.stderr)
         ts("recover", "vg0")
@@ -269,7 +298,7 @@ def test_live_import_faults_and_source_failure(lab_disks, tmp_path):
     url, server = throttled_server(tmp_path, image, 2 * MiB)
     ts("import", "--live", url, "vg0/v")
     sh("dmsetup", "message", "vg0-v", "0", "disable_hydration")  # regions surely left to copy
-    pid = int(next(Path(os.environ["THINSTACK_RUN_DIR"]).glob("live/*.pid")).read_text())
+    pid = int(next(Path(os.environ["THINSTACK_RUN_DIR"]).glob("live/vg0-v.pid")).read_text())
     os.kill(pid, signal.SIGKILL)
     time.sleep(0.5)
     with pytest.raises(OSError) as failed:
@@ -283,7 +312,7 @@ def test_live_import_faults_and_source_failure(lab_disks, tmp_path):
     (st,) = json.loads(ts("import", "--status", "--json", "vg0/v").stdout)
     assert st["source_up"], st
     # ... and while the NBD server itself is gone, the monitor alerts until it is back.
-    pid = int(next(Path(os.environ["THINSTACK_RUN_DIR"]).glob("live/*.pid")).read_text())
+    pid = int(next(Path(os.environ["THINSTACK_RUN_DIR"]).glob("live/vg0-v.pid")).read_text())
     os.kill(pid, signal.SIGKILL)
     os.kill(server, signal.SIGKILL)
     r = ts("monitor", "--once", check=False)

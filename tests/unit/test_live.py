@@ -3,8 +3,6 @@ sources, refusals (no kernel needed)."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from thinstack import live, tags
@@ -77,6 +75,14 @@ def test_progress_counts_only_what_the_kernel_copied():
     assert live.progress(_record(), None, False, now=1001.0).state == "inactive"
 
 
+def test_a_bounded_copy_shows_its_bound():
+    p = live.progress(_record(rate=2 * MiB), _status(70), True, now=1010.0)
+    assert p.limit == 2 * MiB and p.to_json()["limit"] == 2 * MiB
+    assert "64KiB/s (at most 2MiB/s)" in live.progress_lines([p])
+    unbounded = live.progress(_record(), _status(70), True, now=1010.0)
+    assert unbounded.limit is None and "at most" not in live.progress_lines([unbounded])
+
+
 def test_nbd_sources():
     assert live.nbd_spec("nbd://host:10810/disk") == {"driver": "raw", "file": {
         "driver": "nbd", "server": {"type": "inet", "host": "host", "port": "10810"},
@@ -104,16 +110,6 @@ def test_refusal_while_hydrating_says_to_wait():
         live.refuse_if_hydrating(_lv(frozenset({tags.LIVE})), "snapshot")
     live.refuse_if_hydrating(_lv(frozenset()), "snapshot")
 
-
-
-def test_a_rate_wraps_the_whole_source_in_one_throttle_node():
-    spec = 'json:{"driver":"qcow2","file":{"driver":"file","filename":"/proc/self/fd/5"}}'
-    assert live.throttled(spec, None) == ([], spec)
-    args, wrapped = live.throttled(spec, 50 << 20)
-    assert args == ["--object", "throttle-group,id=ts-rate,x-bps-read=52428800"]
-    node = json.loads(wrapped.removeprefix("json:"))
-    assert node == {"driver": "throttle", "throttle-group": "ts-rate",
-                    "file": json.loads(spec.removeprefix("json:"))}
 
 
 def test_rate_without_live_is_a_usage_error(capsys):
