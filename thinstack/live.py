@@ -656,7 +656,8 @@ def _setup(op: Op, ref: VolumeRef, opened: Opened, extents: list[Extent], source
             "-V", f"{metadata_size(regions, extent)}b", "-n", meta_name, "--addtag",
             op.entry.tag, "--addtag", tags.LIVE_META, "--setactivationskip", "n", ref.vg)
     faults.point(OP, "after-lvcreate")
-    lv, meta = lvm.lv(ref), lvm.lv(VolumeRef(ref.vg, meta_name))
+    made = {lv.name: lv for lv in lvm.lvs(ref.vg)}  # one report for both
+    lv, meta = made[ref.name], made[meta_name]
     rate = op.entry.args.get("rate")
     nbd = serve(ref.vg, ref.name, opened)
     faults.point(OP, "after-nbd")
