@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 TICK = 0.1  # seconds between looks: a tick's worth is the most the copy runs ahead of R
 MIN_PULSE = 0.005
+ASSUMED_SPEED = float(1 << 30)
 
 
 @dataclass
@@ -63,7 +64,9 @@ def pace(vg: str, name: str) -> None:
     dm = DeviceMapper()
     device = live.dm_name(vg, name)
     bucket = Bucket(record.rate, record.rate * TICK)
-    speed = float(record.rate)  # bytes/s while on: learnt from each pulse
+    # Bytes/s while on, learnt from each pulse; first assumed fast, so the first pulses are
+    # short (the learnt speed comes down to the real one within a second or so).
+    speed = max(float(record.rate), ASSUMED_SPEED)
     seen: int | None = None
     last = time.monotonic()
     on_for = 0.0

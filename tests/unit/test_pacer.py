@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from thinstack.pacer import TICK, Bucket
+from thinstack.pacer import MIN_PULSE, TICK, Bucket, pulse
 
 MiB = 1 << 20
 
@@ -54,3 +54,9 @@ def test_a_tick_that_ran_ahead_is_paid_back_before_the_copy_goes_on():
     while not bucket.copy(0, TICK):
         offs += 1
     assert offs == 4  # 4 MiB ahead at 1 MiB a tick: off for 4 ticks
+
+
+def test_a_pulse_lasts_what_the_bucket_holds_at_the_speed_seen():
+    assert pulse(1 * MiB, 100 * MiB) == pytest.approx(0.01)
+    assert pulse(100 * MiB, 100 * MiB) == TICK  # never longer than a tick
+    assert pulse(1, 100 * MiB) == MIN_PULSE  # nor shorter than the messages take
