@@ -316,15 +316,23 @@ def pid_file(vg: str, name: str) -> Path:
     return run_dir() / "live" / f"{dm_name(vg, name)}.pid"
 
 
+def _running(path: Path) -> tuple[int, list[bytes]] | None:
+    """The pid a pid file names and that process's argv, if it still runs."""
+    try:
+        pid = int(path.read_text().strip())
+        return pid, Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return None
+
+
 def server_pid(vg: str, name: str) -> int | None:
     """The running qemu-nbd of this live import (its pid file, checked against the process)."""
     path = pid_file(vg, name)
-    try:
-        pid = int(path.read_text().strip())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except (OSError, ValueError):
+    found = _running(path)
+    if found is None:
         return None
-    return pid if os.fsencode(str(path)) in cmdline and b"qemu-nbd" in cmdline[0] else None
+    pid, argv = found
+    return pid if os.fsencode(str(path)) in argv and b"qemu-nbd" in argv[0] else None
 
 
 def nbd_of(pid: int) -> str | None:
@@ -417,20 +425,21 @@ def pacer_pid_file(vg: str, name: str) -> Path:
 
 def pacer_pid(vg: str, name: str) -> int | None:
     """The running pacer of this live import (`--rate`: pacer.py), checked against the process."""
-    try:
-        pid = int(pacer_pid_file(vg, name).read_text().strip())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except (OSError, ValueError):
-        return None
+    found = _running(pacer_pid_file(vg, name))
     ours = [b"thinstack.pacer", os.fsencode(vg), os.fsencode(name), b""]
-    return pid if cmdline[-4:] == ours else None
+    return found[0] if found is not None and found[1][-4:] == ours else None
 
 
 def start_pacer(vg: str, name: str) -> None:
     """Start the pacer that holds the copy to the record's rate (it turns hydration on)."""
     if pacer_pid(vg, name) is None:
-        RUNNER.run([sys.executable, "-m", "thinstack.pacer", vg, name],
-                   timeout=SERVER_START_SECONDS)
+        try:
+            RUNNER.run([sys.executable, "-m", "thinstack.pacer", vg, name],
+                       timeout=SERVER_START_SECONDS)
+        except CommandError as e:  # what went wrong is in its log, not on its stderr
+            raise ThinstackError(f"{vg}/{name}: the pacer of its --rate did not start "
+                                 f"({e.exit_status}); see "
+                                 f"{pacer_pid_file(vg, name).with_suffix('.log')}") from None
 
 
 def stop_pacer(vg: str, name: str) -> None:
@@ -862,7 +871,7 @@ def check_all(lvm: Lvm) -> list[Check]:
     for record in records():
         ref = VolumeRef(record.vg, record.name)
         status = clone_status(dm, record.vg, record.name)
-        alert = None
+        alert = pacer = None
         try:
             with vg_lock(record.vg, timeout=0):
                 if status is not None and status.hydrated:
@@ -874,8 +883,12 @@ def check_all(lvm: Lvm) -> list[Check]:
                     log(f"{ref}: its source is served again; the copy continues")
                 elif status is not None and record.rate is not None \
                         and pacer_pid(record.vg, record.name) is None:
-                    start_pacer(record.vg, record.name)
-                    log(f"{ref}: its pacer is started again; the copy continues")
+                    try:
+                        start_pacer(record.vg, record.name)
+                    except ThinstackError as e:  # not the source's fault: said as it is
+                        pacer = f"{e}: the copy waits until it runs"
+                    else:
+                        log(f"{ref}: its pacer is started again; the copy continues")
         except LockTimeout:
             pass  # an operation holds the VG: next pass
         except (ThinstackError, CommandError) as e:
@@ -884,6 +897,7 @@ def check_all(lvm: Lvm) -> list[Check]:
         if status is None:
             alert = f"not active: `thinstack pool attach {record.vg}`"
         done = progress(record, status, alert is None, time.time())
+        alert = alert or pacer
         if alert is None:
             lvs = lvm.lvs(record.vg)
             alert = waiting_for(_lv_of(record, lvs), lvs, dm)
