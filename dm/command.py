@@ -75,7 +75,7 @@ class Runner:
         once and handed to qemu-img as /proc/self/fd/N)."""
         limit = timeout or self.default_timeout
         data = input.encode() if isinstance(input, str) else input
-        with _traced(argv):
+        with traced(argv):
             process = _start(argv, pass_fds, stdin=subprocess.DEVNULL if data is None
                              else subprocess.PIPE, stderr=subprocess.PIPE)
             try:
@@ -99,7 +99,7 @@ class Runner:
         import tempfile  # only streams need it, and its imports are dear in the lab
 
         limit = timeout or self.default_timeout
-        with _traced(argv), tempfile.TemporaryFile() as errors:
+        with traced(argv), tempfile.TemporaryFile() as errors:
             # stderr to a file: a pipe would need a reader of its own not to block the program.
             process = _start(argv, pass_fds, stdin=subprocess.DEVNULL, stderr=errors)
             # The read below blocks: a timer kills the program at its limit, which ends it.
@@ -147,7 +147,8 @@ def stream(argv: list[str], *, timeout: float | None = None, piece: int = 1 << 2
 
 
 @contextmanager
-def _traced(argv: list[str]) -> Iterator[None]:
+def traced(argv: list[str]) -> Iterator[None]:
+    """THINSTACK_TRACE's line for a command: how long it took."""
     started = time.monotonic()
     try:
         yield

@@ -4,11 +4,13 @@ LVM's text. `LVM` is the instance over the real runner; tests build one over a f
 
 from __future__ import annotations
 
+import atexit
 import json
+import os
 import re
 from dataclasses import dataclass
 
-from thinstack import tags
+from thinstack import lvmshell, tags
 from thinstack.dm.command import RUNNER, CommandError, Runner
 from thinstack.errors import Exists, NoSpace, NotFound, Refused, ThinstackError, Usage
 
@@ -240,17 +242,29 @@ def classify(e: CommandError) -> ThinstackError:
 
 
 class Lvm:
-    """lvm commands (`lvm lvcreate ...`, never interactive) through `runner`."""
+    """lvm commands (`lvm lvcreate ...`, never interactive): each a line to `shell` where it can
+    be one (lvmshell), else a process through `runner`."""
 
-    def __init__(self, runner: Runner = RUNNER):
+    def __init__(self, runner: Runner = RUNNER, shell: lvmshell.LvmShell | None = None):
         self.runner = runner
+        self.shell = shell
 
     def run(self, *args: str, timeout: float | None = None) -> str:
-        """Run one lvm command; a failure raises its classified thinstack error."""
+        """Run one lvm command; a failure raises its classified thinstack error. Returns its
+        JSON report (what a process prints to stdout, or the shell to its report descriptor)."""
         try:
+            if self.shell is not None and (text := lvmshell.line(args)) is not None:
+                return self.shell.run(args, text, timeout)
             return self.runner.run(["lvm", *args], timeout=timeout)
         except CommandError as e:
             raise classify(e) from e
+
+    def close(self) -> None:
+        """End the shell, if any (the next command starts another): so that a long-running
+        process (the monitor) does not keep one LVM process, and its view of the
+        configuration, for ever."""
+        if self.shell is not None:
+            self.shell.close()
 
     def _report(self, command: str, fields: str, key: str, *args: str) -> list[dict[str, str]]:
         out = self.run(command, "--reportformat", "json", "--units", "b", "--nosuffix",
@@ -381,7 +395,19 @@ def volume_pool(lv: LV, lvs: list[LV]) -> LV:
     return found
 
 
-LVM = Lvm()  # over the real runner; tests put a fake in its place
+def _shell() -> lvmshell.LvmShell | None:
+    """The shell the real Lvm uses: none when lvm2's profile for it is missing, or when
+    THINSTACK_LVM_SHELL=0 (one process per LVM command, as by hand)."""
+    if os.environ.get("THINSTACK_LVM_SHELL") == "0" or not lvmshell.LvmShell.available():
+        return None
+    shell = lvmshell.LvmShell()
+    atexit.register(shell.close)
+    # A forked child (a daemon) must not share the parent's pipes: it starts its own shell.
+    os.register_at_fork(after_in_child=shell.forget)
+    return shell
+
+
+LVM = Lvm(RUNNER, _shell())  # the real one; tests put a fake in its place
 
 
 def default_lvm() -> Lvm:

@@ -509,6 +509,8 @@ def run(*, once: bool, interval: float, dm: DeviceMapper | None = None,
             write_metrics(monitor.check_all())
         except (CommandError, DmError, ThinstackError) as e:
             log(f"pass failed, retrying in {interval:g} s: {e}")
+        finally:
+            monitor.lvm.close()  # one LVM shell a pass, not one for the service's lifetime
         # A pool's device changes name when it gets its first thin volume (NAME -> NAME-tpool).
         for device in watchers.keys() - monitor.pool_devices:
             watchers.pop(device).stopped.set()

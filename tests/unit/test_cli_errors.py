@@ -27,6 +27,7 @@ from thinstack.exporters import ExportError
 from thinstack.importers import ImageError
 from thinstack.lab import LabError
 from thinstack.lock import LockTimeout
+from thinstack.lvm import Lvm
 
 # Each command as a user types it, and the library function it hands the work to.
 COMMANDS = {
@@ -185,6 +186,7 @@ def someone_holds_the_metadata_snapshot(state, monkeypatch):
               "Command failed.\n")
     monkeypatch.setattr(command.RUNNER, "run", fake.run)
     monkeypatch.setattr(command.RUNNER, "stream", fake.stream)
+    monkeypatch.setattr("thinstack.lvm.LVM", Lvm(command.RUNNER))  # no LVM shell: processes
     monkeypatch.setattr("thinstack.dm.client.CONTROL", None)  # no ioctls: dmsetup, faked
     return fake
 
