@@ -131,6 +131,13 @@ class Runner:
                 raise CommandError(argv, process.returncode, _text(errors.read()))
 
 
+    def start(self, argv: list[str], *, env: dict[str, str] | None = None,
+              pass_fds: Collection[int] = ()) -> subprocess.Popen[bytes]:
+        """Start a program that lives on and talks through pipes (stdin, stdout and stderr),
+        such as LVM's shell; its owner reads it and ends it."""
+        return _start(argv, pass_fds, env, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
 RUNNER = Runner()  # the real one; the dm client and the LVM layer take it unless handed another
 
 
@@ -158,12 +165,14 @@ def traced(argv: list[str]) -> Iterator[None]:
                   file=sys.stderr)
 
 
-def _start(argv: list[str], pass_fds: Collection[int], **streams: Any) -> subprocess.Popen[bytes]:
-    """Start argv with stdout piped, in the C locale. `pass_fds` reach it at the same numbers
-    (subprocess makes the child's copies inheritable; every other descriptor is closed)."""
+def _start(argv: list[str], pass_fds: Collection[int], env: dict[str, str] | None = None,
+           **streams: Any) -> subprocess.Popen[bytes]:
+    """Start argv with stdout piped, in the C locale, with `env` added to ours. `pass_fds`
+    reach it at the same numbers (subprocess makes the child's copies inheritable; every other
+    descriptor is closed)."""
     try:
         # Tool output is parsed, and error text matched: it must not depend on the locale.
-        env = {**os.environ, "LC_ALL": "C"}
+        env = {**os.environ, **(env or {}), "LC_ALL": "C"}
         return subprocess.Popen(argv, stdout=subprocess.PIPE, env=env, close_fds=True,
                                 pass_fds=tuple(pass_fds), **streams)
     except (FileNotFoundError, PermissionError, NotADirectoryError):

@@ -12,6 +12,10 @@ A command is sent as one line, which LVM splits at blanks, with a whole word quo
 (nothing else is special but a '#' that starts a word, and readline reads the line, so control
 and non-ASCII bytes would be taken as keys). `line()` says which commands can be sent so; the
 rest, and every command when the profile is missing, run as processes (`Lvm` decides).
+
+The shell lives as long as the thinstack command (the monitor ends it after each pass). It keeps
+the devices it found at its start, so it is started again when a block device other than
+device-mapper's came, went or changed size since (`block_devices`).
 """
 
 from __future__ import annotations
@@ -26,14 +30,16 @@ from collections.abc import Sequence
 
 from thinstack.dm.command import (
     DEFAULT_TIMEOUT,
+    RUNNER,
     CommandError,
-    CommandNotFound,
     CommandTimeout,
+    Runner,
     traced,
 )
 
 PROFILE = "lvmdbusd"
 PROFILE_PATH = "/etc/lvm/profile/lvmdbusd.profile"
+SYS_BLOCK = "/sys/class/block"
 _MAX_WORDS = 63  # LVM's shell takes at most 64 words, and refuses a line of that many
 
 
@@ -62,6 +68,22 @@ def line(args: Sequence[str]) -> str | None:
     return " ".join(words)
 
 
+def block_devices() -> frozenset[tuple[str, str]]:
+    """The kernel's block devices and their sizes, but device-mapper's: a shell started before
+    a loop, md or nbd device came or changed (thinstack attaches backing files, blivet makes
+    arrays) would not see it, so it is started again. LVM's own volumes, which each lvcreate
+    adds, are no PVs and need no new shell."""
+    found = []
+    for name in os.listdir(SYS_BLOCK):
+        if not name.startswith("dm-"):
+            try:
+                with open(f"{SYS_BLOCK}/{name}/size") as f:
+                    found.append((name, f.read()))
+            except OSError:
+                pass  # gone meanwhile: its absence is what counts
+    return frozenset(found)
+
+
 def status(doc: dict) -> int:
     """The exit status a process would have had, from the shell's log of the command (its last
     status record: LVM's return code 1 is success)."""
@@ -82,11 +104,13 @@ class LvmShell:
     has threads); a command that outlives its time limit kills the shell, and the next command
     starts another."""
 
-    def __init__(self, default_timeout: float = DEFAULT_TIMEOUT):
+    def __init__(self, runner: Runner = RUNNER, default_timeout: float = DEFAULT_TIMEOUT):
+        self.runner = runner
         self.default_timeout = default_timeout
         self._lock = threading.Lock()
         self._process: subprocess.Popen[bytes] | None = None
         self._report = -1
+        self._devices: frozenset[tuple[str, str]] = frozenset()
 
     @staticmethod
     def available() -> bool:
@@ -122,17 +146,19 @@ class LvmShell:
         self._report = -1
 
     def _start(self) -> subprocess.Popen[bytes]:
+        devices = block_devices()
+        if self._process is not None and devices != self._devices:
+            self._stop(kill=False)  # LVM's shell keeps the devices it found when it started
         if self._process is None:
+            self._devices = devices
             report, child = os.pipe()
-            env = {**os.environ, "LC_ALL": "C", "LVM_REPORT_FD": str(child),
-                   "LVM_COMMAND_PROFILE": PROFILE}
             try:
-                self._process = subprocess.Popen(
-                    ["lvm"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE, env=env, close_fds=True, pass_fds=(child,))
-            except OSError:
+                self._process = self.runner.start(
+                    ["lvm"], env={"LVM_REPORT_FD": str(child), "LVM_COMMAND_PROFILE": PROFILE},
+                    pass_fds=(child,))
+            except CommandError:
                 os.close(report)
-                raise CommandNotFound(["lvm"]) from None
+                raise
             finally:
                 os.close(child)
             self._report = report
