@@ -241,6 +241,9 @@ def classify(e: CommandError) -> ThinstackError:
     return ThinstackError(lines[-1] if lines else str(e))
 
 
+_REPORTS = ("lvs", "vgs", "pvs")  # LVM commands that change nothing, so may run twice
+
+
 class Lvm:
     """lvm commands (`lvm lvcreate ...`, never interactive): each a line to `shell` where it can
     be one (lvmshell), else a process through `runner`."""
@@ -254,7 +257,11 @@ class Lvm:
         JSON report (what a process prints to stdout, or the shell to its report descriptor)."""
         try:
             if self.shell is not None and (text := lvmshell.line(args)) is not None:
-                return self.shell.run(args, text, timeout)
+                try:
+                    return self.shell.run(args, text, timeout)
+                except lvmshell.Unexplained:
+                    if args[0] not in _REPORTS:
+                        raise
             return self.runner.run(["lvm", *args], timeout=timeout)
         except CommandError as e:
             raise classify(e) from e

@@ -99,6 +99,11 @@ def errors(doc: dict) -> list[str]:
             if r.get("log_type") == "error" and r.get("log_message")]
 
 
+class Unexplained(CommandError):
+    """A command failed in the shell and LVM gave no reason: a report is run again as a
+    process, which says why (`Lvm.run`)."""
+
+
 class LvmShell:
     """A running `lvm` shell, started on first use. One command at a time (a lock: the monitor
     has threads); a command that outlives its time limit kills the shell, and the next command
@@ -128,11 +133,14 @@ class LvmShell:
             code = status(doc)
             if code == 0:
                 return out
-            messages = errors(doc)
-            if not messages:
-                messages = errors(json.loads(self._ask("lastlog", argv,
-                                                       limit)[0]))
-            raise CommandError(argv, code, "\n".join([err, *messages]).strip(), "")
+            messages = errors(doc) or errors(json.loads(self._ask("lastlog", argv, limit)[0]))
+            text = "\n".join([err, *messages]).strip()
+            if not text:
+                # Seen when a device under a VG went away: LVM logs no reason, even in lastlog.
+                # A shell in that state is not kept.
+                self._stop(kill=False)
+                raise Unexplained(argv, code, "")
+            raise CommandError(argv, code, text, "")
 
     def close(self) -> None:
         """End the shell (it exits at the end of its input); the next command starts another."""

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from thinstack.lvmshell import errors, line, status
+from tests.fakes import FakeRunner
+from thinstack.errors import ThinstackError
+from thinstack.lvm import Lvm
+from thinstack.lvmshell import Unexplained, errors, line, status
 
 
 def split(text: str) -> list[str]:
@@ -73,3 +76,25 @@ def test_errors_are_the_error_records_messages():
               {"log_type": "error", "log_message": "Cannot process volume group vg9"},
               {"log_type": "error", "log_message": ""})
     assert errors(doc) == ['Volume group "vg9" not found', "Cannot process volume group vg9"]
+
+
+class SilentShell:
+    """A shell in which every command fails without a reason (as LVM's does after a device
+    under a VG went away)."""
+
+    def run(self, args, text, timeout=None):
+        raise Unexplained(["lvm", *args], 5, "")
+
+
+def test_a_report_failed_without_a_reason_is_asked_again_of_a_process():
+    runner = FakeRunner().fail(["lvm", "vgs"], '  Volume group "vg0" not found\n', 5)
+    lvm = Lvm(runner, SilentShell())
+    assert lvm.vgs("vg0") == []  # the process's reason: not found
+    assert runner.argvs[0][:2] == ["lvm", "vgs"]
+
+
+def test_a_change_failed_without_a_reason_is_not_run_again():
+    runner = FakeRunner()
+    with pytest.raises(ThinstackError):
+        Lvm(runner, SilentShell()).run("lvremove", "-q", "-y", "vg0/a")
+    assert runner.calls == []
