@@ -161,9 +161,11 @@ class LvmShell:
             self._devices = devices
             report, child = os.pipe()
             try:
+                # HOME: LVM's shell reads and writes $HOME/.lvm_history, the operator's own
+                # shell history; under /dev/null there is none to read and none can be made.
                 self._process = self.runner.start(
-                    ["lvm"], env={"LVM_REPORT_FD": str(child), "LVM_COMMAND_PROFILE": PROFILE},
-                    pass_fds=(child,))
+                    ["lvm"], env={"LVM_REPORT_FD": str(child), "LVM_COMMAND_PROFILE": PROFILE,
+                                  "HOME": "/dev/null"}, pass_fds=(child,))
             except CommandError:
                 os.close(report)
                 raise

@@ -24,8 +24,17 @@ def outcome(lvm, *args, **kwargs):
         return type(e).__name__, str(e)
 
 
+def history() -> bytes | None:
+    try:
+        with open(os.path.expanduser("~/.lvm_history"), "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
 @pytest.mark.lab(disks=1, disk_size="1G")
 def test_the_shell_reads_and_fails_as_processes_do(vg, tmp_path):
+    before = history()
     shell, processes = Lvm(RUNNER, LvmShell()), Lvm(RUNNER, None)
     shell.run("lvcreate", "-q", "-y", "--type", "thin", "--thinpool", "pool", "-V", "64m",
               "-n", "a", "--addtag", "ts_x", vg)
@@ -79,4 +88,5 @@ def test_the_shell_reads_and_fails_as_processes_do(vg, tmp_path):
     assert ts("list", vg, "--json").stdout == ts("list", vg, "--json",
                                                  env={"THINSTACK_LVM_SHELL": "0"}).stdout
     shell.close()
+    assert history() == before  # the operator's LVM shell history: untouched
     assert_pool_consistent(vg)
