@@ -128,6 +128,9 @@ class LvmShell:
         argv = ["lvm", *args]
         limit = timeout or self.default_timeout
         with self._lock, traced(argv):
+            # Checked once a command, not before its lastlog, which must ask the same shell.
+            if self._process is not None and block_devices() != self._devices:
+                self._stop(kill=False)  # LVM's shell keeps the devices it found at its start
             out, err = self._ask(text, argv, limit)
             doc = json.loads(out)
             code = status(doc)
@@ -154,11 +157,8 @@ class LvmShell:
         self._report = -1
 
     def _start(self) -> subprocess.Popen[bytes]:
-        devices = block_devices()
-        if self._process is not None and devices != self._devices:
-            self._stop(kill=False)  # LVM's shell keeps the devices it found when it started
         if self._process is None:
-            self._devices = devices
+            self._devices = block_devices()
             report, child = os.pipe()
             try:
                 # HOME: LVM's shell reads and writes $HOME/.lvm_history, the operator's own
