@@ -704,7 +704,8 @@ def finish(ref: VolumeRef, lvm: Lvm | None = None) -> bool:
     interrupted anywhere is completed by the next). False while it is still copying."""
     lvm = lvm or default_lvm()
     dm = DeviceMapper()
-    lv = lvm.find_lv(ref)
+    lvs = {lv.name: lv for lv in lvm.lvs(ref.vg)}  # one report: the volume, its pool and meta
+    lv = lvs.get(ref.name)
     if lv is None or tags.LIVE not in lv.tags:
         return False
     top = dm.info(dm_name(ref.vg, ref.name))
@@ -715,18 +716,17 @@ def finish(ref: VolumeRef, lvm: Lvm | None = None) -> bool:
         if status is not None:
             if not status.hydrated:
                 return False
-            pool = volume_pool(lv, lvm.lvs(ref.vg))
+            pool = volume_pool(lv, list(lvs.values()))
             thin = ThinTarget(_tpool(dm, pool), lv.thin_id or 0)
             dm.load(top.name, Table.of(lv.size // SECTOR, thin))
             dm.resume(top.name)  # suspends (the clone stops), swaps the table, resumes
             faults.point("live-finish", "after-reload")
-        vg = lvm.vgs(ref.vg)[0]
         RUNNER.run(["dmsetup", "rename", top.name, "--setuuid",
-                    "LVM-" + vg.uuid.replace("-", "") + lv.uuid.replace("-", "")])
+                    "LVM-" + lv.vg_uuid.replace("-", "") + lv.uuid.replace("-", "")])
     _remove_device(dm, dm_name(ref.vg, ref.name) + DEST_SUFFIX)
     stop_pacer(ref.vg, ref.name)
     stop_server(ref.vg, ref.name)
-    meta = lvm.find_lv(VolumeRef(ref.vg, ref.name + META_SUFFIX))
+    meta = lvs.get(ref.name + META_SUFFIX)
     if meta is not None:
         lvm.run("lvremove", "-q", "-y", "-f", str(meta.ref))
     lvm.run("lvchange", "-q", "--setactivationskip", "n", "--deltag", tags.LIVE, str(ref))

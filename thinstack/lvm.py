@@ -123,6 +123,7 @@ class LV:
     vg_size: int = 0
     vg_extent_size: int = 0
     vg_tags: frozenset[str] = frozenset()
+    vg_uuid: str = ""
     open: bool = False  # something (a VM, a mount) holds the device open
 
     @property
@@ -187,7 +188,7 @@ class PV:
 _LV_FIELDS = ("lv_name,vg_name,lv_uuid,lv_attr,lv_size,segtype,pool_lv,origin,data_percent,"
               "metadata_percent,lv_tags,lv_path,lv_dm_path,thin_id,chunk_size,lv_metadata_size,"
               "lv_skip_activation,lv_when_full,lv_device_open,vg_free,vg_size,vg_extent_size,"
-              "vg_tags")
+              "vg_tags,vg_uuid")
 
 
 def _int(text: str) -> int:
@@ -213,7 +214,8 @@ def _lv(row: dict[str, str]) -> LV:
               skip_activation=row["lv_skip_activation"] == "1", when_full=row["lv_when_full"],
               vg_free=_int(row.get("vg_free", "")), vg_size=_int(row.get("vg_size", "")),
               vg_extent_size=_int(row.get("vg_extent_size", "")),
-              vg_tags=_tags(row.get("vg_tags", "")), open=row.get("lv_device_open") == "1")
+              vg_tags=_tags(row.get("vg_tags", "")), vg_uuid=row.get("vg_uuid", ""),
+              open=row.get("lv_device_open") == "1")
 
 
 # LVM's messages for each kind of failure, as lvm2 prints them (one per line of its stderr).

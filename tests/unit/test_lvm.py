@@ -69,7 +69,8 @@ LV_ROW = {"lv_name": "vm1", "vg_name": "vg0", "lv_uuid": "u1", "lv_attr": "Vwi-a
           "lv_path": "/dev/vg0/vm1", "lv_dm_path": "/dev/mapper/vg0-vm1", "thin_id": "3",
           "chunk_size": "65536", "lv_metadata_size": "", "lv_skip_activation": "0",
           "lv_when_full": "", "lv_device_open": "1", "vg_free": "4194304",
-          "vg_size": "8589934592", "vg_extent_size": "4194304", "vg_tags": "ts_file=/p.img"}
+          "vg_size": "8589934592", "vg_extent_size": "4194304", "vg_tags": "ts_file=/p.img",
+          "vg_uuid": "abc-def"}
 
 
 def test_reports_go_through_the_runner_and_are_parsed():
@@ -79,8 +80,8 @@ def test_reports_go_through_the_runner_and_are_parsed():
         (VolumeRef("vg0", "vm1"), 1 << 30, 3, 12.5, frozenset({"ts_gold", "x"}), 4 << 20)
     assert lv.active and lv.is_thin and not lv.readonly and lv.open
     # The VG's fields come with each row: no `vgs` needed beside an `lvs`.
-    assert (lv.vg_size, lv.vg_extent_size, lv.vg_tags) == (8 << 30, 4 << 20,
-                                                           frozenset({"ts_file=/p.img"}))
+    assert (lv.vg_size, lv.vg_extent_size, lv.vg_tags, lv.vg_uuid) == \
+        (8 << 30, 4 << 20, frozenset({"ts_file=/p.img"}), "abc-def")
     assert runner.argvs[0][:2] == ["lvm", "lvs"] and runner.argvs[0][-1] == "vg0"
 
 
