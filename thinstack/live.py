@@ -66,6 +66,7 @@ from thinstack.dm.targets import (
 )
 from thinstack.errors import Exists, NotFound, Refused, ThinstackError, Usage
 from thinstack.extents import Extent, Kind
+from thinstack.hidden import DEST_SUFFIX, nbd_of, server_dir
 from thinstack.journal import Journal, Step, StepKind, write_atomically
 from thinstack.lock import vg_lock
 from thinstack.lvm import (
@@ -81,14 +82,13 @@ from thinstack.lvm import (
 from thinstack.operation import Op, operation
 from thinstack.progress import Bar
 from thinstack.sizes import SECTOR, format_size, round_up
-from thinstack.state import run_dir, state_dir
+from thinstack.state import state_dir
 
 if TYPE_CHECKING:  # the importers are imported when a source is opened: refusals stay cheap
     from thinstack.importers.qemu import QemuImage
 
 OP = "live-import"
 META_SUFFIX = ".clonemeta"
-DEST_SUFFIX = "-clonedest"  # a single dash: no LV's dm name can end so (LVM doubles them)
 UUID_PREFIX = "TS-LIVE-"
 MAX_REGION = 1 << 30  # dm-clone's limit
 # thinstack's format names -> qemu's driver for the top file (None: qemu's own formats, probed)
@@ -313,7 +313,7 @@ def _qemu_img_json(source: str, *args: str) -> dict:
 
 
 def pid_file(vg: str, name: str) -> Path:
-    return run_dir() / "live" / f"{dm_name(vg, name)}.pid"
+    return server_dir() / f"{dm_name(vg, name)}.pid"
 
 
 def _running(path: Path) -> tuple[int, list[bytes]] | None:
@@ -333,18 +333,6 @@ def server_pid(vg: str, name: str) -> int | None:
         return None
     pid, argv = found
     return pid if os.fsencode(str(path)) in argv and b"qemu-nbd" in argv[0] else None
-
-
-def nbd_of(pid: int) -> str | None:
-    """The nbd device a qemu-nbd process serves (the kernel names the serving thread)."""
-    for dev in Path("/sys/block").glob("nbd*"):
-        try:
-            served = (dev / "pid").read_text().strip()
-        except OSError:
-            continue
-        if Path(f"/proc/{pid}/task/{served}").exists():
-            return f"/dev/{dev.name}"
-    return None
 
 
 def _load_modules(dm: DeviceMapper) -> None:
@@ -420,7 +408,7 @@ def _terminate(pid: int) -> None:
 
 
 def pacer_pid_file(vg: str, name: str) -> Path:
-    return run_dir() / "live" / f"{dm_name(vg, name)}.pacer.pid"
+    return server_dir() / f"{dm_name(vg, name)}.pacer.pid"
 
 
 def pacer_pid(vg: str, name: str) -> int | None:

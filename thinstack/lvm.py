@@ -8,9 +8,10 @@ import atexit
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from thinstack import lvmshell, tags
+from thinstack import hidden, lvmshell, tags
 from thinstack.dm.command import RUNNER, CommandError, Runner
 from thinstack.errors import Exists, NoSpace, NotFound, Refused, ThinstackError, Usage
 
@@ -250,14 +251,19 @@ class Lvm:
     """lvm commands (`lvm lvcreate ...`, never interactive): each a line to `shell` where it can
     be one (lvmshell), else a process through `runner`."""
 
-    def __init__(self, runner: Runner = RUNNER, shell: lvmshell.LvmShell | None = None):
+    def __init__(self, runner: Runner = RUNNER, shell: lvmshell.LvmShell | None = None,
+                 hide: Callable[[], list[str]] = hidden.devices):
+        """hide: the devices LVM must not scan now (a live import's: see hidden.py)."""
         self.runner = runner
         self.shell = shell
+        self.hide = hide
+        self._host_filter: list[str] | None = None
 
     def run(self, *args: str, timeout: float | None = None) -> str:
         """Run one lvm command; a failure raises its classified thinstack error. Returns its
         JSON report (what a process prints to stdout, or the shell to its report descriptor)."""
         try:
+            args = self._filtered(args)
             if self.shell is not None and (text := lvmshell.line(args)) is not None:
                 try:
                     return self.shell.run(args, text, timeout)
@@ -267,6 +273,18 @@ class Lvm:
             return self.runner.run(["lvm", *args], timeout=timeout)
         except CommandError as e:
             raise classify(e) from e
+
+    def _filtered(self, args: tuple[str, ...]) -> tuple[str, ...]:
+        """args with a device filter that hides what a live import shows, while there is one
+        (asking LVM once for the host's own filter, to keep it)."""
+        devices = self.hide()
+        if not devices:
+            return args
+        if self._host_filter is None:
+            self._host_filter = hidden.host_patterns(self.runner.run(
+                ["lvmconfig", "--typeconfig", "full", "devices/filter"]))
+        return (args[0], "--config", hidden.config(hidden.aliases(devices), self._host_filter),
+                *args[1:])
 
     def close(self) -> None:
         """End the shell, if any (the next command starts another): so that a long-running

@@ -218,6 +218,46 @@ def test_live_import_oracle(lab_disks, tmp_path):
 
 
 @pytest.mark.lab(disks=1, disk_size="1G", timeout=900)
+def test_a_guest_vg_named_as_the_hosts_is_never_seen(lab_disks, tmp_path):
+    """An image holding the guest's own LVM, its VG named as the host's (installers name them
+    alike): while it is copied in, its PV shows on the nbd device, the clone and its
+    destination. LVM would then refuse every command naming the host's VG (two VGs, one name),
+    and the import could not even finish. thinstack's LVM commands never see those devices."""
+    raw = tmp_path / "guest.raw"
+    with open(raw, "wb") as f:
+        f.truncate(SIZE)
+    loop = sh("losetup", "-f", "--show", str(raw)).strip()
+    only_loop = f'devices{{filter=["a|^{loop}$|","r|.*|"]}}'
+    try:
+        sh("pvcreate", "-q", "--config", only_loop, loop)
+        sh("vgcreate", "-q", "--config", only_loop, "vg0", loop)
+        sh("lvcreate", "-q", "-y", "--config", only_loop, "-L", "8M", "-n", "inside", "vg0")
+        sh("vgchange", "-q", "-an", "--config", only_loop, "vg0")
+    finally:
+        sh("losetup", "-d", loop)
+    image = tmp_path / "guest.qcow2"
+    sh("qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(image))
+    make_vg(lab_disks[0])  # after the guest's vg0: LVM refuses a second VG of one name
+
+    ts("import", "--live", str(image), "vg0/g")
+    assert sh("dmsetup", "info", "-c", "--noheadings", "-o", "name", "vg0-g-clonedest")
+    # LVM unfiltered sees the guest's VG: the hazard is real in this lab.
+    seen = subprocess.run(["vgs", "--noheadings", "-o", "vg_name"], capture_output=True,
+                          text=True).stdout.split()
+    assert seen.count("vg0") == 2, seen
+    # thinstack's commands on the host's vg0 work, the import included.
+    assert "vg0/g" in ts("list", "vg0").stdout
+    ts("create", "vg0/other", "--size", "8M")
+    assert json.loads(ts("pool", "status", "vg0", "--json").stdout)
+    ts("import", "--live", "--wait", "vg0/g")
+    ordinary("g")
+    assert read("/dev/vg0/g") == raw.read_bytes()
+    # Now an LV, which LVM does not scan: one vg0 again, for LVM itself too.
+    assert sh("vgs", "--noheadings", "-o", "vg_name").split() == ["vg0"]
+    assert_pool_consistent("vg0")
+
+
+@pytest.mark.lab(disks=1, disk_size="1G", timeout=900)
 def test_live_import_waits_for_a_full_pool_and_goes_on(lab_disks, tmp_path):
     """A pool at its limit fills mid-copy: the kernel's copy writes fail, the copy says it
     waits for its pool (status, list, an alert), reads still equal the image, and once the
