@@ -142,7 +142,7 @@ def measure(scale: int) -> dict:
 def startup() -> dict:
     """Python's import cost: `thinstack --help` and `thinstack list` (inside the lab, as root:
     the list reaches the kernel), and whether blivet or pyudev were imported."""
-    out = {}
+    out: dict = {}
     for name, args in (("--help", ["--help"]), ("list", ["list", VG])):
         env = {**ENV, "PYTHONPROFILEIMPORTTIME": "1"}
         done = subprocess.run([*THINSTACK, *args], capture_output=True, text=True, env=env)
@@ -155,6 +155,8 @@ def startup() -> dict:
                      "blivet": any(m.startswith("blivet") for m in modules),
                      "pyudev": any(m.startswith("pyudev") for m in modules),
                      "sh": "sh" in modules}
+    # The floor under every command: the interpreter with its site, importing nothing of ours.
+    out["python"] = {"wall": min(run([sys.executable, "-c", "pass"])[0] for _ in range(ROUNDS))}
     return out
 
 
@@ -199,6 +201,10 @@ def report(runs: dict) -> str:
         if st:
             lines += ["", "Start-up (`python -X importtime`):", ""]
             for name, s in st.items():
+                if name == "python":
+                    lines.append(f"- `python -c pass` (the interpreter alone: under every "
+                                 f"command, by hand none): {s['wall']:.2f} s")
+                    continue
                 lines.append(f"- `thinstack {name}`: {s['wall']:.2f} s, imports "
                              f"{s['import_seconds']:.2f} s ({s['modules']} modules); blivet "
                              f"{'imported' if s['blivet'] else 'not imported'}, pyudev "
@@ -219,7 +225,7 @@ def main() -> int:
         ["git", "-C", str(ROOT), "log", "-1", "--format=%h %s"], capture_output=True,
         text=True).stdout.strip()[:80]
     subprocess.run([*THINSTACK, "pool", "create", VG, DISK], check=True, capture_output=True)
-    entry = {"commit": commit, "kernel": platform.release(), "cpus": os.cpu_count(),
+    entry: dict = {"commit": commit, "kernel": platform.release(), "cpus": os.cpu_count(),
              "date": time.strftime("%Y-%m-%d %H:%M"), "scales": {}}
     startup()  # compiles what they import
     entry["startup"] = startup()
