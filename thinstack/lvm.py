@@ -289,7 +289,8 @@ class Lvm:
     def close(self) -> None:
         """End the shell, if any (the next command starts another): so that a long-running
         process (the monitor) does not keep one LVM process, and its view of the
-        configuration, for ever."""
+        configuration (the host's device filter too), for ever."""
+        self._host_filter = None
         if self.shell is not None:
             self.shell.close()
 
