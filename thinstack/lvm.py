@@ -283,8 +283,11 @@ class Lvm:
         if self._host_filter is None:
             self._host_filter = hidden.host_patterns(self.runner.run(
                 ["lvmconfig", "--typeconfig", "full", "devices/filter"]))
-        return (args[0], "--config", hidden.config(hidden.aliases(devices), self._host_filter),
-                *args[1:])
+        ours = hidden.config(hidden.aliases(devices), self._host_filter)
+        if "--config" in args:  # LVM takes the option once: one string holds both
+            at = args.index("--config") + 1
+            return (*args[:at], f"{args[at]} {ours}", *args[at + 1:])
+        return (args[0], "--config", ours, *args[1:])
 
     def close(self) -> None:
         """End the shell, if any (the next command starts another): so that a long-running

@@ -235,6 +235,11 @@ def test_a_guest_vg_named_as_the_hosts_is_never_seen(lab_disks, tmp_path):
         sh("vgchange", "-q", "-an", "--config", only_loop, "vg0")
     finally:
         sh("losetup", "-d", loop)
+    # The kernel lets go of a loop device at its last close (udev may still hold it), and the
+    # guest's /dev/vg0 goes with udev's rules: until both are gone, the host's vgcreate below
+    # would find a vg0 already.
+    sh("udevadm", "settle")
+    wait_for(lambda: not sh("losetup", "-j", str(raw)).strip() and not Path("/dev/vg0").exists())
     image = tmp_path / "guest.qcow2"
     sh("qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(image))
     make_vg(lab_disks[0])  # after the guest's vg0: LVM refuses a second VG of one name
@@ -352,6 +357,10 @@ def test_live_import_faults_and_source_failure(lab_disks, tmp_path):
     # thinstack's server is started again over the same NBD source while that is up...
     r = ts("monitor", "--once", check=False)
     assert r.returncode == 0 and "served again" in r.stderr, r.stderr
+    # The server came back on another nbd device (the clone held the old one open), and the
+    # clone's reload turned the copy on: paused again, or the copy may end before the next
+    # pass looks (it did, once the monitor's pass took a second more).
+    sh("dmsetup", "message", "vg0-v", "0", "disable_hydration")
     (st,) = json.loads(ts("import", "--status", "--json", "vg0/v").stdout)
     assert st["source_up"], st
     # ... and while the NBD server itself is gone, the monitor alerts until it is back.

@@ -54,6 +54,11 @@ def test_lvm_commands_carry_the_filter_only_while_something_is_hidden(tmp_path):
     assert len(lvmconfig) == 1  # the host's filter: asked once a process
     assert runner.argvs[-1] == ["lvm", "lvs", "--config", 'devices{filter=["a|.*|"]}', "vg0"]
     assert runner.argvs[-2][:3] == ["lvm", "lvchange", "--config"]
+    # A command with a --config of its own (the monitor's) gets one --config holding both:
+    # LVM refuses the option twice ("Error during parsing of command line").
+    lvm.run("lvextend", "-q", "-L", "+4m", "vg0/pool", "--config", "activation{x=1}")
+    assert runner.argvs[-1] == ["lvm", "lvextend", "-q", "-L", "+4m", "vg0/pool", "--config",
+                                'activation{x=1} devices{filter=["a|.*|"]}']
     lvm.close()  # the monitor's pass ends so: the next one reads the host's filter afresh
     lvm.run("lvs", "vg0")
     assert len([a for a in runner.argvs if a[0] == "lvmconfig"]) == 2
