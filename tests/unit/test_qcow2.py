@@ -811,6 +811,53 @@ def test_export_spans_l2_tables(tmp_path, compress):
     image.close()
 
 
+@pytest.mark.parametrize("with_parent", [False, True])
+def test_export_long_writes(tmp_path, with_parent):
+    """Writes of many clusters at once (the copy loop hands over up to 8 MiB), one across the
+    512 MiB boundary of an L2 table, with all-zero clusters inside: those allocate nothing (over
+    a parent, they carry the zero flag), and the image equals the disk."""
+    size, cluster = 600 * MiB, 64 * KiB
+    rng = random.Random(11)
+    long = bytearray(rng.randbytes(12 * MiB + 1000))
+    zero_clusters = (0, 3, 4, 100, 192)  # inside the run, its first and last (partial) too
+    for c in zero_clusters:
+        long[c * cluster:(c + 1) * cluster] = bytes(cluster)
+    start = MiB if with_parent else 512 * MiB - 5 * MiB
+    pieces = {cluster + 700: rng.randbytes(2 * cluster), start: bytes(long)}  # one unaligned
+    if not with_parent:
+        pieces[MiB] = rng.randbytes(9 * MiB)
+    pieces = dict(sorted(pieces.items()))
+    parent = None
+    if with_parent:
+        parent = tmp_path / "base.raw"
+        parent.write_bytes(b"\xee" * (16 * MiB))
+    src = tmp_path / "src.raw"
+    with open(src, "wb") as f:
+        if parent is not None:
+            f.write(parent.read_bytes())
+        f.truncate(size)
+        for offset, chunk in pieces.items():
+            f.seek(offset)
+            f.write(chunk)
+    (tmp_path / "vm").mkdir()
+    dst = tmp_path / "vm" / "out.qcow2"
+    w = writer.create(dst, size, parent=parent)
+    for offset, chunk in pieces.items():
+        w.write(offset, chunk)
+    w.close()
+    _check_clean(dst)
+    run("qemu-img", "compare", "-f", "raw", "-F", "qcow2", src, dst)
+    if with_parent:
+        entries = json.loads(run("qemu-img", "map", "--output=json", dst))
+        for c in zero_clusters[:-1]:  # the last one is partial: the parent's bytes past it
+            at = start + c * cluster
+            (e,) = [e for e in entries if e["start"] <= at < e["start"] + e["length"]]
+            assert (e["depth"], e["zero"], e["data"]) == (0, True, False), (c, e)
+    else:
+        data_clusters = 3 + 9 * MiB // cluster + 193 - len(zero_clusters)
+        assert qemu_data_bytes(dst) == data_clusters * cluster
+
+
 def test_export_allocates_only_data(tmp_path):
     dst = tmp_path / "z.qcow2"
     w = writer.create(dst, 4 * MiB)
