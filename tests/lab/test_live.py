@@ -230,8 +230,8 @@ def test_a_guest_vg_named_as_the_hosts_is_never_seen(lab_disks, tmp_path):
     only_loop = f'devices{{filter=["a|^{loop}$|","r|.*|"]}}'
     try:
         sh("pvcreate", "-q", "--config", only_loop, loop)
-        # No LV inside: the name alone is the hazard, and an LV that udev's rules might
-        # activate on the loop device (event autoactivation, on some hosts) would hold it open.
+        # No LV inside: the name alone is the hazard, and an LV would be activated on the loop
+        # device by udev's 69-lvm rules (without systemd they run vgchange -aay), holding it.
         sh("vgcreate", "-q", "--config", only_loop, "vg0", loop)
     finally:
         sh("losetup", "-d", loop)

@@ -822,15 +822,16 @@ def test_export_long_writes(tmp_path, with_parent):
     zero_clusters = (0, 3, 4, 100, 192)  # inside the run, its first and last (partial) too
     for c in zero_clusters:
         long[c * cluster:(c + 1) * cluster] = bytes(cluster)
-    start = MiB if with_parent else 512 * MiB - 5 * MiB
-    pieces = {cluster + 700: rng.randbytes(2 * cluster), start: bytes(long)}  # one unaligned
-    if not with_parent:
-        pieces[MiB] = rng.randbytes(9 * MiB)
-    pieces = dict(sorted(pieces.items()))
+    pieces = {cluster + 700: rng.randbytes(2 * cluster)}  # unaligned
     parent = None
-    if with_parent:
+    if with_parent:  # the long run inside the parent's 16 MiB
         parent = tmp_path / "base.raw"
         parent.write_bytes(b"\xee" * (16 * MiB))
+        start = MiB
+    else:  # the long run across the first L2 table's end
+        start = 512 * MiB - 5 * MiB
+        pieces[MiB] = rng.randbytes(9 * MiB)
+    pieces[start] = bytes(long)
     src = tmp_path / "src.raw"
     with open(src, "wb") as f:
         if parent is not None:
