@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import Enum
-from xml.parsers import expat
 
 from thinstack.dm.command import RUNNER, CommandError, CommandNotFound, CommandTimeout, Runner
 from thinstack.dm.errors import ParseError
@@ -114,6 +113,8 @@ def _expat(pieces: Iterable[str], start: Callable[[str, dict[str, str]], None],
            end: Callable[[str], None], tool: str) -> None:
     """Feed a tool's XML output, in pieces, to start/end element callbacks: no tree is built,
     as a fragmented volume's output has millions of elements."""
+    from xml.parsers import expat  # here: most commands never parse XML, and start-up is dear
+
     parser = expat.ParserCreate()
     parser.StartElementHandler, parser.EndElementHandler = start, end
     try:

@@ -10,7 +10,6 @@ relative to one descriptor of the folder, taken once. Images hold whole disks: t
 from __future__ import annotations
 
 import os
-import secrets
 import stat
 from pathlib import Path
 
@@ -24,7 +23,7 @@ NEW_MODE = 0o600
 def partial_name(dest: str | os.PathLike) -> str:
     """A fresh name for DEST's temporary file: random, so nobody can plant anything there first.
     (An export journals it before the file exists, to find it again after a kill.)"""
-    return f".{Path(dest).name}{PARTIAL}{secrets.token_hex(8)}"
+    return f".{Path(dest).name}{PARTIAL}{os.urandom(8).hex()}"
 
 
 def kept_mode(st: os.stat_result | None, euid: int) -> int:

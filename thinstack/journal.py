@@ -18,7 +18,6 @@ import os
 import re
 import sys
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -237,7 +236,7 @@ class Journal:
         self.root = root or state_dir() / "journal"
 
     def begin(self, op: str, vg: str, **args) -> Entry:
-        entry = Entry(id=uuid.uuid4().hex[:12], op=op, vg=vg, args=args, started=time.time(),
+        entry = Entry(id=os.urandom(6).hex(), op=op, vg=vg, args=args, started=time.time(),
                       pid=os.getpid())
         self._write(entry)
         return entry
