@@ -458,10 +458,11 @@ def _rotate(job: _Job, dest: Path, format: str) -> None:
     export is a full one."""
     snapshot = job.read_from
     last = VolumeRef(snapshot.vg, job.source.name + LAST_EXPORT_SUFFIX)
-    # Still the base checked at the start (the VG lock was let go meanwhile): the same LV.
-    current = lvm.find_lv(job.last.ref) if job.last is not None else None
-    if current is not None and job.last is not None and current.uuid == job.last.uuid:
-        lvm.lvm("lvremove", "-q", "-y", "-f", str(job.last.ref))
+    # Only the base checked at the start (the VG lock was let go meanwhile): LVM selects it by
+    # uuid and name under its lock, and removes nothing if it has gone.
+    if job.last is not None:
+        lvm.lvm("lvremove", "-q", "-y", "-f", "-S",
+                f'lv_uuid={job.last.uuid} && lv_name="{job.last.name}"', job.last.vg)
     # A base is only ever read from the pool's metadata: it needs no device. (Renaming an
     # inactive LV is also much quicker: no device to suspend.)
     if extorigin.is_outside_clone(snapshot):
