@@ -33,6 +33,7 @@ import json
 import os
 import platform
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -57,15 +58,19 @@ ENV = {**{k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
        "PYTHONPYCACHEPREFIX": PYCACHE}
 
 
-def run(argv: list[str], trace: bool = False) -> tuple[float, str]:
-    """Run argv; its wall time, and its stderr (the trace)."""
+def run(argv: list[str], trace: bool = False) -> tuple[float, str, int]:
+    """Run argv; its wall time, its stderr (the trace), and the pages it and the processes it
+    waited for touched (minor faults). In the lab a process pays about the same for each page
+    it touches: pages are what its start-up costs, and they do not vary from run to run."""
     env = {**ENV, "THINSTACK_TRACE": "1" if trace else "0"}
+    faults = resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt
     start = time.monotonic()
     done = subprocess.run(argv, capture_output=True, text=True, env=env)
     took = time.monotonic() - start
+    pages = resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt - faults
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(argv)}: exit {done.returncode}: {done.stderr.strip()}")
-    return took, done.stderr
+    return took, done.stderr, pages
 
 
 def phases(trace: str) -> list[tuple[str, float]]:
@@ -102,13 +107,16 @@ def measure(scale: int) -> dict:
     results: dict[str, dict] = {}
 
     def pair(op: str, mine: list[str], theirs: list[str]) -> None:
-        t_mine, trace = run(mine, trace=True)
-        t_theirs, _ = run(theirs)
+        t_mine, trace, p_mine = run(mine, trace=True)
+        t_theirs, _, p_theirs = run(theirs)
         r = results.setdefault(op, {"thinstack": [], "by_hand": [], "phases": None,
                                     "command": " ".join(mine[len(ts):]),
-                                    "by_hand_command": " ".join(theirs)})
+                                    "by_hand_command": " ".join(theirs),
+                                    "pages": [], "pages_by_hand": []})
         r["thinstack"].append(t_mine)
         r["by_hand"].append(t_theirs)
+        r["pages"].append(p_mine)
+        r["pages_by_hand"].append(p_theirs)
         if r["phases"] is None or t_mine <= min(r["thinstack"]):
             r["phases"] = phases(trace)
 
@@ -150,13 +158,19 @@ def startup() -> dict:
                 if line.startswith("import time:") and "|" in line]
         modules = {r[2].strip() for r in rows if len(r) == 3}
         total = sum(int(r[0].split(":")[1]) for r in rows if r[0].split(":")[1].strip().isdigit())
-        wall, _ = run([*THINSTACK, *args])
+        wall, _, pages = run([*THINSTACK, *args])
         out[name] = {"import_seconds": total / 1e6, "wall": wall, "modules": len(modules),
+                     "pages": pages,
                      "blivet": any(m.startswith("blivet") for m in modules),
                      "pyudev": any(m.startswith("pyudev") for m in modules),
                      "sh": "sh" in modules}
-    # The floor under every command: the interpreter with its site, importing nothing of ours.
-    out["python"] = {"wall": min(run([sys.executable, "-c", "pass"])[0] for _ in range(ROUNDS))}
+    # The floor under every command: the interpreter with its site, importing nothing of ours;
+    # and what a process costs a page, from the smallest one to the interpreter.
+    for name, argv in (("python", [sys.executable, "-c", "pass"]),
+                       ("python -S", [sys.executable, "-S", "-c", "pass"]),
+                       ("true", ["/bin/true"]), ("lvs", ["lvm", "lvs", VG])):
+        runs = [run(argv) for _ in range(ROUNDS)]
+        out[name] = {"wall": min(r[0] for r in runs), "pages": min(r[2] for r in runs)}
     return out
 
 
@@ -185,27 +199,34 @@ def report(runs: dict) -> str:
                              f"(**{r['ratio']:.1f}x**)")
             lines.append(f"| {op} | " + " | ".join(cells) + f" | {GOAL.get(op, '-')}"
                          f"{'x' if op in GOAL else ''} |")
-        lines += ["", "Per-phase breakdown (largest scale): commands run, their time, and the rest "
-                  "(Python: start-up, imports, its own work).", "",
-                  "| operation | commands | in commands | rest | what ran |",
-                  "|---|---|---|---|---|"]
+        lines += ["", "Per-phase breakdown (largest scale): commands run, their time, the rest "
+                  "(Python: start-up, imports, its own work), and the pages the command and "
+                  "its children touched (best run), thinstack / by hand.", "",
+                  "| operation | commands | in commands | rest | pages | what ran |",
+                  "|---|---|---|---|---|---|"]
         top = entry["scales"][scales[-1]]
         for op in OPS:
             r = top.get(op)
             if r is None:
                 continue
             ran = ", ".join(f"{c} {t:.2f}" for c, t in r["phases"]) or "-"
+            pages = (f"{min(r['pages'])} / {min(r['pages_by_hand'])}" if r.get("pages")
+                     else "-")
             lines.append(f"| {op} | {r['commands']} | {r['command_seconds']:.2f} s | "
-                         f"{r['best'] - r['command_seconds']:.2f} s | {ran} |")
+                         f"{r['best'] - r['command_seconds']:.2f} s | {pages} | {ran} |")
         st = entry.get("startup", {})
         if st:
             lines += ["", "Start-up (`python -X importtime`):", ""]
             for name, s in st.items():
-                if name == "python":
-                    lines.append(f"- `python -c pass` (the interpreter alone: under every "
-                                 f"command, by hand none): {s['wall']:.2f} s")
+                pages = f", {s['pages']} pages" if "pages" in s else ""
+                if name in ("python", "python -S", "true", "lvs"):
+                    what = {"python": "`python -c pass` (the interpreter alone: under every "
+                                      "command, by hand none)",
+                            "python -S": "`python -S -c pass` (without site)",
+                            "true": "`/bin/true`", "lvs": "`lvm lvs`"}[name]
+                    lines.append(f"- {what}: {s['wall']:.2f} s{pages}")
                     continue
-                lines.append(f"- `thinstack {name}`: {s['wall']:.2f} s, imports "
+                lines.append(f"- `thinstack {name}`: {s['wall']:.2f} s{pages}, imports "
                              f"{s['import_seconds']:.2f} s ({s['modules']} modules); blivet "
                              f"{'imported' if s['blivet'] else 'not imported'}, pyudev "
                              f"{'imported' if s['pyudev'] else 'not imported'}, sh "
