@@ -41,6 +41,7 @@ PROFILE = "lvmdbusd"
 PROFILE_PATH = "/etc/lvm/profile/lvmdbusd.profile"
 SYS_BLOCK = "/sys/class/block"
 _MAX_WORDS = 63  # LVM's shell takes at most 64 words, and refuses a line of that many
+EXIT_WAIT = 10.0  # seconds a shell has to exit at the end of its input before it is killed
 
 
 def line(args: Sequence[str]) -> str | None:
@@ -225,3 +226,9 @@ class LvmShell:
                 pass  # a shell gone with its input unread
         os.close(self._report)
         self._report = -1
+        # A command ends when its LVM process has: none is left behind to exit on its own.
+        try:
+            process.wait(timeout=EXIT_WAIT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
