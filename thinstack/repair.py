@@ -169,8 +169,10 @@ def rollback(entry: Entry, lvm: Lvm) -> list[Action]:
     activates the volumes it deactivated, where LVM can (a pool that fails LVM's check stays
     inactive, as it was, for the next `pool repair`). A repaired one leaves them to the next
     repair, which checks the pool before use."""
-    if entry.committed:
+    inactive = [s.target for s in entry.parsed() if s.kind is StepKind.INACTIVE]
+    # A VG removed since has nothing left to activate (and LVM would refuse to list it).
+    if entry.committed or not inactive or not lvm.vgs(entry.vg):
         return []
     active = {lv.name for lv in lvm.lvs(entry.vg) if lv.active}
-    return [Action(Undo.TRY_ACTIVATE, f"{entry.vg}/{s.target}") for s in entry.parsed()
-            if s.kind is StepKind.INACTIVE and s.target not in active]
+    return [Action(Undo.TRY_ACTIVATE, f"{entry.vg}/{name}") for name in inactive
+            if name not in active]

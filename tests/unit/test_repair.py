@@ -127,3 +127,12 @@ def test_an_interrupted_repair_activates_again_what_it_deactivated_if_it_can():
     entry.steps.append(str(Step(StepKind.COMMITTED)))
     assert repair.rollback(entry, lvm) == []
     assert recovery._resolve(recovery.PLANNERS["pool-repair"]) is repair.rollback
+
+
+def test_an_interrupted_repair_of_a_vg_removed_since_leaves_nothing_to_do():
+    entry = Journal().begin("pool-repair", "vg0", pool="pool", active=["a"])
+    entry.steps.append(str(Step(StepKind.INACTIVE, "a")))
+    assert repair.rollback(entry, FakeLvm(vgs=[], lvs=[])) == []
+    # Nor one that had deactivated nothing yet: it reads nothing.
+    entry.steps.clear()
+    assert repair.rollback(entry, FakeLvm(vgs=[vg()], lvs=[thin("a", 1)])) == []
