@@ -46,7 +46,7 @@ from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from thinstack import extorigin, faults, live, lvm, mapping, recovery, tags, thinpool
+from thinstack import extorigin, faults, growth, live, lvm, mapping, recovery, tags, thinpool
 from thinstack.copy import CopyStats, copy_extents, data_bytes
 from thinstack.dm import tools
 from thinstack.dm.client import DeviceMapper
@@ -492,7 +492,7 @@ def _snapshot(op: Op, source: LV, *, active: bool, pool: LV) -> LV:
         return _outside_snapshot(op, source, ref, active=active, pool=pool)
     # -K: active now, though LVM's activation-skip flag (kept) leaves it down after a reboot.
     lvm.lvm("lvcreate", "-q", "-y", "-s", str(source.ref), "-n", ref.name, "-p", "r",
-            "--addtag", entry.tag, "-K")
+            "--addtag", entry.tag, "-K", "--config", growth.arming(pool.tags))
     return lvm.lv(ref)
 
 
@@ -505,7 +505,8 @@ def _outside_snapshot(op: Op, source: LV, ref: VolumeRef, *, active: bool, pool:
             "--addtag", op.entry.tag, *(a for t in sorted(source.tags)
                                      if t.startswith((tags.EXT_ORIGIN, tags.EXT_SIZE))
                                      for a in ("--addtag", t)),
-            "--config", "devices{ignore_suspended_devices=1}"]
+            "--config", "devices{ignore_suspended_devices=1} "
+                        + growth.arming(pool.tags)]
     if active:
         name = extorigin.dm_name(source)
         # Journalled before: a kill while it is suspended would leave its VM frozen, and LVM

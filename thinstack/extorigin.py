@@ -31,7 +31,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from thinstack import lvm, tags
+from thinstack import growth, lvm, tags
 from thinstack.dm.client import DeviceMapper
 from thinstack.dm.command import RUNNER, Runner
 from thinstack.dm.targets import Table, ThinTarget
@@ -192,7 +192,8 @@ def activate(lv: LV, pool: LV) -> str:
     set_readonly(origin)
     tpool = dm.info(tpool_name(pool))
     if tpool is None:
-        lvm.lvm("lvchange", "-q", "-ay", f"{pool.vg}/{pool.name}")
+        lvm.lvm("lvchange", "-q", "-ay", "--config", growth.arming(pool.tags),
+                f"{pool.vg}/{pool.name}")
         tpool = dm.info(tpool_name(pool))
         if tpool is None:
             raise Refused(f"{pool.vg}/{pool.name}: the thin pool did not come up")

@@ -204,6 +204,15 @@ def lvm_threshold(threshold: float) -> int:
     return max(LVM_THRESHOLD_MIN, min(100, math.floor(threshold)))
 
 
+def arming(pool_tags: frozenset[str]) -> str:
+    """The `--config` for an LVM command that loads a pool's table (making or activating a thin
+    volume in it, growing or refreshing it): LVM writes a low-water mark into every pool table
+    it loads, from its threshold, which at its default leaves the pool's event off until the
+    monitor's next pass re-arms it with one more reload of the pool."""
+    return ("activation{thin_pool_autoextend_threshold="
+            f"{lvm_threshold(settings(pool_tags).threshold)}}}")
+
+
 def low_water_mark(data_blocks: int, threshold: float) -> int:
     """The low-water mark (free data blocks) LVM writes into the pool's table for `threshold`."""
     t = lvm_threshold(threshold)

@@ -218,12 +218,12 @@ def _run(op: Op, ref: VolumeRef, image: Image, extents: list[Extent],
         budget.refuse(pool, op.lvs, op.entry.args["size"], f"importing into {ref}")
         lvm.lvm("lvcreate", "-q", "-y", "--type", "thin", "--thinpool", pool.name,
                      "-V", f"{op.entry.args['size']}b", "-n", temp.name, "--addtag", op.entry.tag,
-                     "--setactivationskip", "n", ref.vg)
+                     "--setactivationskip", "n", "--config", growth.arming(pool.tags), ref.vg)
         op.step(Step(StepKind.CREATED, temp.name))
         faults.point("import", "after-lvcreate")
     if made is None or made.name == temp.name:
         if made is not None and not made.active:  # interrupted while being renamed
-            lvm.lvm("lvchange", "-q", "-ay", str(temp))
+            lvm.lvm("lvchange", "-q", "-ay", "--config", growth.arming(pool.tags), str(temp))
         stats = _copy(op, temp, image, extents, start, pool.chunk_size, progress)
         faults.point("import", "after-copy")
         # Renaming an inactive volume changes LVM's metadata only, which takes half the time of
@@ -234,7 +234,8 @@ def _run(op: Op, ref: VolumeRef, image: Image, extents: list[Extent],
     else:  # renamed before the interruption: only the commit is left
         stats = CopyStats(position=image.virtual_size)
     # Activated and committed (its tag dropped) by one LVM command: one device scan, not two.
-    lvm.lvm("lvchange", "-q", "-ay", "--deltag", op.entry.tag, str(ref))
+    lvm.lvm("lvchange", "-q", "-ay", "--deltag", op.entry.tag, "--config", growth.arming(pool.tags),
+            str(ref))
     op.commit()
     return stats, pool.chunk_size
 

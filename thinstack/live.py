@@ -52,7 +52,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from thinstack import budget, extorigin, faults, poolstatus, tags
+from thinstack import budget, extorigin, faults, growth, poolstatus, tags
 from thinstack.dm.client import DeviceMapper
 from thinstack.dm.command import RUNNER, CommandError, summary
 from thinstack.dm.status import CloneStatus
@@ -647,11 +647,12 @@ def _setup(op: Op, ref: VolumeRef, opened: Opened, extents: list[Extent], source
     op.step(Step(StepKind.CREATED, ref.name))
     lvm.run("lvcreate", "-q", "-y", "--type", "thin", "--thinpool", pool.name, "-V", f"{size}b",
             "-n", ref.name, "--addtag", op.entry.tag, "--addtag", tags.LIVE,
-            "--setactivationskip", "y", ref.vg)
+            "--setactivationskip", "y", "--config", growth.arming(pool.tags), ref.vg)
     op.step(Step(StepKind.CREATED, meta_name))
     lvm.run("lvcreate", "-q", "-y", "--type", "thin", "--thinpool", pool.name,
             "-V", f"{metadata_size(regions, extent)}b", "-n", meta_name, "--addtag",
-            op.entry.tag, "--addtag", tags.LIVE_META, "--setactivationskip", "n", ref.vg)
+            op.entry.tag, "--addtag", tags.LIVE_META, "--setactivationskip", "n",
+            "--config", growth.arming(pool.tags), ref.vg)
     faults.point(OP, "after-lvcreate")
     made = {lv.name: lv for lv in lvm.lvs(ref.vg)}  # one report for both
     lv, meta = made[ref.name], made[meta_name]

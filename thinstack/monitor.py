@@ -37,7 +37,7 @@ from thinstack.growth import (
     PoolView,
     Reading,
     Space,
-    lvm_threshold,
+    arming,
     plan_cow,
     plan_pool,
     settings,
@@ -213,11 +213,11 @@ class Monitor:
         # So each lvm command here that reloads the pool carries our threshold, and the kernel
         # raises its event there. Through LVM rather than a table reload with dmsetup: LVM's
         # locks, metadata and view of the device stack stay its own. Not in lvm.conf: a global
-        # threshold would also let dmeventd extend pools behind the policy's back. Commands
-        # that run without it (creating a thin volume, activation) reset the mark, so every
-        # pass compares it with ours and re-arms it (plan.rearm: `lvchange --refresh`).
-        config = ["--config", f"activation{{thin_pool_autoextend_threshold="
-                              f"{lvm_threshold(view.settings.threshold)}}}"]
+        # threshold would also let dmeventd extend pools behind the policy's back. thinstack's
+        # own commands that load the pool carry it too (growth.arming); others (LVM's by hand,
+        # a boot's activation) reset the mark, so every pass compares it with ours and re-arms
+        # it (plan.rearm: `lvchange --refresh`).
+        config = ["--config", arming(lv.tags)]
         ref = str(lv.ref)
         def grow_data() -> None:
             self._grow(h, ref, view.data.size, plan.grow_data, "data", "-L", *config)

@@ -384,7 +384,8 @@ def extend(vg: str, size: int, name: str | None = None) -> PoolStatus:
         if size > free:
             raise NoSpace(f"volume group {vg} has {format_size(free)} free, less than "
                           f"{format_size(size)}: add a device to it first")
-        lvm.lvm("lvextend", "-q", "-L", f"+{size}b", str(pool.ref))
+        lvm.lvm("lvextend", "-q", "-L", f"+{size}b", "--config", growth.arming(pool.tags),
+                str(pool.ref))
     return status(vg, pool.name)[0]
 
 

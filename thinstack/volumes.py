@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from thinstack import budget, extorigin, faults, lvm, tags, thinpool
+from thinstack import budget, extorigin, faults, growth, lvm, tags, thinpool
 from thinstack.errors import Exists, NotFound, Refused
 from thinstack.journal import Step, StepKind
 from thinstack.lvm import LV, VolumeRef
@@ -70,7 +70,8 @@ def create(ref: VolumeRef, size: int, pool_name: str | None = None) -> str:
         pool = lvm.pool_of(ref.vg, op.lvs, pool_name)
         budget.refuse(pool, op.lvs, size, f"creating {ref}")
         lvm.lvm("lvcreate", "-q", "-y", "--type", "thin", "--thinpool", pool.name, "-V", f"{size}b",
-             "-n", ref.name, "--setactivationskip", "n", ref.vg)
+                "-n", ref.name, "--setactivationskip", "n", "--config", growth.arming(pool.tags),
+                ref.vg)
         faults.point("create", "after-lvcreate")
     return ref.path
 
@@ -101,7 +102,7 @@ def _thin_snapshot(op: Op, source: LV, ref: VolumeRef, readonly: bool) -> None:
     # LVM gives thin snapshots its activation-skip flag by default, so they would not come up
     # on activation or the next boot: -kn clears it, and the snapshot is active at once.
     lvm.lvm("lvcreate", "-q", "-y", "-s", str(source.ref), "-n", ref.name, "--setactivationskip",
-         "n", "-p", "r" if readonly else "rw")
+            "n", "-p", "r" if readonly else "rw", "--config", growth.arming(pool.tags))
 
 
 def gold(ref: VolumeRef) -> str:
@@ -116,10 +117,11 @@ def gold(ref: VolumeRef) -> str:
             raise Refused(f"{ref} is open (a VM or a mount is using it); close it first")
         # Read-only and tagged in one LVM command, so never one without the other: the commit
         # point. (Journalled first all the same: a rollback reads the steps.)
+        pool = lvm.volume_pool(lv, op.lvs)  # -pr reloads the volume's table, and its pool's
         if not lv.readonly:
             op.step(Step(StepKind.READONLY, lv.name))
         lvm.lvm("lvchange", "-q", *([] if lv.readonly else ["-pr"]), "--addtag", tags.GOLD,
-                str(ref))
+                "--config", growth.arming(pool.tags), str(ref))
         faults.point("gold", "after-readonly")
         op.commit()
     return ref.path
@@ -191,7 +193,8 @@ def _outside_clone(op: Op, path: str, ref: VolumeRef, pool_name: str | None,
     # Inactive, and skipped by LVM's activation: only extorigin brings it up, with its origin.
     lvm.lvm("lvcreate", "-q", "-y", "--type", "thin", "--thinpool", pool.name,
             "-V", f"{origin.size}b", "-n", ref.name, "-an", "--setactivationskip", "y",
-            "--addtag", op.entry.tag, *(a for t in origin_tags for a in ("--addtag", t)), ref.vg)
+            "--addtag", op.entry.tag, *(a for t in origin_tags for a in ("--addtag", t)),
+            "--config", growth.arming(pool.tags), ref.vg)
     extorigin.activate(lvm.lv(ref), pool)
     faults.point("clone", "after-snapshot")
     op.commit(ref)
@@ -215,7 +218,8 @@ def _external_clone(op: Op, source: LV, ref: VolumeRef, pool_name: str | None) -
         lvm.lvm("lvchange", "-q", "-an", str(source.ref))
     faults.point("clone", "after-origin-readonly")
     lvm.lvm("lvcreate", "-q", "-y", "-s", "--thinpool", pool.name, str(source.ref), "-n", ref.name,
-         "--addtag", op.entry.tag, "--setactivationskip", "n")
+            "--addtag", op.entry.tag, "--setactivationskip", "n",
+            "--config", growth.arming(pool.tags))
     faults.point("clone", "after-snapshot")
     if source.active:  # readable again, now through LVM's read-only layer
         lvm.lvm("lvchange", "-q", "-ay", str(source.ref))

@@ -141,3 +141,28 @@ def test_cow_store_grows_under_writes(lab_disks, state):
     assert len(re.findall(r"grew CoW store", log)) >= 3, log
     assert read_direct("/dev/vg/cow", 36 * MiB, BLOCK) == pattern(36 * MiB, BLOCK)
     assert read_direct("/dev/vg/cow", 200 * MiB, BLOCK) == pattern(200 * MiB, BLOCK)
+
+
+@pytest.mark.lab(disks=1, disk_size="1G", timeout=600)
+def test_thinstacks_own_commands_leave_the_pools_event_armed(vg, tmp_path):
+    """LVM writes a low-water mark into every pool table it loads: making or activating a thin
+    volume reloads the pool. thinstack's commands carry the pool's threshold, so the kernel's
+    event stays armed and the monitor has no pool to reload after them."""
+    from tests.labtools import ts
+    from thinstack.growth import DEFAULT_THRESHOLD, low_water_mark
+
+    def mark() -> tuple[int, int]:
+        table = sh("dmsetup", "table", "vg0-pool-tpool").split()
+        data_blocks = int(sh("dmsetup", "status", "vg0-pool-tpool").split()[5].split("/")[1])
+        return int(table[6]), low_water_mark(data_blocks, DEFAULT_THRESHOLD)
+
+    image = tmp_path / "disk.raw"
+    image.write_bytes(b"x" * MiB)
+    for command in (("create", "vg0/a", "--size", "16M"), ("snapshot", "vg0/a", "s"),
+                    ("gold", "vg0/a"), ("clone", "vg0/a", "vg0/c"),
+                    ("import", str(image), "vg0/i"),
+                    ("export", "--incremental", "--format", "qcow2", "vg0/i",
+                     str(tmp_path / "i.qcow2")), ("pool", "extend", "vg0", "64M")):
+        ts(*command)
+        now, armed = mark()
+        assert now == armed > 0, (command, now, armed)

@@ -14,6 +14,7 @@ from thinstack.growth import (
     Reading,
     Settings,
     Space,
+    arming,
     cow_max_size,
     growth,
     low_water_mark,
@@ -190,6 +191,12 @@ def test_a_disarmed_low_water_mark_is_rearmed():
 def test_a_reload_rearms_anyway():
     p = plan(pool(data_used=200 * MiB, lwm=0))
     assert p.grow_data and not p.rearm
+
+
+def test_commands_that_load_a_pool_carry_its_own_threshold():
+    assert arming(frozenset()) == "activation{thin_pool_autoextend_threshold=70}"
+    assert arming(frozenset({"ts_grow_threshold=85.5"})).endswith("=85}")
+    assert arming(frozenset({"ts_grow_threshold=30"})).endswith("=50}")  # LVM's least
 
 
 def test_low_water_mark_is_what_lvm_sets():
