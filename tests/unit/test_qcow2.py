@@ -781,6 +781,15 @@ def test_export(tmp_path, compress, size):
     assert report["image-end-offset"] <= theirs_report["image-end-offset"]  # packed as tight
 
 
+@pytest.mark.parametrize("batch", [writer.CLUSTER, 3 * writer.CLUSTER])
+def test_compressed_data_packed_across_a_write_out_lands_whole(tmp_path, monkeypatch, batch):
+    """Appended bytes are written out in batches; a compressed cluster packed across two host
+    clusters, the first written out alone, had its second half overwritten by the zeros the
+    second still held (a corrupt image once output passed a batch at the wrong moment)."""
+    monkeypatch.setattr(writer, "BATCH", batch)
+    test_export(tmp_path, True, 5 * MiB)
+
+
 @pytest.mark.parametrize("compress", [False, True])
 def test_export_spans_l2_tables(tmp_path, compress):
     """One L2 table maps 512 MiB: data on both sides of the boundary, mostly zeros between."""
