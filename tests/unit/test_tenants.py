@@ -480,7 +480,9 @@ def test_pool_extend_past_the_limit_is_no_space_and_runs_nothing(setting):
         pools.extend("vg0", 24 * MiB, "a")  # 1008 MiB + 24 MiB, over 1 GiB
     assert setting.commands == []
     pools.extend("vg0", 16 * MiB, "a")  # up to the limit exactly
-    assert setting.commands == [("lvextend", "-q", "-L", f"+{16 * MiB}b", str(a))]
+    # With the pool's threshold, so that the reload keeps its low-water event armed.
+    assert setting.commands == [("lvextend", "-q", "-L", f"+{16 * MiB}b", "--config",
+                                 "activation{thin_pool_autoextend_threshold=70}", str(a))]
 
 
 def test_pool_extend_counts_the_extent_lvm_rounds_up_to(setting):
