@@ -218,7 +218,6 @@ class LvmShell:
             return
         if kill:
             process.kill()
-            process.wait()
         for stream in (process.stdin, process.stdout, process.stderr):
             try:
                 stream and stream.close()
@@ -226,7 +225,8 @@ class LvmShell:
                 pass  # a shell gone with its input unread
         os.close(self._report)
         self._report = -1
-        # A command ends when its LVM process has: none is left behind to exit on its own.
+        # A command ends when its LVM process has (a shell exits at the end of its input): none
+        # is left behind to exit on its own.
         try:
             process.wait(timeout=EXIT_WAIT)
         except subprocess.TimeoutExpired:

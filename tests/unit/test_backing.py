@@ -11,11 +11,6 @@ from thinstack import backing
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
 
-@pytest.fixture(autouse=True)
-def dirs(tmp_path, monkeypatch):
-    monkeypatch.setenv("THINSTACK_STATE_DIR", str(tmp_path / "state"))
-
-
 def test_remove_file_unlinks_only_the_file_the_creation_made(tmp_path):
     made = tmp_path / "pool.img"
     ident = backing.make_sparse_file(made, GiB)

@@ -98,8 +98,6 @@ def test_the_table_covers_every_command():
 
 @pytest.fixture
 def state(tmp_path, monkeypatch):
-    monkeypatch.setenv("THINSTACK_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setenv("THINSTACK_RUN_DIR", str(tmp_path / "run"))
     monkeypatch.chdir(tmp_path)
     return tmp_path
 

@@ -193,9 +193,7 @@ def test_what_is_copied():
 # --- state: the record, the lock, recovery -------------------------------------------------------
 
 @pytest.fixture
-def dirs(tmp_path, monkeypatch):
-    monkeypatch.setenv("THINSTACK_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setenv("THINSTACK_RUN_DIR", str(tmp_path / "run"))
+def dirs(tmp_path):
     return tmp_path
 
 

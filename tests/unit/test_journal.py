@@ -160,9 +160,6 @@ def test_recovery_leaves_the_volumes_of_a_damaged_entry_alone(tmp_path, capsys, 
 def test_recover_tells_the_operator_what_to_do_with_a_damaged_entry(tmp_path, capsys, mocker,
                                                                      monkeypatch):
     from thinstack import cli
-
-    monkeypatch.setenv("THINSTACK_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setenv("THINSTACK_RUN_DIR", str(tmp_path / "run"))
     j, e, path = torn(tmp_path / "state" / "journal", capsys)
     monkeypatch.setattr("thinstack.lvm.LVM", FakeLvm())
     assert cli.main(["recover"]) == 1

@@ -81,7 +81,6 @@ class FakeDM:
 @pytest.fixture
 def env(tmp_path, monkeypatch):
     """A fake LVM, the default for a Monitor that is handed none."""
-    monkeypatch.setenv("THINSTACK_RUN_DIR", str(tmp_path / "run"))
     fake = FakeLvm()
     monkeypatch.setattr("thinstack.lvm.LVM", fake)
     return fake

@@ -12,8 +12,6 @@ from thinstack.operation import KEEP_FOR_RESUME, ROLL_BACK, operation
 
 @pytest.fixture
 def fake(tmp_path, monkeypatch):
-    monkeypatch.setenv("THINSTACK_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setenv("THINSTACK_RUN_DIR", str(tmp_path / "run"))
     fake = FakeLvm(vgs=[vg("vg")], lvs=[lv("a")])
     monkeypatch.setattr("thinstack.lvm.LVM", fake)
     return fake

@@ -21,12 +21,6 @@ EXTENT = 4 * MiB
 CHUNK = 64 * KiB
 
 
-@pytest.fixture(autouse=True)
-def dirs(tmp_path, monkeypatch):
-    monkeypatch.setenv("THINSTACK_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setenv("THINSTACK_RUN_DIR", str(tmp_path / "run"))
-
-
 def vg(name="vg0", size=1020 * MiB, free=1020 * MiB, tags=()):
     return VG(name=name, uuid="u", size=size, free=free, extent_size=EXTENT,
               extent_count=size // EXTENT, free_count=free // EXTENT, pv_count=1,

@@ -100,7 +100,6 @@ def status_line(held="-"):
 def one_pool(tmp_path, monkeypatch):
     """VG vg0 with its pool (a FakeLvm as the default Lvm), and the pool's kernel device as a
     FakeRunner answers for it: active, reservable, its metadata clean; tests change the answers."""
-    monkeypatch.setenv("THINSTACK_RUN_DIR", str(tmp_path / "run"))  # the readers' lock
     fake = FakeLvm(vgs=[vg()], lvs=[lv(), thin("a", 1), thin("b", 2)])
     monkeypatch.setattr("thinstack.lvm.LVM", fake)
     runner = FakeRunner(default=None)  # any command not answered here fails the test
@@ -251,8 +250,6 @@ def test_every_operation_refuses_a_pool_not_writable_before_recovery_or_journal(
     from thinstack import recovery, volumes
     from thinstack.journal import Journal
     from thinstack.lvm import VolumeRef
-
-    monkeypatch.setenv("THINSTACK_STATE_DIR", str(tmp_path / "state"))
     fake = FakeLvm(vgs=[vg()], lvs=[lv()])
     fake.runner = one_pool  # the pool's device, as the kernel shows it
     monkeypatch.setattr("thinstack.lvm.LVM", fake)

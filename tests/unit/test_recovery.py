@@ -99,9 +99,7 @@ def test_a_committed_outside_clone_keeps_its_device_read_only():
 # --- exports: a device suspended, a snapshot, a temporary file ----------------------------------
 
 @pytest.fixture
-def dirs(tmp_path, monkeypatch):
-    monkeypatch.setenv("THINSTACK_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setenv("THINSTACK_RUN_DIR", str(tmp_path / "run"))
+def dirs(tmp_path):
     return tmp_path
 
 

@@ -49,8 +49,6 @@ def fake(tmp_path, monkeypatch):
     """VG vg0: a pool with an active volume `a` (id 1) and an inactive `b` (id 2); the pool's
     device answers as an active pool the kernel flagged needs_check, whose metadata (once
     repaired) is clean and holds both."""
-    monkeypatch.setenv("THINSTACK_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setenv("THINSTACK_RUN_DIR", str(tmp_path / "run"))
     fake = FakeLvm(vgs=[vg()], lvs=[lv(), thin("a", 1), thin("b", 2, attr="Vwi---tz--")])
 
     def lvconvert(*argv):

@@ -169,7 +169,6 @@ def test_a_limit_less_than_an_extent_away_is_reached():
 def two_pools(tmp_path, monkeypatch):
     """Pools a and b of vg0 as the kernel shows them (a FakeRunner answers dmsetup), both rw;
     tests change a pool's status line."""
-    monkeypatch.setenv("THINSTACK_RUN_DIR", str(tmp_path / "run"))
     runner = FakeRunner(default=None)
     runner.on(["dmsetup", "info"], lambda call: f"{call.argv[-1]}/254/3/1/0/L--w/LVM-x\n")
     for name in ("a", "b"):
@@ -296,8 +295,6 @@ def test_pool_set_parses_sizes_ratios_and_none():
 
 
 def test_pool_set_passes_only_what_was_given(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("THINSTACK_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setenv("THINSTACK_RUN_DIR", str(tmp_path / "run"))
     calls = []
     shown = poolstatus.pool_status(in_vg(vg(), lv("t1")), [], kernel())
 
@@ -313,8 +310,6 @@ def test_pool_set_passes_only_what_was_given(tmp_path, monkeypatch, capsys):
 
 
 def test_pool_set_without_a_change_is_a_usage_error_on_one_line(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("THINSTACK_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setenv("THINSTACK_RUN_DIR", str(tmp_path / "run"))
     monkeypatch.setattr("thinstack.pools.set_pool", lambda *a, **k: pytest.fail("called"))
     assert cli.main(["pool", "set", "vg0/t1"]) == 2
     err = capsys.readouterr().err
@@ -345,8 +340,6 @@ def sized(x, size, **changes):
 def tenants(tmp_path, monkeypatch):
     """vg0 with pool a (limit 1 GiB, overcommit 1: it may promise 1 GiB, 512 MiB of which its
     volume va has) and pool b (no budget), a volume in each."""
-    monkeypatch.setenv("THINSTACK_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setenv("THINSTACK_RUN_DIR", str(tmp_path / "run"))
     a = lv("a", tags=("ts_pool", "ts_limit=1073741824", "ts_overcommit=1"))
     fake = FakeLvm(vgs=[vg(size=10 * GiB, free=4 * GiB)],
                    lvs=[row(x) for x in (a, B, sized(thin("va"), 512 * MiB), thin("vb", "b"))])

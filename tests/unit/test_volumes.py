@@ -16,8 +16,6 @@ from thinstack.lvm import VolumeRef
 
 @pytest.fixture
 def fake(tmp_path, monkeypatch):
-    monkeypatch.setenv("THINSTACK_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setenv("THINSTACK_RUN_DIR", str(tmp_path / "run"))
     fake = FakeLvm(vgs=[vg("vg")], lvs=[dataclasses.replace(pool_lv(), vg="vg"), lv("vm")])
     monkeypatch.setattr("thinstack.lvm.LVM", fake)
     return fake
