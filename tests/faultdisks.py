@@ -28,6 +28,7 @@ from pathlib import Path
 
 from tests.labtools import assert_pool_consistent, lvs, sh, ts
 from tests.patterns import blocks_match, pattern, write_blocks
+from thinstack import growth
 from thinstack.dm.client import DeviceMapper
 from thinstack.dm.status import ThinPoolStatus
 from thinstack.dm.targets import DelayTarget, FlakeyTarget, LinearTarget, Table, Target
@@ -86,7 +87,8 @@ class FaultDisk:
         self.switch(self.healthy())
 
 
-def make_pool(vg: str, data_pv: str, meta_pv: str | None = None, size: str = "512M") -> None:
+def make_pool(vg: str, data_pv: str, meta_pv: str | None = None, size: str = "512M",
+              options: tuple[str, ...] = ()) -> None:
     """vg on the PVs and thinstack's pool in it (`pool create VG`, a pool in an existing VG);
     with meta_pv, the pool's metadata alone on it (by LVM's hand: thinstack places no
     metadata), so data and metadata fail separately."""
@@ -94,7 +96,7 @@ def make_pool(vg: str, data_pv: str, meta_pv: str | None = None, size: str = "51
     sh("pvcreate", "-q", *pvs)
     sh("vgcreate", "-q", vg, *pvs)
     if meta_pv is None:
-        ts("pool", "create", vg, "--size", size)
+        ts("pool", "create", vg, "--size", size, *options)
         return
     sh("lvcreate", "-q", "-L", "8M", "-n", "meta", vg, meta_pv)
     sh("lvcreate", "-q", "-L", size, "-n", "pool", "--addtag", "ts_pool", vg, data_pv)
@@ -404,15 +406,20 @@ def power_cut(state: Path, seed: int, latest: float = 12) -> dict:
 
 # --- Slow disks ---------------------------------------------------------------------------------
 
-def slow_disk(disk: str, delay_ms: int, write_mib: int, pool: str, image_mib: int) -> dict:
-    """dm-delay of `delay_ms` under the PV; a small pool the monitor must grow while a writer
-    writes `write_mib` MiB with O_DIRECT; then an import and an export of `image_mib` MiB, and
-    create, snapshot, delete."""
+def slow_disk(disk: str, delay_ms: int, write_mib: int, pool: str, image_mib: int,
+              threshold: int | None = None) -> dict:
+    """dm-delay of `delay_ms` under the PV; a small pool (growing at `threshold`%, or the
+    default) the monitor must grow while a writer writes `write_mib` MiB with O_DIRECT; then an
+    import and an export of `image_mib` MiB, and create, snapshot, delete. The writer notes
+    when the pool crossed its threshold and when it saw it larger: the monitor's reaction."""
     hide_raw_disks()
     slow = FaultDisk("slow", disk)
     slow.delay(delay_ms)
-    make_pool("svg", slow.path, size=pool)
-    out: dict = {"delay ms": delay_ms, "pool before MiB": pool_mib("svg")}
+    make_pool("svg", slow.path, size=pool,
+              options=("--grow-threshold", str(threshold)) if threshold is not None else ())
+    out: dict = {"delay ms": delay_ms, "pool before MiB": pool_mib("svg"),
+                 "dmeventd": sh("lvs", "--noheadings", "-o", "seg_monitor", "svg/pool").strip()}
+    crossing = (threshold or growth.DEFAULT_THRESHOLD) / 100
     ts("create", "svg/w", "--size", f"{write_mib + 32}M")
     monitor = subprocess.Popen([sys.executable, "-m", "thinstack.cli", "monitor", "--interval",
                                 "1"], stderr=subprocess.PIPE, text=True, cwd=ROOT)
@@ -420,6 +427,7 @@ def slow_disk(disk: str, delay_ms: int, write_mib: int, pool: str, image_mib: in
     # is not the reaction under test, and on a loaded host it ate the pool's margin.
     first = monitor.stderr.readline() if monitor.stderr else ""
     errors, fullest, start = [], 0.0, time.monotonic()
+    crossed = grown = None
     fd = os.open("/dev/svg/w", os.O_WRONLY | os.O_DIRECT)
     try:
         buf = mmap.mmap(-1, MiB)
@@ -431,12 +439,18 @@ def slow_disk(disk: str, delay_ms: int, write_mib: int, pool: str, image_mib: in
                 errors.append(errno.errorcode.get(e.errno, str(e.errno)))
             s = pool_status("svg")
             fullest = max(fullest, s.used_data_blocks / s.total_data_blocks)
+            if crossed is None and s.used_data_blocks >= crossing * s.total_data_blocks:
+                crossed, blocks = time.monotonic() - start, s.total_data_blocks
+            if crossed is not None and grown is None and s.total_data_blocks > blocks:
+                grown = time.monotonic() - start
         os.fsync(fd)
     finally:
         os.close(fd)
     out["write s"] = round(time.monotonic() - start, 2)
     out["io errors"] = errors
     out["fullest %"] = round(100 * fullest, 1)
+    out["threshold crossed s"] = crossed and round(crossed, 2)
+    out["grown s"] = grown and round(grown, 2)
     out["intact"] = blocks_match("/dev/svg/w", "w", [i * MiB for i in range(write_mib)], MiB)
     monitor.terminate()
     out["monitor stderr"] = (first + monitor.communicate(timeout=60)[1]).strip().splitlines()[-3:]

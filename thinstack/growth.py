@@ -204,13 +204,27 @@ def lvm_threshold(threshold: float) -> int:
     return max(LVM_THRESHOLD_MIN, min(100, math.floor(threshold)))
 
 
+# The `--config` of an lvextend of a CoW store: the command neither unregisters nor registers
+# the volume with dmeventd (about a second of the lab's lvextend, where a CoW store has no event
+# and the poll and that command are all the margin). A CoW volume stays registered, unlike a
+# pool (arming): dmeventd unmounts a snapshot that went invalid, which thinstack does not.
+DMEVENTD_UNTOUCHED = "activation{monitoring=0}"
+
+
 def arming(pool_tags: frozenset[str]) -> str:
-    """The `--config` for an LVM command that loads a pool's table (making or activating a thin
-    volume in it, growing or refreshing it): LVM writes a low-water mark into every pool table
-    it loads, from its threshold, which at its default leaves the pool's event off until the
-    monitor's next pass re-arms it with one more reload of the pool."""
+    """The `--config` for an LVM command that makes or loads a pool's table (making or
+    activating a thin volume in it, growing or refreshing it): LVM writes a low-water mark into
+    every pool table it loads, from its threshold, which at its default leaves the pool's event
+    off until the monitor's next pass re-arms it with one more reload of the pool.
+
+    And no dmeventd: LVM registers a pool it loads with dmeventd, whose thin plugin runs `lvm
+    lvextend --use-policies` at every 5% of use above 50%. With LVM's threshold at its default
+    that extends nothing, but each run takes the VG's lock in the seconds when the monitor's own
+    lvextend is racing the writers (in the lab, with a 50 ms disk, that lvextend took 11-13 s
+    instead of 3). thinstack's monitor is the pool's policy; registering and unregistering
+    also cost each of these commands about a second there."""
     return ("activation{thin_pool_autoextend_threshold="
-            f"{lvm_threshold(settings(pool_tags).threshold)}}}")
+            f"{lvm_threshold(settings(pool_tags).threshold)} monitoring=0}}")
 
 
 def low_water_mark(data_blocks: int, threshold: float) -> int:

@@ -33,6 +33,7 @@ from thinstack.dm.status import Failed, ThinPoolStatus
 from thinstack.dm.targets import Table, ThinPoolTarget
 from thinstack.errors import Alert, ThinstackError
 from thinstack.growth import (
+    DMEVENTD_UNTOUCHED,
     CowView,
     PoolView,
     Reading,
@@ -100,8 +101,12 @@ class History:
 
 
 class Monitor:
-    def __init__(self, interval: float, dm: DeviceMapper | None = None, lvm: Lvm | None = None):
+    def __init__(self, interval: float, dm: DeviceMapper | None = None, lvm: Lvm | None = None,
+                 *, takes_over: bool = False):
         self.interval = interval
+        # The service takes each pool over from dmeventd when it first sees it (growth.arming
+        # says why); a one-off pass leaves the pool as it found it.
+        self.taken_over: set[str] | None = set() if takes_over else None
         self.dm = dm or DeviceMapper()
         self.lvm = lvm or default_lvm()
         self.history: dict[str, History] = {}
@@ -198,6 +203,11 @@ class Monitor:
         target = kernel.dm.table(kernel.name).target
         if not isinstance(st, ThinPoolStatus) or not isinstance(target, ThinPoolTarget):
             raise DmError(f"{kernel.name} is not a thin-pool device")
+        if self.taken_over is not None and str(lv.ref) not in self.taken_over:
+            # LVM's own activations (at boot, a vgchange -ay) register the pool again; this
+            # does not reload its table.
+            self.lvm.run("lvchange", "-q", "--monitor", "n", str(lv.ref))
+            self.taken_over.add(str(lv.ref))
         data, metadata = spaces(st, lv.chunk_size)
         view = PoolView(
             data=data, metadata=metadata, chunk=lv.chunk_size, mode=st.mode.value,
@@ -261,7 +271,8 @@ class Monitor:
         plan = plan_cow(view, room=room, extent=extent, rate=write_rate(h.data),
                         reaction=self.reaction)
         if plan.grow:
-            self._grow(h, str(lv.ref), store.size, plan.grow, "CoW store", "-L")
+            self._grow(h, str(lv.ref), store.size, plan.grow, "CoW store", "-L", "--config",
+                       DMEVENTD_UNTOUCHED)
         return Report("cow", lv.vg, lv.name, data_percent=store.percent, growths=h.growths,
                       alert=plan.alert), plan.grow
 
@@ -482,7 +493,7 @@ class Watcher(threading.Thread):
 
 def run(*, once: bool, interval: float, dm: DeviceMapper | None = None,
         lvm: Lvm | None = None) -> int:
-    monitor = Monitor(interval, dm, lvm)
+    monitor = Monitor(interval, dm, lvm, takes_over=not once)
     if once:
         reports = monitor.check_all()
         write_metrics(reports)

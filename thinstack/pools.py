@@ -317,7 +317,8 @@ def _lvcreate_pool(vg: str, name: str, sizes: Sizes, chunk: int, tag_list: list[
     # disk held before (old data of deleted volumes, or of whoever owned the disk).
     lvm.lvm("lvcreate", "-q", "-y", "--type", "thin-pool", "-L", f"{sizes.data}b",
             "--chunksize", f"{chunk}b", "--poolmetadatasize", f"{sizes.metadata}b", "-Zy",
-            *[a for t in tag_list for a in ("--addtag", t)], "-n", name, vg)
+            *[a for t in tag_list for a in ("--addtag", t)], "-n", name,
+            "--config", growth.arming(frozenset(tag_list)), vg)
 
 
 def _create_in_vg(vg: str, name: str, size: int | None, limit: int | None, chunk: int,

@@ -57,6 +57,7 @@ def dmesg() -> str:
 def test_pool_grows_ahead_of_a_direct_io_writer(lab_disks, state):
     pool_vg(lab_disks[0], size="256M", step=32 * MiB)
     sh("lvcreate", "-q", "-y", "-V", "4G", "-n", "disk", "--thinpool", "pool", "vg")
+    assert lv_field("vg/pool", "seg_monitor") == "monitored"  # LVM's lvcreate registered it
     daemon = Daemon(state, interval=1)
     # Measured in the lab: the first growth is live 2-3 s after the pool crosses its threshold
     # (the whole lvextend takes 1.5-5 s), so the 30% above it (77 MiB) lasts a writer of
@@ -66,6 +67,9 @@ def test_pool_grows_ahead_of_a_direct_io_writer(lab_disks, state):
     log = daemon.stop()
     print(f"wrote 1 GiB in {writer.elapsed:.1f} s, slowest write {writer.slowest:.2f} s\n{log}")
     assert int(lv_field("vg/pool", "lv_size")) > GiB
+    # The service took the pool over from dmeventd, whose lvextend at every 5% over 50% would
+    # take the VG's lock while the monitor's own lvextend races the writer.
+    assert lv_field("vg/pool", "seg_monitor") == "not monitored"
     assert "out-of-data-space" not in dmesg(), dmesg()
     assert "queue_if_no_space" in pool_status()
     assert writer.slowest < 5

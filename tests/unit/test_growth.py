@@ -194,9 +194,9 @@ def test_a_reload_rearms_anyway():
 
 
 def test_commands_that_load_a_pool_carry_its_own_threshold():
-    assert arming(frozenset()) == "activation{thin_pool_autoextend_threshold=70}"
-    assert arming(frozenset({"ts_grow_threshold=85.5"})).endswith("=85}")
-    assert arming(frozenset({"ts_grow_threshold=30"})).endswith("=50}")  # LVM's least
+    assert arming(frozenset()) == "activation{thin_pool_autoextend_threshold=70 monitoring=0}"
+    assert arming(frozenset({"ts_grow_threshold=85.5"})).endswith("=85 monitoring=0}")
+    assert arming(frozenset({"ts_grow_threshold=30"})).endswith("=50 monitoring=0}")  # LVM's least
 
 
 def test_low_water_mark_is_what_lvm_sets():

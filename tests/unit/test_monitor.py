@@ -21,7 +21,7 @@ from thinstack.lvm import LV, VG
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 CHUNK = 64 * KiB
 BLOCKS_256M = 256 * MiB // CHUNK
-CONFIG = ["--config", "activation{thin_pool_autoextend_threshold=70}"]
+CONFIG = ["--config", "activation{thin_pool_autoextend_threshold=70 monitoring=0}"]
 ARMED = BLOCKS_256M * 30 // 100  # the low-water mark LVM sets for 70%
 POOL_TAGS = frozenset({"ts_pool", "ts_grow_threshold=70", f"ts_grow_step={64 * MiB}"})
 
@@ -119,6 +119,17 @@ def test_pool_over_threshold_is_extended_by_the_step(env, mocker):
     assert report.growths == 1
 
 
+def test_the_service_takes_each_pool_over_from_dmeventd_once(env, mocker):
+    setup(env, [pool_lv()], [vg()])
+    dm = FakeDM(**{"vg-pool-tpool": (status(1000), ARMED)})
+    one_pass(dm)
+    assert commands(env) == []  # a one-off pass leaves the pool as it found it
+    service = monitor.Monitor(1.0, dm, takes_over=True)
+    service.check_all()
+    service.check_all()
+    assert commands(env) == [["lvchange", "-q", "--monitor", "n", "vg/pool"]]
+
+
 def test_the_pool_itself_when_it_has_no_thin_volumes_yet(env, mocker):
     setup(env, [pool_lv()], [vg()])
     one_pass(FakeDM(**{"vg-pool": (status(3000), ARMED)}))
@@ -142,7 +153,7 @@ def test_threshold_below_lvms_minimum_is_given_as_50(env, mocker):
     tags = frozenset({"ts_pool", "ts_grow_threshold=30"})
     setup(env, [pool_lv(tags)], [vg()])
     one_pass(FakeDM(**{"vg-pool-tpool": (status(10), 0)}))
-    assert commands(env)[0][-1] == "activation{thin_pool_autoextend_threshold=50}"
+    assert commands(env)[0][-1] == "activation{thin_pool_autoextend_threshold=50 monitoring=0}"
 
 
 def test_no_room_switches_to_error_mode_and_once_exits_7(env, mocker, tmp_path, capsys):
@@ -250,7 +261,9 @@ def cow_lvs(percent, *, size=8 * MiB, tags=frozenset()):
 def test_cow_over_threshold_grows_its_store(env, mocker):
     setup(env, cow_lvs(75.0), [vg()])
     [report] = one_pass(FakeDM())
-    assert commands(env) == [["lvextend", "-q", "-L", f"+{64 * MiB}b", "vg/cow"]]
+    # Without dmeventd's unregistering and registering again (growth.DMEVENTD_UNTOUCHED).
+    assert commands(env) == [["lvextend", "-q", "-L", f"+{64 * MiB}b", "vg/cow", "--config",
+                              "activation{monitoring=0}"]]
     assert report.kind == "cow" and report.growths == 1
 
 

@@ -315,7 +315,9 @@ def test_pool_is_created_with_zeroing_chunk_and_tags(system, mocker):
     assert "-L 1056964608b" in text  # 1020 MiB less 3 x 4 MiB of metadata
     assert "--chunksize 131072b --poolmetadatasize 4194304b -Zy" in text
     assert "--addtag ts_pool --addtag ts_grow_threshold=60 --addtag ts_grow_step=1073741824" in text
-    assert lvcreate[-3:] == ("-n", "pool", "vg0")
+    # Never registered with dmeventd, and armed at the pool's own threshold (growth.arming).
+    assert lvcreate[-5:] == ("-n", "pool", "--config",
+                             "activation{thin_pool_autoextend_threshold=60 monitoring=0}", "vg0")
     assert not [c for c in system["lvm"] if c[0] in ("lvremove", "vgremove")]
     assert Journal().pending() == []
 
@@ -387,7 +389,8 @@ def test_a_pool_goes_into_an_existing_vgs_free_extents_tagged_until_its_commit(e
     text = " ".join(lvcreate)
     assert "-L 511705088b" in text  # 500 MiB free less 3 x 4 MiB of metadata, to extents: 488
     (tag,) = [a for a in lvcreate if a.startswith("ts_op_")]
-    assert "--addtag ts_pool" in text and lvcreate[-3:] == ("-n", "pool", "vg0")
+    assert "--addtag ts_pool" in text and lvcreate[-5:-2] == ("-n", "pool", "--config")
+    assert lvcreate[-1] == "vg0"
     # The commit removes the tag from the pool; the VG itself is never changed, nor removed.
     assert existing["lvm"][-1] == ("lvchange", "--deltag", tag, "vg0/pool")
     assert not [c for c in existing["lvm"] if c[0] in ("vgchange", "vgremove", "pvremove")]

@@ -475,7 +475,8 @@ def test_pool_extend_past_the_limit_is_no_space_and_runs_nothing(setting):
     pools.extend("vg0", 16 * MiB, "a")  # up to the limit exactly
     # With the pool's threshold, so that the reload keeps its low-water event armed.
     assert setting.commands == [("lvextend", "-q", "-L", f"+{16 * MiB}b", "--config",
-                                 "activation{thin_pool_autoextend_threshold=70}", str(a))]
+                                 "activation{thin_pool_autoextend_threshold=70 monitoring=0}",
+                                 str(a))]
 
 
 def test_pool_extend_counts_the_extent_lvm_rounds_up_to(setting):

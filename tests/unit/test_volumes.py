@@ -29,7 +29,8 @@ def test_create_is_one_lvcreate_after_the_report_and_reads_nothing_back(fake):
 def test_gold_is_one_lvchange_that_makes_it_read_only_and_tags_it(fake):
     assert volumes.gold(VolumeRef("vg", "vm")) == "/dev/vg/vm"
     assert fake.commands == [("lvchange", "-q", "-pr", "--addtag", "ts_gold", "--config",
-                              "activation{thin_pool_autoextend_threshold=70}", "vg/vm")]
+                              "activation{thin_pool_autoextend_threshold=70 monitoring=0}",
+                              "vg/vm")]
 
 
 def test_an_open_volume_is_refused_from_the_report_alone(fake):
