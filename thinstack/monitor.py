@@ -205,9 +205,12 @@ class Monitor:
             raise DmError(f"{kernel.name} is not a thin-pool device")
         if self.taken_over is not None and str(lv.ref) not in self.taken_over:
             # LVM's own activations (at boot, a vgchange -ay) register the pool again; this
-            # does not reload its table.
-            self.lvm.run("lvchange", "-q", "--monitor", "n", str(lv.ref))
+            # does not reload its table. Should it fail, the pool is grown all the same.
             self.taken_over.add(str(lv.ref))
+            try:
+                self.lvm.run("lvchange", "-q", "--monitor", "n", str(lv.ref))
+            except (CommandError, ThinstackError) as e:
+                log(f"{lv.ref}: left registered with dmeventd: {e}")
         data, metadata = spaces(st, lv.chunk_size)
         view = PoolView(
             data=data, metadata=metadata, chunk=lv.chunk_size, mode=st.mode.value,

@@ -130,6 +130,16 @@ def test_the_service_takes_each_pool_over_from_dmeventd_once(env, mocker):
     assert commands(env) == [["lvchange", "-q", "--monitor", "n", "vg/pool"]]
 
 
+def test_a_pool_dmeventd_keeps_is_grown_all_the_same(env, capsys):
+    setup(env, [pool_lv()], [vg()])
+    env.runner.fail(["lvm", "lvchange"], "dmeventd not responding")
+    service = monitor.Monitor(1.0, FakeDM(**{"vg-pool-tpool": (status(3000), ARMED)}),
+                              takes_over=True)
+    [report] = service.check_all()
+    assert report.growths == 1 and report.alert is None
+    assert "vg/pool: left registered with dmeventd" in capsys.readouterr().err
+
+
 def test_the_pool_itself_when_it_has_no_thin_volumes_yet(env, mocker):
     setup(env, [pool_lv()], [vg()])
     one_pass(FakeDM(**{"vg-pool": (status(3000), ARMED)}))
