@@ -182,7 +182,7 @@ def recovered(done: list[dict]) -> str:
 
 
 SLOW_NOTES = [
-    "Found and fixed (stop 23): LVM's dmeventd, whose thin plugin runs `lvextend "
+    "Found and fixed (2026-12-04): LVM's dmeventd, whose thin plugin runs `lvextend "
     "--use-policies` at every 5% of use above 50%, took the VG's lock while the monitor's "
     "own lvextend raced the writer: that lvextend took 11-13 s instead of 3 at 50 ms with a "
     "50% threshold. thinstack's pools are no longer registered with dmeventd (growth.arming; "
