@@ -139,12 +139,7 @@ def table(lv: LV, pool_devno: str, origin_devno: str) -> Table:
 
 
 def dm_name(lv: LV) -> str:
-    return _dm_name(lv.vg, lv.name)
-
-
-def _dm_name(vg: str, name: str) -> str:
-    """The dm name LVM itself would give the LV: VG-NAME, each name's dashes doubled."""
-    return f"{vg.replace('-', '--')}-{name.replace('-', '--')}"
+    return lvm.dm_name(lv.vg, lv.name)
 
 
 def uuid(lv: LV) -> str:
@@ -227,7 +222,7 @@ def release(lv: LV) -> None:
 
 def release_device(vg: str, name: str, dm_uuid: str, dm: DeviceMapper | None = None) -> None:
     dm = dm or DeviceMapper()
-    info = dm.info(_dm_name(vg, name))
+    info = dm.info(lvm.dm_name(vg, name))
     if info is None or info.uuid != dm_uuid:
         return
     if info.open_count:

@@ -75,6 +75,7 @@ from thinstack.lvm import (
     VolumeRef,
     check_name,
     default_lvm,
+    dm_name,
     holding_pool,
     pool_of,
     volume_pool,
@@ -249,10 +250,6 @@ def refuse_if_hydrating(lv: LV, doing: str) -> None:
     if tags.LIVE in lv.tags:
         raise Refused(f"{lv.ref} is still being imported live; {doing} it once the copy has "
                       f"finished (`thinstack import --status {lv.ref}`), or import with --wait")
-
-
-def dm_name(vg: str, name: str) -> str:
-    return extorigin._dm_name(vg, name)
 
 
 # --- the source and its server -----------------------------------------------------------------

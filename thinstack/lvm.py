@@ -10,6 +10,7 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import pairwise
 
 from thinstack import hidden, lvmshell, tags
 from thinstack.dm.command import RUNNER, CommandError, Runner
@@ -163,6 +164,23 @@ class LV:
     @property
     def internal(self) -> bool:
         return self.name.startswith("[") or self.attr[0] in "iIlemrRTcCdDe"
+
+
+def dm_name(vg: str, name: str) -> str:
+    """The dm name LVM gives an LV: VG-NAME, each name's dashes doubled."""
+    return f"{vg.replace('-', '--')}-{name.replace('-', '--')}"
+
+
+_UUID_GROUPS = (0, 6, 10, 14, 18, 22, 26, 32)  # LVM prints a uuid's 32 characters so dashed
+
+
+def lv_uuid(dm_uuid: str) -> str:
+    """The LV's uuid as LVM reports it, from its own device's dm uuid: "LVM-", then the VG's
+    uuid and the LV's, 32 characters each without their dashes."""
+    raw = dm_uuid.removeprefix("LVM-")
+    if raw == dm_uuid or len(raw) != 64 or not raw.isalnum():
+        raise ValueError(f"not the dm uuid of an LV's own device: {dm_uuid!r}")
+    return "-".join(raw[32 + a:32 + b] for a, b in pairwise(_UUID_GROUPS))
 
 
 @dataclass(frozen=True)

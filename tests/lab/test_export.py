@@ -4,6 +4,7 @@ writer is busy, which must hold the volume at one instant."""
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -21,7 +22,8 @@ import pytest
 
 from tests.labtools import assert_pool_consistent, lvs, sh, ts
 from tests.patterns import BLOCK, blocks_match, pattern, read_direct, write_blocks
-from thinstack import exports, faults, imports
+from thinstack import exports, faults, imports, lvm
+from thinstack.dm.client import DeviceMapper
 from thinstack.errors import Refused
 from thinstack.importers import detect, gow, open_image
 from thinstack.lock import held
@@ -240,6 +242,22 @@ def test_incremental_chains_through_writes_and_discards(vg, tmp_path):
     after = export_here("vg0/vm-vhd", tmp_path / "after.qcow2", format="qcow2", incremental=True)
     assert after["parent"] == str(tmp_path / "weekly.qcow2")
     qemu_same("/dev/vg0/vm-vhd", tmp_path / "after.qcow2", "qcow2")
+
+    # An export describes its snapshot from the device (exports.snapshot_made), not by another
+    # lvs: as LVM's own report does, tags and all (the source's are not the snapshot's).
+    ts("snapshot", "vg0/vm-vhd", "tagged")
+    sh("lvchange", "-q", "--addtag", "operators_own", "vg0/tagged")
+    source = lvm.lv(VolumeRef("vg0", "tagged"))
+    sh("lvcreate", "-q", "-y", "-s", "vg0/tagged", "-n", "probe", "-p", "r", "--addtag", "op_1",
+       "-K")
+    dm = DeviceMapper()
+    made = exports.snapshot_made(source, VolumeRef("vg0", "probe"), "op_1",
+                                 dm.info("vg0-probe").uuid, dm.table("vg0-probe"))
+    reported = lvm.lv(VolumeRef("vg0", "probe"))
+    assert made == dataclasses.replace(reported, data_percent=made.data_percent)
+    sh("lvremove", "-q", "-y", "vg0/probe")
+    ts("delete", "vg0/tagged")
+
     assert leftovers("vg0", tmp_path) == ([], [])
     assert_pool_consistent("vg0")
 

@@ -9,7 +9,8 @@ import pytest
 from thinstack import exports, recovery
 from thinstack.dm import tools
 from thinstack.dm.status import ThinStatus
-from thinstack.errors import NotFound, Refused
+from thinstack.dm.targets import LinearTarget, Table, ThinTarget
+from thinstack.errors import NotFound, Refused, ThinstackError
 from thinstack.exporters import ExportError
 from thinstack.exports import Base, Record, SourceKind
 from thinstack.extents import Extent, Kind
@@ -25,6 +26,22 @@ def lv(name, *, origin="", attr=RW, uuid=None, thin_id=1, tags=()):
               data_percent=0.0, metadata_percent=None, tags=frozenset(tags),
               path=f"/dev/vg/{name}", dm_path=f"/dev/mapper/vg-{name}", thin_id=thin_id,
               chunk_size=0, metadata_size=0, skip_activation=False, when_full="")
+
+
+def test_the_snapshot_just_made_is_described_from_its_device():
+    source = lv("vm", attr="Vwi-aotz--", tags=("ts_gold_of",))
+    table = Table.of(1 << 21, ThinTarget("253:4", 7))
+    uuid = "LVM-" + "v" * 32 + "Dq9TzS1fOa4LhW2kR8yP0cXvN3bJ7uGe"
+    made = exports.snapshot_made(source, VolumeRef("vg", "vm.export-1"), "ts_op_1", uuid, table)
+    assert (made.name, made.origin, made.tags) == ("vm.export-1", "vm", frozenset({"ts_op_1"}))
+    assert made.uuid == "Dq9TzS-1fOa-4LhW-2kR8-yP0c-XvN3-bJ7uGe"
+    assert (made.thin_id, made.size) == (7, 1 << 30)  # the kernel's, not the source's
+    assert made.readonly and made.active and made.is_thin and not made.open
+    assert (made.path, made.dm_path) == ("/dev/vg/vm.export-1", "/dev/mapper/vg-vm.export--1")
+    assert made.attr == "Vri-a-tz-k" and made.skip_activation
+    with pytest.raises(ThinstackError, match="not a thin volume"):
+        exports.snapshot_made(source, VolumeRef("vg", "x"), "t", uuid,
+                              Table.of(8, LinearTarget("8:16", 0)))
 
 
 NO_OPTIONS = dict(compress=False, round_to_mib=False, incremental=False, since=None, parent=None)

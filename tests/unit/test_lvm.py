@@ -10,7 +10,7 @@ import pytest
 from tests.fakes import FakeRunner
 from thinstack.dm.command import CommandError
 from thinstack.errors import Exists, NoSpace, NotFound, Refused, ThinstackError, Usage
-from thinstack.lvm import BadName, Lvm, VolumeRef, classify
+from thinstack.lvm import BadName, Lvm, VolumeRef, classify, dm_name, lv_uuid
 
 
 def failure(*lines: str) -> CommandError:
@@ -105,3 +105,13 @@ def test_commands_fail_as_thinstack_errors_and_keep_the_cause():
     with pytest.raises(Refused, match=r"^Logical volume vg0/vm1 in use\.$") as raised:
         Lvm(runner).run("lvremove", "-y", "vg0/vm1")
     assert isinstance(raised.value.__cause__, CommandError)
+
+
+def test_dm_names_and_uuids_are_lvms_own():
+    assert dm_name("vg-a", "my-vm") == "vg--a-my--vm" and dm_name("vg0", "vm") == "vg0-vm"
+    # A pair read off the lab: lvs's lv_uuid, and the dm uuid of the LV's device.
+    vg, lv = "Mb3Jz2bQfZ1o0wXGdPdGk9XrQ6V8nWcE", "Dq9TzS1fOa4LhW2kR8yP0cXvN3bJ7uGe"
+    assert lv_uuid(f"LVM-{vg}{lv}") == "Dq9TzS-1fOa-4LhW-2kR8-yP0c-XvN3-bJ7uGe"
+    for not_an_lv in (f"LVM-{vg}{lv}-tpool", f"TS-EXT-{vg}{lv}", f"LVM-{vg}", ""):
+        with pytest.raises(ValueError):
+            lv_uuid(not_an_lv)
