@@ -14,6 +14,7 @@ from itertools import pairwise
 
 from thinstack import hidden, lvmshell, tags
 from thinstack.dm.command import RUNNER, CommandError, Runner
+from thinstack.dm.errors import ParseError
 from thinstack.errors import Exists, NoSpace, NotFound, Refused, ThinstackError, Usage
 
 __all__ = [
@@ -179,7 +180,7 @@ def lv_uuid(dm_uuid: str) -> str:
     uuid and the LV's, 32 characters each without their dashes."""
     raw = dm_uuid.removeprefix("LVM-")
     if raw == dm_uuid or len(raw) != 64 or not raw.isalnum():
-        raise ValueError(f"not the dm uuid of an LV's own device: {dm_uuid!r}")
+        raise ParseError(f"not the dm uuid of an LV's own device: {dm_uuid!r}")
     return "-".join(raw[32 + a:32 + b] for a, b in pairwise(_UUID_GROUPS))
 
 

@@ -55,14 +55,14 @@ def pace(vg: str, name: str) -> None:
     pulse (hydration on, then off), long enough for what the bucket holds."""
     import time
 
-    from thinstack import live
+    from thinstack import live, lvm
     from thinstack.dm.client import DeviceMapper
 
     record = live.read_record(vg, name)
     if record is None or record.rate is None:
         return
     dm = DeviceMapper()
-    device = live.dm_name(vg, name)
+    device = lvm.dm_name(vg, name)
     bucket = Bucket(record.rate, record.rate * TICK)
     # Bytes/s while on, learnt from each pulse; first assumed fast, so the first pulses are
     # short (the learnt speed comes down to the real one within a second or so).

@@ -9,6 +9,7 @@ import pytest
 
 from tests.fakes import FakeRunner
 from thinstack.dm.command import CommandError
+from thinstack.dm.errors import ParseError
 from thinstack.errors import Exists, NoSpace, NotFound, Refused, ThinstackError, Usage
 from thinstack.lvm import BadName, Lvm, VolumeRef, classify, dm_name, lv_uuid
 
@@ -113,5 +114,5 @@ def test_dm_names_and_uuids_are_lvms_own():
     vg, lv = "Mb3Jz2bQfZ1o0wXGdPdGk9XrQ6V8nWcE", "Dq9TzS1fOa4LhW2kR8yP0cXvN3bJ7uGe"
     assert lv_uuid(f"LVM-{vg}{lv}") == "Dq9TzS-1fOa-4LhW-2kR8-yP0c-XvN3-bJ7uGe"
     for not_an_lv in (f"LVM-{vg}{lv}-tpool", f"TS-EXT-{vg}{lv}", f"LVM-{vg}", ""):
-        with pytest.raises(ValueError):
+        with pytest.raises(ParseError):  # a DmError: one line and exit 1, not a traceback
             lv_uuid(not_an_lv)
